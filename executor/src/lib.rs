@@ -1,0 +1,1 @@
+//! Strata executor library: runs a model exactly as a planner policy says.

@@ -1,0 +1,6 @@
+//! Strata planner library: model specs, hardware profiles, the cost model, the LP policy search and
+//! policy files. The executor links this library for the shared types and for the predictions it
+//! reports next to its measurements; the planner never depends on the executor.
+
+pub mod model;
+pub mod policy;

@@ -1,0 +1,381 @@
+//! Policy files: the planner's decision, written as TOML, read back by the executor and by
+//! `planner check`.
+//!
+//! A policy says where every kind of tensor lives (placement rows over GPU / CPU / disk), the batch
+//! shape, where each piece of arithmetic runs, whether to compress, and what the planner predicted.
+//! Reading is strict: unknown keys are rejected and every value is checked, and each error names the
+//! file, the field and what was expected.
+
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use thiserror::Error;
+
+/// Tolerance for a placement row to count as summing to 1.
+pub const ROW_SUM_TOLERANCE: f64 = 1e-6;
+
+/// Why a policy file could not be used.
+#[derive(Debug, Error)]
+pub enum PolicyError {
+    #[error("cannot read policy {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// TOML syntax, a missing or unknown key, or a value of the wrong type.
+    #[error("policy {path}: {message}")]
+    Parse { path: String, message: String },
+    /// A value of the right type but outside what is allowed.
+    #[error("policy {path}: field '{field}' {problem}")]
+    Invalid {
+        path: String,
+        field: String,
+        problem: String,
+    },
+    #[error("cannot write policy {path}: {source}")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One placement row: the share of a tensor kind on each tier, summing to 1.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    pub gpu: f64,
+    pub cpu: f64,
+    pub disk: f64,
+}
+
+impl Placement {
+    /// Everything on one tier.
+    pub const ALL_CPU: Placement = Placement {
+        gpu: 0.0,
+        cpu: 1.0,
+        disk: 0.0,
+    };
+    pub const ALL_GPU: Placement = Placement {
+        gpu: 1.0,
+        cpu: 0.0,
+        disk: 0.0,
+    };
+
+    fn validate(&self, row: &str) -> Result<(), (String, String)> {
+        for (tier, value) in [("gpu", self.gpu), ("cpu", self.cpu), ("disk", self.disk)] {
+            if !(0.0..=1.0).contains(&value) || value.is_nan() {
+                return Err((
+                    format!("placement.{row}.{tier}"),
+                    format!("is {value}; expected a fraction in [0, 1]"),
+                ));
+            }
+        }
+        let sum = self.gpu + self.cpu + self.disk;
+        if (sum - 1.0).abs() > ROW_SUM_TOLERANCE {
+            return Err((
+                format!("placement.{row}"),
+                format!(
+                    "sums to {sum} (gpu {} + cpu {} + disk {}); expected the three to sum to 1",
+                    self.gpu, self.cpu, self.disk
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where weights, KV cache and activations live.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Placements {
+    pub weights: Placement,
+    pub kv_cache: Placement,
+    pub activations: Placement,
+}
+
+/// Which model the policy is for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelRef {
+    /// Built-in name (`opt-6.7b`) or the name derived from a config's folder.
+    pub name: String,
+    /// Hugging Face config the shapes came from, when not a built-in model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
+}
+
+/// The generation job the policy was solved for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workload {
+    /// Prompt length s, in tokens.
+    pub prompt_len: u64,
+    /// Tokens generated per sequence, n.
+    pub gen_len: u64,
+}
+
+/// FlexGen's block: `gpu_batch_size * num_gpu_batches` sequences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Batch {
+    /// Sequences per GPU batch (gbs).
+    pub gpu_batch_size: u64,
+    /// GPU batches per block (nb).
+    pub num_gpu_batches: u64,
+}
+
+impl Batch {
+    /// Sequences in a block (bls).
+    pub fn block_size(&self) -> u64 {
+        self.gpu_batch_size * self.num_gpu_batches
+    }
+}
+
+/// HeteGen split: for each kind of linear layer, the share of output columns of its
+/// non-GPU-resident weights that is computed on the CPU (alpha); the rest is copied to the GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Split {
+    /// Q, K and V projections.
+    pub qkv: f64,
+    /// Attention output projection.
+    pub out_proj: f64,
+    /// FFN up projection.
+    pub fc1: f64,
+    /// FFN down projection.
+    pub fc2: f64,
+}
+
+impl Split {
+    /// The same alpha for every kind of linear layer.
+    pub fn uniform(alpha: f64) -> Split {
+        Split {
+            qkv: alpha,
+            out_proj: alpha,
+            fc1: alpha,
+            fc2: alpha,
+        }
+    }
+
+    fn fields(&self) -> [(&'static str, f64); 4] {
+        [
+            ("qkv", self.qkv),
+            ("out_proj", self.out_proj),
+            ("fc1", self.fc1),
+            ("fc2", self.fc2),
+        ]
+    }
+}
+
+/// Where arithmetic runs.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Compute {
+    /// Attention over CPU- or disk-resident KV cache runs on the CPU (FlexGen's CPU delegation).
+    pub cpu_attention: bool,
+    /// HeteGen split ratios.
+    pub split: Split,
+}
+
+/// FlexGen's 4-bit group-wise compression, per tensor kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Compression {
+    pub weights: bool,
+    pub kv_cache: bool,
+}
+
+/// Where the policy came from: ties it to a profile and a planner version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Provenance {
+    /// Version of the planner that wrote the file.
+    pub planner_version: String,
+    /// Path of the hardware profile, relative to the repository root when inside it, or the name
+    /// of an embedded profile (`builtin:NAME`).
+    pub profile: String,
+    /// Fingerprint of the profile's contents at solve time.
+    pub profile_fingerprint: String,
+    /// `throughput` or `latency`.
+    pub objective: String,
+}
+
+/// A complete policy file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    pub provenance: Provenance,
+    pub model: ModelRef,
+    pub workload: Workload,
+    pub batch: Batch,
+    pub placement: Placements,
+    pub compute: Compute,
+    #[serde(default)]
+    pub compression: Compression,
+    /// What the planner predicted; absent in hand-written policies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prediction: Option<toml::Table>,
+}
+
+impl Policy {
+    /// Reads and validates a policy file.
+    pub fn load(path: &Path) -> Result<Policy, PolicyError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Io {
+            path: shown.clone(),
+            source,
+        })?;
+        Self::parse(&text, &shown)
+    }
+
+    /// Parses and validates policy text; `path` is only used in error messages.
+    pub fn parse(text: &str, path: &str) -> Result<Policy, PolicyError> {
+        let policy: Policy = toml::from_str(text).map_err(|e| PolicyError::Parse {
+            path: path.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        policy.validate(path)?;
+        Ok(policy)
+    }
+
+    /// Checks every value is in range; `path` is only used in error messages.
+    pub fn validate(&self, path: &str) -> Result<(), PolicyError> {
+        let invalid = |field: String, problem: String| PolicyError::Invalid {
+            path: path.to_string(),
+            field,
+            problem,
+        };
+        for (row, placement) in [
+            ("weights", &self.placement.weights),
+            ("kv_cache", &self.placement.kv_cache),
+            ("activations", &self.placement.activations),
+        ] {
+            placement.validate(row).map_err(|(f, p)| invalid(f, p))?;
+        }
+        if self.batch.gpu_batch_size < 1 {
+            return Err(invalid(
+                "batch.gpu_batch_size".into(),
+                "is 0; expected at least 1".into(),
+            ));
+        }
+        if self.batch.num_gpu_batches < 1 {
+            return Err(invalid(
+                "batch.num_gpu_batches".into(),
+                "is 0; expected at least 1".into(),
+            ));
+        }
+        if self.workload.prompt_len < 1 {
+            return Err(invalid(
+                "workload.prompt_len".into(),
+                "is 0; expected at least 1".into(),
+            ));
+        }
+        for (kind, alpha) in self.compute.split.fields() {
+            if !(0.0..=1.0).contains(&alpha) || alpha.is_nan() {
+                return Err(invalid(
+                    format!("compute.split.{kind}"),
+                    format!("is {alpha}; expected a fraction in [0, 1]"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether running this policy needs a GPU.
+    pub fn needs_gpu(&self) -> bool {
+        let p = &self.placement;
+        let split_uses_gpu = self.placement.weights.gpu < 1.0
+            && self.compute.split.fields().iter().any(|(_, a)| *a < 1.0);
+        p.weights.gpu > 0.0 || p.kv_cache.gpu > 0.0 || p.activations.gpu > 0.0 || split_uses_gpu
+    }
+
+    /// A policy that keeps everything in CPU memory and computes on the CPU: the executor's
+    /// default when no policy file is given.
+    pub fn all_cpu(model: &str, prompt_len: u64, gen_len: u64, batch: u64) -> Policy {
+        Policy {
+            provenance: Provenance {
+                planner_version: env!("CARGO_PKG_VERSION").to_string(),
+                profile: "none".into(),
+                profile_fingerprint: "none".into(),
+                objective: "throughput".into(),
+            },
+            model: ModelRef {
+                name: model.to_string(),
+                config: None,
+            },
+            workload: Workload {
+                prompt_len,
+                gen_len,
+            },
+            batch: Batch {
+                gpu_batch_size: batch.max(1),
+                num_gpu_batches: 1,
+            },
+            placement: Placements {
+                weights: Placement::ALL_CPU,
+                kv_cache: Placement::ALL_CPU,
+                activations: Placement::ALL_CPU,
+            },
+            compute: Compute {
+                cpu_attention: true,
+                split: Split::uniform(1.0),
+            },
+            compression: Compression::default(),
+            prediction: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> String {
+        toml::to_string(&Policy::all_cpu("opt-125m", 8, 4, 2)).unwrap()
+    }
+
+    #[test]
+    fn round_trips() {
+        let text = sample();
+        let p = Policy::parse(&text, "p.toml").unwrap();
+        assert_eq!(p, Policy::all_cpu("opt-125m", 8, 4, 2));
+        assert!(!p.needs_gpu());
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_name() {
+        let text = sample().replace("[batch]", "[batch]\nbogus_knob = 3");
+        let e = Policy::parse(&text, "p.toml").unwrap_err().to_string();
+        assert!(e.contains("p.toml") && e.contains("bogus_knob"), "{e}");
+    }
+
+    #[test]
+    fn row_that_does_not_sum_to_one_names_the_row() {
+        let mut p = Policy::all_cpu("opt-125m", 8, 4, 2);
+        p.placement.kv_cache.disk = 0.5;
+        let e = p.validate("p.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("placement.kv_cache") && e.contains("sum to 1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn fraction_out_of_range_names_the_field() {
+        let mut p = Policy::all_cpu("opt-125m", 8, 4, 2);
+        p.compute.split.fc1 = 1.5;
+        let e = p.validate("p.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("compute.split.fc1") && e.contains("[0, 1]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn zero_batch_is_rejected() {
+        let text = sample().replace("gpu_batch_size = 2", "gpu_batch_size = 0");
+        let e = Policy::parse(&text, "p.toml").unwrap_err().to_string();
+        assert!(e.contains("batch.gpu_batch_size"), "{e}");
+    }
+}
