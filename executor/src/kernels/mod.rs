@@ -6,6 +6,9 @@
 
 use rayon::prelude::*;
 
+mod attention;
+mod linear;
+
 /// Borrowed weight elements in the dtype the checkpoint stores them in.
 ///
 /// Kept as an enum (rather than a generic) so that the model code can pick the dtype at run time
@@ -35,44 +38,12 @@ pub struct Matrix<'a> {
 /// y[t, :] = x[t, :] W^T + bias, for t in 0..tokens. x: [tokens, in], y: [tokens, out].
 ///
 /// Multithreaded (rayon), f32 accumulation, no allocation per call beyond thread-local scratch.
+/// W is read in place in its stored dtype, which is what makes batch-1 decode run at DRAM speed
+/// for 16-bit checkpoints. For bf16 weights the input is rounded to bf16 first (as PyTorch does
+/// for a bf16 model), so that AVX512-BF16 dot products can be used; f32 and f16 weights see the
+/// f32 input unchanged. See `linear.rs` for the blocking.
 pub fn linear(x: &[f32], tokens: usize, w: &Matrix, bias: Option<&[f32]>, y: &mut [f32]) {
-    let (n_in, n_out) = (w.in_features, w.out_features);
-    assert_eq!(
-        x.len(),
-        tokens * n_in,
-        "linear: x must be [tokens, in_features]"
-    );
-    assert_eq!(
-        y.len(),
-        tokens * n_out,
-        "linear: y must be [tokens, out_features]"
-    );
-    if let Some(b) = bias {
-        assert_eq!(
-            b.len(),
-            n_out,
-            "linear: bias must have out_features elements"
-        );
-    }
-    let weight = |o: usize, i: usize| -> f32 {
-        match &w.data {
-            WeightData::F32(d) => d[o * n_in + i],
-            WeightData::F16(d) => d[o * n_in + i].to_f32(),
-            WeightData::Bf16(d) => d[o * n_in + i].to_f32(),
-        }
-    };
-    y.par_chunks_mut(n_out.max(1))
-        .enumerate()
-        .for_each(|(t, yr)| {
-            let xr = &x[t * n_in..(t + 1) * n_in];
-            for (o, yo) in yr.iter_mut().enumerate() {
-                let mut acc = 0.0f32;
-                for (i, xi) in xr.iter().enumerate() {
-                    acc += xi * weight(o, i);
-                }
-                *yo = acc + bias.map_or(0.0, |b| b[o]);
-            }
-        });
+    linear::linear_on(linear::Isa::detect(), x, tokens, w, bias, y);
 }
 
 /// Layer normalisation over rows of `width` elements (rows = x.len() / width).
@@ -88,13 +59,20 @@ pub fn layer_norm(x: &[f32], width: usize, gamma: &[f32], beta: &[f32], eps: f32
         gamma.len() == width && beta.len() == width,
         "layer_norm: gamma/beta must have width elements"
     );
-    for (xr, yr) in x.chunks(width).zip(y.chunks_mut(width)) {
+    let norm_row = |(xr, yr): (&[f32], &mut [f32])| {
         let mean = xr.iter().sum::<f32>() / width as f32;
         let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / width as f32;
         let inv = 1.0 / (var + eps).sqrt();
-        for i in 0..width {
-            yr[i] = (xr[i] - mean) * inv * gamma[i] + beta[i];
+        for (((yv, xv), g), b) in yr.iter_mut().zip(xr).zip(gamma).zip(beta) {
+            *yv = (xv - mean) * inv * g + b;
         }
+    };
+    if x.len() >= 1 << 16 {
+        x.par_chunks(width)
+            .zip(y.par_chunks_mut(width))
+            .for_each(norm_row);
+    } else {
+        x.chunks(width).zip(y.chunks_mut(width)).for_each(norm_row);
     }
 }
 
@@ -118,7 +96,10 @@ pub fn add_inplace(acc: &mut [f32], x: &[f32]) {
 /// q: [q_len, nh*hd]; k, v: the cache rows [kv_len, nh*hd] (row stride nh*hd), the q rows being
 /// the last q_len positions. key_valid[j] false masks key j (left padding). Query i attends keys
 /// 0..=kv_len-q_len+i that are valid; a query with no valid key outputs zeros. Scores are
-/// q·k * scale. out: [q_len, nh*hd]. scratch: at least kv_len f32 per thread (caller-owned).
+/// q·k * scale. out: [q_len, nh*hd]. scratch: at least kv_len f32 (caller-owned, so the decode
+/// loop allocates nothing). Given room for several rows (n * kv_len floats, n >= 2), query rows
+/// run on up to n threads: useful for prefill of a single sequence; a caller that already runs
+/// sequences in parallel passes kv_len floats per sequence.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: &[f32],
@@ -134,7 +115,10 @@ pub fn attention(
     scratch: &mut [f32],
 ) {
     let d = num_heads * head_dim;
-    assert!(q_len <= kv_len, "attention: q_len must not exceed kv_len");
+    assert!(
+        q_len <= kv_len,
+        "attention: q_len ({q_len}) must not exceed kv_len ({kv_len})"
+    );
     assert_eq!(
         q.len(),
         q_len * d,
@@ -142,7 +126,7 @@ pub fn attention(
     );
     assert!(
         k.len() >= kv_len * d && v.len() >= kv_len * d,
-        "attention: k/v shorter than kv_len rows"
+        "attention: k and v must hold kv_len rows of num_heads*head_dim"
     );
     assert!(
         key_valid.len() >= kv_len,
@@ -155,44 +139,26 @@ pub fn attention(
     );
     assert!(
         scratch.len() >= kv_len,
-        "attention: scratch needs kv_len floats"
+        "attention: scratch needs at least kv_len floats"
     );
-    let p = &mut scratch[..kv_len];
-    for i in 0..q_len {
-        let last = kv_len - q_len + i;
-        for h in 0..num_heads {
-            let qv = &q[i * d + h * head_dim..i * d + (h + 1) * head_dim];
-            let mut max = f32::NEG_INFINITY;
-            for j in 0..=last {
-                if !key_valid[j] {
-                    continue;
-                }
-                let kr = &k[j * d + h * head_dim..j * d + (h + 1) * head_dim];
-                let s = qv.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale;
-                p[j] = s;
-                max = max.max(s);
-            }
-            let o = &mut out[i * d + h * head_dim..i * d + (h + 1) * head_dim];
-            o.fill(0.0);
-            if max == f32::NEG_INFINITY {
-                continue;
-            }
-            let mut sum = 0.0;
-            for j in 0..=last {
-                if key_valid[j] {
-                    p[j] = (p[j] - max).exp();
-                    sum += p[j];
-                }
-            }
-            for j in 0..=last {
-                if key_valid[j] {
-                    let wgt = p[j] / sum;
-                    let vr = &v[j * d + h * head_dim..j * d + (h + 1) * head_dim];
-                    for (oo, vv) in o.iter_mut().zip(vr) {
-                        *oo += wgt * vv;
-                    }
-                }
-            }
-        }
-    }
+    let a = attention::Attn {
+        q,
+        q_len,
+        k,
+        v,
+        kv_len,
+        key_valid,
+        num_heads,
+        head_dim,
+        scale,
+    };
+    attention::attention_impl(&a, out, scratch, simd_available());
 }
+
+/// Whether the AVX-512 builds of the auto-vectorised kernels can run on this CPU.
+fn simd_available() -> bool {
+    linear::Isa::detect() != linear::Isa::Portable
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,134 @@
+//! Causal multi-head attention over a KV cache read in place.
+//!
+//! The cache rows are [kv_len, num_heads * head_dim], so one head's keys are `head_dim`
+//! contiguous floats every row: each score is a short contiguous dot product and the weighted
+//! sum of values is a contiguous multiply-add per key, which vectorises without copying or
+//! transposing the cache. Bodies are written once in plain Rust and compiled twice, for AVX-512
+//! and for the baseline target, and the wrapper picks one at run time.
+
+use rayon::prelude::*;
+
+/// Geometry and operands shared by every query row.
+pub(crate) struct Attn<'a> {
+    pub q: &'a [f32],
+    pub q_len: usize,
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub kv_len: usize,
+    pub key_valid: &'a [bool],
+    pub num_heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+}
+
+/// Runs attention; with room in `scratch` for several rows' scores, query rows run in parallel.
+pub(crate) fn attention_impl(a: &Attn, out: &mut [f32], scratch: &mut [f32], simd: bool) {
+    let d = a.num_heads * a.head_dim;
+    if a.q_len == 0 || d == 0 {
+        return;
+    }
+    let slots = if a.kv_len == 0 {
+        1
+    } else {
+        scratch.len() / a.kv_len
+    };
+    let work = a.q_len * a.kv_len * d;
+    if slots >= 2 && a.q_len >= 2 && work >= 1 << 16 {
+        // Several groups per thread, so work stealing evens out causal rows (later rows see
+        // more keys).
+        let groups = slots
+            .min(a.q_len)
+            .min(4 * rayon::current_num_threads().max(1));
+        let rows_per_group = a.q_len.div_ceil(groups);
+        out.par_chunks_mut(rows_per_group * d)
+            .zip(scratch.par_chunks_mut(a.kv_len.max(1)))
+            .enumerate()
+            .for_each(|(g, (o, s))| {
+                let first = g * rows_per_group;
+                for (r, orow) in o.chunks_mut(d).enumerate() {
+                    run_row(a, first + r, orow, &mut s[..a.kv_len], simd);
+                }
+            });
+    } else {
+        for (i, orow) in out.chunks_mut(d).enumerate() {
+            run_row(a, i, orow, &mut scratch[..a.kv_len], simd);
+        }
+    }
+}
+
+fn run_row(a: &Attn, i: usize, out: &mut [f32], p: &mut [f32], simd: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is only set when the CPU has AVX-512 F and FMA.
+        unsafe { row_avx512(a, i, out, p) };
+        return;
+    }
+    let _ = simd;
+    row_body(a, i, out, p);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+unsafe fn row_avx512(a: &Attn, i: usize, out: &mut [f32], p: &mut [f32]) {
+    row_body(a, i, out, p)
+}
+
+/// One query row, every head: scores into `p`, softmax over the valid causal keys, then the
+/// probability-weighted sum of values into `out` (zeros when no key is valid).
+#[inline(always)]
+fn row_body(a: &Attn, i: usize, out: &mut [f32], p: &mut [f32]) {
+    let (hd, d) = (a.head_dim, a.num_heads * a.head_dim);
+    let last = a.kv_len - a.q_len + i; // the newest key this query may see
+    let valid = &a.key_valid[..=last];
+    for h in 0..a.num_heads {
+        let qh = &a.q[i * d + h * hd..i * d + (h + 1) * hd];
+        let oh = &mut out[h * hd..(h + 1) * hd];
+        let mut max = f32::NEG_INFINITY;
+        for (j, pj) in p[..=last].iter_mut().enumerate() {
+            if valid[j] {
+                let s = dot(qh, &a.k[j * d + h * hd..j * d + (h + 1) * hd]) * a.scale;
+                *pj = s;
+                max = max.max(s);
+            }
+        }
+        oh.fill(0.0);
+        if max == f32::NEG_INFINITY {
+            continue;
+        }
+        let mut sum = 0.0;
+        for (j, pj) in p[..=last].iter_mut().enumerate() {
+            if valid[j] {
+                *pj = (*pj - max).exp();
+                sum += *pj;
+            }
+        }
+        let inv = 1.0 / sum;
+        for (j, pj) in p[..=last].iter().enumerate() {
+            if valid[j] {
+                let vh = &a.v[j * d + h * hd..j * d + (h + 1) * hd];
+                let wgt = pj * inv;
+                for (o, x) in oh.iter_mut().zip(vh) {
+                    *o += wgt * x;
+                }
+            }
+        }
+    }
+}
+
+/// Dot product with 16 independent partial sums (one vector register under AVX-512).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let mut ac = a.chunks_exact(16);
+    let mut bc = b.chunks_exact(16);
+    for (x, y) in (&mut ac).zip(&mut bc) {
+        for l in 0..16 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    let mut s: f32 = lanes.iter().sum();
+    for (x, y) in ac.remainder().iter().zip(bc.remainder()) {
+        s += x * y;
+    }
+    s
+}

@@ -1,0 +1,715 @@
+//! `linear`: y = x W^T + b with W in nn.Linear layout [out, in], read in place in its stored dtype.
+//!
+//! One blocked "dot-product" scheme serves every shape, from batch-1 decode (a GEMV that must run
+//! at DRAM speed) to prefill over thousands of tokens (compute bound):
+//!
+//! - The output rows are split into blocks, one rayon task each, so each thread streams its own
+//!   contiguous part of W (good for the hardware prefetcher when bandwidth bound).
+//! - Inside a task, a microkernel computes a 4 rows x 6 tokens tile of y as 24 dot products,
+//!   loading 4 weight vectors and 6 input vectors per step: each weight vector is used 6 times
+//!   and each input vector 4 times, straight from W's [out, in] layout, so W is never packed or
+//!   transposed and a 16-bit W is widened in registers only.
+//! - For many tokens, the reduction dimension is cut into `K_BLOCK` slices so that the 6 input
+//!   rows of a tile stay in L1 and a task's slice of W stays in L2 while all token groups reuse it.
+//!
+//! bf16 weights use AVX512-BF16 `vdpbf16ps` (32 products per instruction, f32 accumulation). That
+//! needs the input in bf16 too, so for bf16 weights the input is rounded to bf16 (round to
+//! nearest even) before the product on every path, which is what PyTorch does for a bf16 model;
+//! the results are then the same whichever path runs, up to the order of f32 additions.
+
+use super::{Matrix, WeightData};
+use half::{bf16, f16};
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Rows of W per microkernel tile.
+const TILE_ROWS: usize = 4;
+/// Tokens (rows of x) per microkernel tile.
+const TILE_TOKENS: usize = 6;
+/// Reduction-dimension slice for multi-token products (elements): 6 bf16 input rows of this
+/// length take 24 KiB (L1 is 32 KiB), 64 rows of f32 weights take 512 KiB (L2 is 1 MiB).
+const K_BLOCK: usize = 2048;
+/// Rows of W per task when there are enough tokens to be compute bound.
+const ROW_BLOCK: usize = 64;
+
+/// The instruction set a product runs on; chosen at run time so one binary runs everywhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    /// Plain Rust, any CPU.
+    Portable,
+    /// AVX-512 F/BW/VL with FMA: f32, f16 (via `vcvtph2ps`) and bf16 (via a 16-bit shift).
+    Avx512,
+    /// As `Avx512`, plus `vdpbf16ps` for bf16 weights.
+    Avx512Bf16,
+}
+
+impl Isa {
+    /// The best instruction set this CPU supports.
+    pub(crate) fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let base = is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("fma");
+            if base && is_x86_feature_detected!("avx512bf16") {
+                return Isa::Avx512Bf16;
+            }
+            if base {
+                return Isa::Avx512;
+            }
+        }
+        Isa::Portable
+    }
+
+    /// Every instruction set this CPU can run, for tests that compare the paths.
+    #[cfg(test)]
+    pub(crate) fn available() -> Vec<Isa> {
+        match Isa::detect() {
+            Isa::Portable => vec![Isa::Portable],
+            Isa::Avx512 => vec![Isa::Portable, Isa::Avx512],
+            Isa::Avx512Bf16 => vec![Isa::Portable, Isa::Avx512, Isa::Avx512Bf16],
+        }
+    }
+}
+
+thread_local! {
+    /// The input converted for the microkernels (bf16 bits, or bf16-rounded f32), kept per
+    /// calling thread so decode steps reuse one buffer instead of allocating each call.
+    static INPUT_BF16: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+    static INPUT_F32: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Takes a thread-local buffer out of its cell for the duration of `f`, then puts it back.
+///
+/// Taking (rather than borrowing) makes a nested call on the same thread, which rayon's work
+/// stealing can cause, find an empty buffer and allocate instead of panicking on a double borrow.
+fn with_buffer<T: Default + Clone, R>(
+    cell: &'static std::thread::LocalKey<RefCell<Vec<T>>>,
+    len: usize,
+    f: impl FnOnce(&mut [T]) -> R,
+) -> R {
+    let mut buf = cell.with(|c| c.take());
+    if buf.len() < len {
+        buf.resize(len, T::default());
+    }
+    let r = f(&mut buf[..len]);
+    cell.with(|c| {
+        if c.borrow().len() < buf.len() {
+            c.replace(buf);
+        }
+    });
+    r
+}
+
+/// Output pointer shared by the tasks; each task writes a disjoint range of columns of y.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint (token, column) elements of y, and the borrow of y outlives them.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// The shape and operands of one product, shared by all its tasks.
+struct Problem<'a, X> {
+    /// Input rows, `x_stride` elements apart (in the element type the microkernel reads).
+    x: &'a [X],
+    x_stride: usize,
+    tokens: usize,
+    n_in: usize,
+    n_out: usize,
+    bias: Option<&'a [f32]>,
+    y: OutPtr,
+}
+
+/// Computes `linear` on the given instruction set (tests force each path; `linear` detects).
+pub(crate) fn linear_on(
+    isa: Isa,
+    x: &[f32],
+    tokens: usize,
+    w: &Matrix,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    let (n_in, n_out) = (w.in_features, w.out_features);
+    assert_eq!(
+        x.len(),
+        tokens * n_in,
+        "linear: x must be [tokens, in_features]"
+    );
+    assert_eq!(
+        y.len(),
+        tokens * n_out,
+        "linear: y must be [tokens, out_features]"
+    );
+    let stored = match &w.data {
+        WeightData::F32(d) => d.len(),
+        WeightData::F16(d) => d.len(),
+        WeightData::Bf16(d) => d.len(),
+    };
+    assert_eq!(
+        stored,
+        n_out * n_in,
+        "linear: weight data must be out_features * in_features"
+    );
+    if let Some(b) = bias {
+        assert_eq!(
+            b.len(),
+            n_out,
+            "linear: bias must have out_features elements"
+        );
+    }
+    if tokens == 0 || n_out == 0 {
+        return;
+    }
+    if n_in == 0 {
+        for row in y.chunks_mut(n_out) {
+            match bias {
+                Some(b) => row.copy_from_slice(b),
+                None => row.fill(0.0),
+            }
+        }
+        return;
+    }
+    let y = OutPtr(y.as_mut_ptr());
+    match (&w.data, isa) {
+        (WeightData::Bf16(wd), Isa::Avx512Bf16) => {
+            // Rows padded to a multiple of 32 with zeros, so the kernel's tail reads whole vectors.
+            let stride = n_in.div_ceil(32) * 32;
+            with_buffer(&INPUT_BF16, tokens * stride, |buf| {
+                round_rows_to_bf16(isa, x, n_in, buf, stride);
+                let p = Problem {
+                    x: buf,
+                    x_stride: stride,
+                    tokens,
+                    n_in,
+                    n_out,
+                    bias,
+                    y,
+                };
+                let w_bits: &[u16] = bytemuck::cast_slice(wd);
+                run_tasks(&p, |p, rows, k0, k1| {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `Isa::Avx512Bf16` is only chosen when the CPU has those features.
+                    unsafe {
+                        avx512::block_bf16_dp(p, w_bits, rows, k0, k1)
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    unreachable!("{rows:?} {k0} {k1}")
+                });
+            });
+        }
+        (WeightData::Bf16(wd), _) => {
+            with_buffer(&INPUT_F32, x.len(), |buf| {
+                for (d, s) in buf.iter_mut().zip(x) {
+                    *d = bf16::from_f32(*s).to_f32();
+                }
+                let p = Problem {
+                    x: buf,
+                    x_stride: n_in,
+                    tokens,
+                    n_in,
+                    n_out,
+                    bias,
+                    y,
+                };
+                dispatch_f32_input(isa, &p, *wd);
+            });
+        }
+        (WeightData::F16(wd), _) => {
+            let p = Problem {
+                x,
+                x_stride: n_in,
+                tokens,
+                n_in,
+                n_out,
+                bias,
+                y,
+            };
+            dispatch_f32_input(isa, &p, *wd);
+        }
+        (WeightData::F32(wd), _) => {
+            let p = Problem {
+                x,
+                x_stride: n_in,
+                tokens,
+                n_in,
+                n_out,
+                bias,
+                y,
+            };
+            dispatch_f32_input(isa, &p, *wd);
+        }
+    }
+}
+
+/// Runs a product whose input is f32 on the FMA kernels or the portable ones.
+fn dispatch_f32_input<W: WeightElem>(isa: Isa, p: &Problem<f32>, w: &[W]) {
+    match isa {
+        Isa::Portable => run_tasks(p, |p, rows, k0, k1| portable_block(p, w, rows, k0, k1)),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx512Bf16 => run_tasks(p, |p, rows, k0, k1| {
+            // SAFETY: the AVX-512 variants are only chosen when the CPU has those features.
+            unsafe { avx512::block_fma(p, w, rows, k0, k1) }
+        }),
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => unreachable!(),
+    }
+}
+
+/// Splits the output rows into tasks and the reduction into slices, and runs `block` on each
+/// (rows, k-slice); `block` adds its partial sums into y (the first slice stores them with bias).
+fn run_tasks<X: Sync>(
+    p: &Problem<X>,
+    block: impl Fn(&Problem<X>, std::ops::Range<usize>, usize, usize) + Sync,
+) {
+    let threads = rayon::current_num_threads().max(1);
+    let few_tokens = p.tokens <= TILE_TOKENS;
+    // Few tokens: memory bound, give each thread a few long contiguous streams of W.
+    // Many tokens: blocks small enough that a block's slice of W stays in L2.
+    let rows_per_task = if few_tokens {
+        p.n_out
+            .div_ceil(threads * 4)
+            .next_multiple_of(TILE_ROWS)
+            .max(TILE_ROWS)
+    } else {
+        ROW_BLOCK
+    };
+    let k_block = if few_tokens { p.n_in } else { K_BLOCK };
+    let tasks = p.n_out.div_ceil(rows_per_task);
+    (0..tasks).into_par_iter().for_each(|task| {
+        let rows = task * rows_per_task..((task + 1) * rows_per_task).min(p.n_out);
+        let mut k0 = 0;
+        while k0 < p.n_in {
+            let k1 = (k0 + k_block).min(p.n_in);
+            block(p, rows.clone(), k0, k1);
+            k0 = k1;
+        }
+    });
+}
+
+impl<X> Problem<'_, X> {
+    /// Stores (first k-slice) or adds a tile's sums into y.
+    ///
+    /// # Safety
+    /// `t0 + T <= tokens`, `r0 + R <= n_out`, and no other thread touches these elements.
+    #[inline(always)]
+    unsafe fn store<const R: usize, const T: usize>(
+        &self,
+        sums: &[[f32; T]; R],
+        r0: usize,
+        t0: usize,
+        first: bool,
+    ) {
+        for (r, row) in sums.iter().enumerate() {
+            let b = if first {
+                self.bias.map_or(0.0, |b| b[r0 + r])
+            } else {
+                0.0
+            };
+            for (t, s) in row.iter().enumerate() {
+                // SAFETY: in bounds and exclusive by this function's contract.
+                let dst = unsafe { &mut *self.y.0.add((t0 + t) * self.n_out + r0 + r) };
+                *dst = if first { s + b } else { *dst + s };
+            }
+        }
+    }
+}
+
+/// Rounds rows of `n_in` f32 to bf16 bits, `stride` apart, zero filling each row's padding.
+fn round_rows_to_bf16(isa: Isa, x: &[f32], n_in: usize, out: &mut [u16], stride: usize) {
+    let convert_row = |(src, dst): (&[f32], &mut [u16])| {
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx512Bf16 {
+            // SAFETY: only chosen when the CPU has AVX512-BF16.
+            unsafe { avx512::round_to_bf16(src, &mut dst[..n_in]) };
+            dst[n_in..].fill(0);
+            return;
+        }
+        let _ = isa;
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = bf16::from_f32(*s).to_bits();
+        }
+        dst[n_in..].fill(0);
+    };
+    if x.len() >= 1 << 16 {
+        x.par_chunks(n_in)
+            .zip(out.par_chunks_mut(stride))
+            .for_each(convert_row);
+    } else {
+        x.chunks(n_in)
+            .zip(out.chunks_mut(stride))
+            .for_each(convert_row);
+    }
+}
+
+/// A stored weight element that widens exactly to f32.
+pub(crate) trait Widen: Copy + Send + Sync + 'static {
+    fn widen(self) -> f32;
+}
+impl Widen for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+impl Widen for f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+impl Widen for bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// A weight element every compiled path can read: `Widen` everywhere, plus the AVX-512 loads
+/// where those are compiled.
+#[cfg(target_arch = "x86_64")]
+pub(crate) trait WeightElem: avx512::Lanes16 {}
+#[cfg(target_arch = "x86_64")]
+impl<T: avx512::Lanes16> WeightElem for T {}
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) trait WeightElem: Widen {}
+#[cfg(not(target_arch = "x86_64"))]
+impl<T: Widen> WeightElem for T {}
+
+/// Portable block: one dot product per (row, token), eight partial sums each so the compiler
+/// can vectorise and the additions are not one long dependency chain.
+fn portable_block<W: Widen>(
+    p: &Problem<f32>,
+    w: &[W],
+    rows: std::ops::Range<usize>,
+    k0: usize,
+    k1: usize,
+) {
+    let first = k0 == 0;
+    for t in 0..p.tokens {
+        let xr = &p.x[t * p.x_stride + k0..t * p.x_stride + k1];
+        for r in rows.clone() {
+            let wr = &w[r * p.n_in + k0..r * p.n_in + k1];
+            let mut lanes = [0.0f32; 8];
+            let mut xc = xr.chunks_exact(8);
+            let mut wc = wr.chunks_exact(8);
+            for (xs, ws) in (&mut xc).zip(&mut wc) {
+                for l in 0..8 {
+                    lanes[l] += xs[l] * ws[l].widen();
+                }
+            }
+            let mut sum: f32 = lanes.iter().sum();
+            for (a, b) in xc.remainder().iter().zip(wc.remainder()) {
+                sum += a * b.widen();
+            }
+            // SAFETY: r < n_out, t < tokens, and rows belong to this task only.
+            unsafe { p.store::<1, 1>(&[[sum]], r, t, first) };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    //! The AVX-512 microkernels. Callers must check the CPU features (see `Isa::detect`).
+
+    use super::{Problem, Widen, TILE_ROWS, TILE_TOKENS};
+    use half::{bf16, f16};
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    /// A weight type the FMA kernel widens to f32, 16 lanes at a time.
+    pub(crate) trait Lanes16: Widen {
+        /// Loads 16 elements at `p` as f32.
+        ///
+        /// # Safety
+        /// 16 elements readable at `p`; AVX-512 F/BW/VL available.
+        unsafe fn load16(p: *const Self) -> __m512;
+        /// Loads the first `n < 16` elements at `p` as f32 and zeros the other lanes.
+        ///
+        /// # Safety
+        /// `n` elements readable at `p`; AVX-512 F/BW/VL available.
+        unsafe fn load_tail(p: *const Self, n: usize) -> __m512;
+    }
+
+    impl Lanes16 for f32 {
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        unsafe fn load16(p: *const f32) -> __m512 {
+            // SAFETY: caller guarantees 16 readable floats.
+            unsafe { _mm512_loadu_ps(p) }
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        unsafe fn load_tail(p: *const f32, n: usize) -> __m512 {
+            // SAFETY: masked-off lanes are not accessed (AVX-512 fault suppression).
+            unsafe { _mm512_maskz_loadu_ps(((1u32 << n) - 1) as u16, p) }
+        }
+    }
+
+    impl Lanes16 for f16 {
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        unsafe fn load16(p: *const f16) -> __m512 {
+            // SAFETY: caller guarantees 16 readable halves (32 bytes).
+            unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        unsafe fn load_tail(p: *const f16, n: usize) -> __m512 {
+            // SAFETY: masked-off lanes are not accessed (AVX-512 fault suppression).
+            unsafe {
+                _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                    ((1u32 << n) - 1) as u16,
+                    p as *const i16,
+                ))
+            }
+        }
+    }
+
+    impl Lanes16 for bf16 {
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        unsafe fn load16(p: *const bf16) -> __m512 {
+            // SAFETY: caller guarantees 16 readable bf16 (32 bytes). bf16 is the top half of f32.
+            unsafe {
+                let h = _mm256_loadu_si256(p as *const __m256i);
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+            }
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        unsafe fn load_tail(p: *const bf16, n: usize) -> __m512 {
+            // SAFETY: masked-off lanes are not accessed (AVX-512 fault suppression).
+            unsafe {
+                let h = _mm256_maskz_loadu_epi16(((1u32 << n) - 1) as u16, p as *const i16);
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+            }
+        }
+    }
+
+    /// Runs the FMA microkernel over a task's rows and one k-slice, for every token.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL and FMA available; `rows` and `k0..k1` within the problem; the rows
+    /// belong to this task only.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    pub(super) unsafe fn block_fma<W: Lanes16>(
+        p: &Problem<f32>,
+        w: &[W],
+        rows: Range<usize>,
+        k0: usize,
+        k1: usize,
+    ) {
+        let mut t0 = 0;
+        while t0 < p.tokens {
+            let nt = (p.tokens - t0).min(TILE_TOKENS);
+            let mut r0 = rows.start;
+            while r0 < rows.end {
+                let nr = (rows.end - r0).min(TILE_ROWS);
+                // SAFETY: the tile lies inside the problem (nr, nt clipped above).
+                unsafe {
+                    match (nr, nt) {
+                        (4, 6) => tile_fma::<W, 4, 6>(p, w, r0, t0, k0, k1),
+                        (4, 5) => tile_fma::<W, 4, 5>(p, w, r0, t0, k0, k1),
+                        (4, 4) => tile_fma::<W, 4, 4>(p, w, r0, t0, k0, k1),
+                        (4, 3) => tile_fma::<W, 4, 3>(p, w, r0, t0, k0, k1),
+                        (4, 2) => tile_fma::<W, 4, 2>(p, w, r0, t0, k0, k1),
+                        (4, 1) => tile_fma::<W, 4, 1>(p, w, r0, t0, k0, k1),
+                        (_, 6) => tile_fma::<W, 1, 6>(p, w, r0, t0, k0, k1),
+                        (_, 5) => tile_fma::<W, 1, 5>(p, w, r0, t0, k0, k1),
+                        (_, 4) => tile_fma::<W, 1, 4>(p, w, r0, t0, k0, k1),
+                        (_, 3) => tile_fma::<W, 1, 3>(p, w, r0, t0, k0, k1),
+                        (_, 2) => tile_fma::<W, 1, 2>(p, w, r0, t0, k0, k1),
+                        _ => tile_fma::<W, 1, 1>(p, w, r0, t0, k0, k1),
+                    }
+                }
+                r0 += if nr == TILE_ROWS { TILE_ROWS } else { 1 };
+            }
+            t0 += nt;
+        }
+    }
+
+    /// R rows x T tokens of dot products over k0..k1 with f32 FMAs.
+    ///
+    /// # Safety
+    /// As `block_fma`, and `r0 + R <= n_out`, `t0 + T <= tokens`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    unsafe fn tile_fma<W: Lanes16, const R: usize, const T: usize>(
+        p: &Problem<f32>,
+        w: &[W],
+        r0: usize,
+        t0: usize,
+        k0: usize,
+        k1: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); T]; R];
+        let wp: [*const W; R] = std::array::from_fn(|r| w[(r0 + r) * p.n_in + k0..].as_ptr());
+        let xp: [*const f32; T] =
+            std::array::from_fn(|t| p.x[(t0 + t) * p.x_stride + k0..].as_ptr());
+        let len = k1 - k0;
+        let full = len / 16 * 16;
+        let mut k = 0;
+        while k < full {
+            // SAFETY: k + 16 <= len, and every row has len elements from its pointer.
+            unsafe {
+                let wv: [__m512; R] = std::array::from_fn(|r| W::load16(wp[r].add(k)));
+                for t in 0..T {
+                    let xv = _mm512_loadu_ps(xp[t].add(k));
+                    for r in 0..R {
+                        acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
+                    }
+                }
+            }
+            k += 16;
+        }
+        if k < len {
+            let n = len - k;
+            // SAFETY: n < 16 elements remain in every row; the masked loads read only those.
+            unsafe {
+                let wv: [__m512; R] = std::array::from_fn(|r| W::load_tail(wp[r].add(k), n));
+                for t in 0..T {
+                    let xv = f32::load_tail(xp[t].add(k), n);
+                    for r in 0..R {
+                        acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
+                    }
+                }
+            }
+        }
+        let sums: [[f32; T]; R] =
+            std::array::from_fn(|r| std::array::from_fn(|t| _mm512_reduce_add_ps(acc[r][t])));
+        // SAFETY: the tile is inside the problem and owned by this task.
+        unsafe { p.store(&sums, r0, t0, k0 == 0) };
+    }
+
+    /// Runs the bf16 dot-product microkernel over a task's rows and one k-slice, for every token.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL and BF16 available; `rows` and `k0..k1` within the problem, `k0` a
+    /// multiple of 32; the input rows are zero padded to `x_stride >= n_in.next_multiple_of(32)`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) unsafe fn block_bf16_dp(
+        p: &Problem<u16>,
+        w: &[u16],
+        rows: Range<usize>,
+        k0: usize,
+        k1: usize,
+    ) {
+        let mut t0 = 0;
+        while t0 < p.tokens {
+            let nt = (p.tokens - t0).min(TILE_TOKENS);
+            let mut r0 = rows.start;
+            while r0 < rows.end {
+                let nr = (rows.end - r0).min(TILE_ROWS);
+                // SAFETY: the tile lies inside the problem (nr, nt clipped above).
+                unsafe {
+                    match (nr, nt) {
+                        (4, 6) => tile_bf16::<4, 6>(p, w, r0, t0, k0, k1),
+                        (4, 5) => tile_bf16::<4, 5>(p, w, r0, t0, k0, k1),
+                        (4, 4) => tile_bf16::<4, 4>(p, w, r0, t0, k0, k1),
+                        (4, 3) => tile_bf16::<4, 3>(p, w, r0, t0, k0, k1),
+                        (4, 2) => tile_bf16::<4, 2>(p, w, r0, t0, k0, k1),
+                        (4, 1) => tile_bf16::<4, 1>(p, w, r0, t0, k0, k1),
+                        (_, 6) => tile_bf16::<1, 6>(p, w, r0, t0, k0, k1),
+                        (_, 5) => tile_bf16::<1, 5>(p, w, r0, t0, k0, k1),
+                        (_, 4) => tile_bf16::<1, 4>(p, w, r0, t0, k0, k1),
+                        (_, 3) => tile_bf16::<1, 3>(p, w, r0, t0, k0, k1),
+                        (_, 2) => tile_bf16::<1, 2>(p, w, r0, t0, k0, k1),
+                        _ => tile_bf16::<1, 1>(p, w, r0, t0, k0, k1),
+                    }
+                }
+                r0 += if nr == TILE_ROWS { TILE_ROWS } else { 1 };
+            }
+            t0 += nt;
+        }
+    }
+
+    /// R rows x T tokens of bf16 dot products over k0..k1 (`vdpbf16ps`, f32 accumulation).
+    ///
+    /// # Safety
+    /// As `block_bf16_dp`, and `r0 + R <= n_out`, `t0 + T <= tokens`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn tile_bf16<const R: usize, const T: usize>(
+        p: &Problem<u16>,
+        w: &[u16],
+        r0: usize,
+        t0: usize,
+        k0: usize,
+        k1: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); T]; R];
+        let wp: [*const u16; R] = std::array::from_fn(|r| w[(r0 + r) * p.n_in + k0..].as_ptr());
+        let xp: [*const u16; T] =
+            std::array::from_fn(|t| p.x[(t0 + t) * p.x_stride + k0..].as_ptr());
+        let len = k1 - k0;
+        let full = len / 32 * 32;
+        let mut k = 0;
+        while k < full {
+            // SAFETY: k + 32 <= len for the weights; the input rows are at least as long.
+            // __m512i and __m512bh are both 64 plain bytes, so the transmutes are bit casts.
+            unsafe {
+                let wv: [__m512bh; R] = std::array::from_fn(|r| {
+                    std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                        wp[r].add(k) as *const __m512i
+                    ))
+                });
+                for t in 0..T {
+                    let xv: __m512bh = std::mem::transmute::<__m512i, __m512bh>(
+                        _mm512_loadu_si512(xp[t].add(k) as *const __m512i),
+                    );
+                    for r in 0..R {
+                        acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv[r], xv);
+                    }
+                }
+            }
+            k += 32;
+        }
+        if k < len {
+            let mask = (1u32 << (len - k)) - 1;
+            // SAFETY: the weight loads are masked to the len - k remaining elements; the input
+            // rows are zero padded to a multiple of 32, so whole-vector loads stay inside them.
+            unsafe {
+                let wv: [__m512bh; R] = std::array::from_fn(|r| {
+                    std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(
+                        mask,
+                        wp[r].add(k) as *const i16,
+                    ))
+                });
+                for t in 0..T {
+                    let xv: __m512bh = std::mem::transmute::<__m512i, __m512bh>(
+                        _mm512_loadu_si512(xp[t].add(k) as *const __m512i),
+                    );
+                    for r in 0..R {
+                        acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv[r], xv);
+                    }
+                }
+            }
+        }
+        let sums: [[f32; T]; R] =
+            std::array::from_fn(|r| std::array::from_fn(|t| _mm512_reduce_add_ps(acc[r][t])));
+        // SAFETY: the tile is inside the problem and owned by this task.
+        unsafe { p.store(&sums, r0, t0, k0 == 0) };
+    }
+
+    /// Rounds f32 to bf16 bits, nearest even (`vcvtneps2bf16`; it flushes f32 subnormals to 0).
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL and BF16 available.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) unsafe fn round_to_bf16(src: &[f32], dst: &mut [u16]) {
+        assert_eq!(src.len(), dst.len());
+        let mut s = src.chunks_exact(16);
+        let mut d = dst.chunks_exact_mut(16);
+        for (sc, dc) in (&mut s).zip(&mut d) {
+            // SAFETY: both chunks hold exactly 16 elements; __m256bh is 32 plain bytes.
+            unsafe {
+                let v = _mm512_cvtneps_pbh(_mm512_loadu_ps(sc.as_ptr()));
+                _mm256_storeu_si256(dc.as_mut_ptr() as *mut __m256i, std::mem::transmute(v));
+            }
+        }
+        for (sv, dv) in s.remainder().iter().zip(d.into_remainder()) {
+            *dv = bf16::from_f32(*sv).to_bits();
+        }
+    }
+}

@@ -1,0 +1,343 @@
+//! Every kernel against a naive reference on random inputs, on every instruction set this CPU
+//! has, with sizes that are not multiples of the vector widths or tile sizes.
+
+use super::linear::{linear_on, Isa};
+use super::*;
+use half::{bf16, f16};
+
+/// Small deterministic generator (xorshift), so failures reproduce without a dependency.
+struct Rng(u64);
+impl Rng {
+    fn next_f32(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.next_f32()).collect()
+    }
+}
+
+/// Owned weights in one dtype plus their exact f32 values, for the reference.
+enum Owned {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    Bf16(Vec<bf16>),
+}
+impl Owned {
+    fn new(kind: usize, w: &[f32]) -> Owned {
+        match kind {
+            0 => Owned::F32(w.to_vec()),
+            1 => Owned::F16(w.iter().map(|v| f16::from_f32(*v)).collect()),
+            _ => Owned::Bf16(w.iter().map(|v| bf16::from_f32(*v)).collect()),
+        }
+    }
+    fn values(&self) -> Vec<f64> {
+        match self {
+            Owned::F32(d) => d.iter().map(|v| *v as f64).collect(),
+            Owned::F16(d) => d.iter().map(|v| v.to_f64()).collect(),
+            Owned::Bf16(d) => d.iter().map(|v| v.to_f64()).collect(),
+        }
+    }
+    fn matrix(&self, out_features: usize, in_features: usize) -> Matrix<'_> {
+        let data = match self {
+            Owned::F32(d) => WeightData::F32(d),
+            Owned::F16(d) => WeightData::F16(d),
+            Owned::Bf16(d) => WeightData::Bf16(d),
+        };
+        Matrix {
+            data,
+            out_features,
+            in_features,
+        }
+    }
+}
+
+fn reference_linear(
+    x: &[f32],
+    tokens: usize,
+    w: &Owned,
+    n_out: usize,
+    bias: Option<&[f32]>,
+) -> Vec<f64> {
+    let n_in = x.len() / tokens.max(1);
+    let wv = w.values();
+    // bf16 weights: the kernel's documented contract rounds the input to bf16 first.
+    let xv: Vec<f64> = match w {
+        Owned::Bf16(_) => x.iter().map(|v| bf16::from_f32(*v).to_f64()).collect(),
+        _ => x.iter().map(|v| *v as f64).collect(),
+    };
+    let mut y = vec![0.0; tokens * n_out];
+    for t in 0..tokens {
+        for o in 0..n_out {
+            let mut s = bias.map_or(0.0, |b| b[o] as f64);
+            for i in 0..n_in {
+                s += xv[t * n_in + i] * wv[o * n_in + i];
+            }
+            y[t * n_out + o] = s;
+        }
+    }
+    y
+}
+
+fn check_linear(
+    isa: Isa,
+    kind: usize,
+    tokens: usize,
+    n_in: usize,
+    n_out: usize,
+    with_bias: bool,
+    seed: u64,
+) {
+    let mut rng = Rng(seed);
+    let x = rng.vec(tokens * n_in);
+    let w = Owned::new(kind, &rng.vec(n_out * n_in));
+    let bias = rng.vec(n_out);
+    let bias = with_bias.then_some(&bias[..]);
+    let mut y = vec![f32::NAN; tokens * n_out];
+    linear_on(isa, &x, tokens, &w.matrix(n_out, n_in), bias, &mut y);
+    let want = reference_linear(&x, tokens, &w, n_out, bias);
+    // f32 accumulation of n_in products of magnitude <= 1: error grows like sqrt(n_in) ulps.
+    let tol = 1e-5 * (n_in as f64).sqrt().max(1.0) * 4.0;
+    for (i, (got, want)) in y.iter().zip(&want).enumerate() {
+        assert!(
+            (*got as f64 - want).abs() <= tol * (1.0 + want.abs()),
+            "{isa:?} dtype {kind} tokens {tokens} in {n_in} out {n_out}: y[{i}] = {got}, want {want}"
+        );
+    }
+}
+
+#[test]
+fn linear_matches_reference_on_every_path_dtype_and_odd_shape() {
+    let shapes = [
+        (1, 1, 1),
+        (1, 17, 5),
+        (1, 33, 7),
+        (2, 31, 9),
+        (3, 64, 4),
+        (5, 100, 13),
+        (6, 47, 8),
+        (7, 129, 11),
+        (13, 250, 70),
+        (16, 768, 67),
+        (20, 2100, 9), // more than one k-slice for many tokens
+    ];
+    for isa in Isa::available() {
+        for kind in 0..3 {
+            for (n, &(tokens, n_in, n_out)) in shapes.iter().enumerate() {
+                check_linear(isa, kind, tokens, n_in, n_out, n % 2 == 0, 7 + n as u64);
+            }
+        }
+    }
+}
+
+#[test]
+fn linear_decode_shape_and_public_entry_point() {
+    for kind in 0..3 {
+        check_linear(Isa::detect(), kind, 1, 768, 3 * 768 + 5, true, 99);
+    }
+    let mut rng = Rng(5);
+    let x = rng.vec(3 * 19);
+    let w = Owned::new(2, &rng.vec(23 * 19));
+    let mut y = vec![0.0; 3 * 23];
+    linear(&x, 3, &w.matrix(23, 19), None, &mut y);
+    let want = reference_linear(&x, 3, &w, 23, None);
+    for (g, w) in y.iter().zip(&want) {
+        assert!((*g as f64 - w).abs() < 1e-4);
+    }
+}
+
+#[test]
+fn linear_degenerate_sizes() {
+    let w = Owned::new(0, &[]);
+    let mut y = vec![1.0; 6];
+    linear(&[], 2, &w.matrix(3, 0), Some(&[1.0, 2.0, 3.0]), &mut y);
+    assert_eq!(y, [1.0, 2.0, 3.0, 1.0, 2.0, 3.0]);
+    let mut y: Vec<f32> = vec![];
+    linear(&[], 0, &Owned::new(0, &[0.5; 6]).matrix(2, 3), None, &mut y);
+}
+
+#[test]
+#[should_panic(expected = "linear: x must be")]
+fn linear_rejects_wrong_input_length() {
+    let w = Owned::new(0, &[0.0; 6]);
+    linear(&[0.0; 4], 1, &w.matrix(2, 3), None, &mut [0.0; 2]);
+}
+
+#[test]
+fn layer_norm_relu_add_match_reference() {
+    let mut rng = Rng(3);
+    for &(rows, width) in &[(1, 1), (3, 17), (2, 768), (70, 1000)] {
+        let x = rng.vec(rows * width);
+        let gamma = rng.vec(width);
+        let beta = rng.vec(width);
+        let mut y = vec![0.0; rows * width];
+        layer_norm(&x, width, &gamma, &beta, 1e-5, &mut y);
+        for r in 0..rows {
+            let xr: Vec<f64> = x[r * width..(r + 1) * width]
+                .iter()
+                .map(|v| *v as f64)
+                .collect();
+            let mean = xr.iter().sum::<f64>() / width as f64;
+            let var = xr.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / width as f64;
+            for i in 0..width {
+                let want = (xr[i] - mean) / (var + 1e-5).sqrt() * gamma[i] as f64 + beta[i] as f64;
+                let got = y[r * width + i] as f64;
+                assert!(
+                    (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                    "row {r} col {i}: {got} vs {want}"
+                );
+            }
+        }
+    }
+    let mut a = vec![-1.0, 0.0, 2.5, -0.0, f32::MIN];
+    relu_inplace(&mut a);
+    assert_eq!(a, [0.0, 0.0, 2.5, 0.0, 0.0]);
+    let mut acc = vec![1.0, 2.0, 3.0];
+    add_inplace(&mut acc, &[0.5, -2.0, 1.0]);
+    assert_eq!(acc, [1.5, 0.0, 4.0]);
+}
+
+/// Straightforward attention in f64 with the documented masking rules.
+#[allow(clippy::too_many_arguments)]
+fn reference_attention(
+    q: &[f32],
+    q_len: usize,
+    k: &[f32],
+    v: &[f32],
+    kv_len: usize,
+    valid: &[bool],
+    nh: usize,
+    hd: usize,
+    scale: f32,
+) -> Vec<f64> {
+    let d = nh * hd;
+    let mut out = vec![0.0; q_len * d];
+    for i in 0..q_len {
+        for h in 0..nh {
+            let keys: Vec<usize> = (0..=kv_len - q_len + i).filter(|&j| valid[j]).collect();
+            let scores: Vec<f64> = keys
+                .iter()
+                .map(|&j| {
+                    (0..hd)
+                        .map(|c| q[i * d + h * hd + c] as f64 * k[j * d + h * hd + c] as f64)
+                        .sum::<f64>()
+                        * scale as f64
+                })
+                .collect();
+            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for (n, &j) in keys.iter().enumerate() {
+                for c in 0..hd {
+                    out[i * d + h * hd + c] += e[n] / sum * v[j * d + h * hd + c] as f64;
+                }
+            }
+        }
+    }
+    out
+}
+
+fn check_attention(
+    q_len: usize,
+    kv_len: usize,
+    nh: usize,
+    hd: usize,
+    valid: &[bool],
+    slots: usize,
+    seed: u64,
+) {
+    let mut rng = Rng(seed);
+    let d = nh * hd;
+    let q = rng.vec(q_len * d);
+    let k = rng.vec(kv_len * d);
+    let v = rng.vec(kv_len * d);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let want = reference_attention(&q, q_len, &k, &v, kv_len, valid, nh, hd, scale);
+    for simd in [false, simd_available()] {
+        let mut out = vec![f32::NAN; q_len * d];
+        let mut scratch = vec![0.0; slots * kv_len.max(1)];
+        let a = attention::Attn {
+            q: &q,
+            q_len,
+            k: &k,
+            v: &v,
+            kv_len,
+            key_valid: valid,
+            num_heads: nh,
+            head_dim: hd,
+            scale,
+        };
+        attention::attention_impl(&a, &mut out, &mut scratch, simd);
+        for (i, (g, w)) in out.iter().zip(&want).enumerate() {
+            assert!(
+                (*g as f64 - w).abs() < 1e-5,
+                "q_len {q_len} kv {kv_len} simd {simd}: out[{i}] = {g}, want {w}"
+            );
+        }
+    }
+}
+
+#[test]
+fn attention_decode_prefill_and_masking() {
+    let all = vec![true; 300];
+    // Decode: one query against the whole cache, odd head sizes.
+    check_attention(1, 37, 3, 20, &all, 1, 1);
+    check_attention(1, 1, 2, 64, &all, 1, 2);
+    // Prefill: causal, serial and parallel over query rows.
+    check_attention(9, 9, 2, 17, &all, 1, 3);
+    check_attention(40, 40, 4, 33, &all, 3, 4);
+    // q_len > 1 inside a longer cache (chunked prefill / several new tokens).
+    check_attention(5, 12, 2, 16, &all, 2, 5);
+    // Left padding: the first 4 keys are padding.
+    let mut padded = vec![true; 20];
+    padded[..4].fill(false);
+    check_attention(20, 20, 2, 8, &padded, 4, 6);
+    check_attention(1, 20, 2, 8, &padded, 1, 7);
+    // Holes in the middle as well.
+    let holes: Vec<bool> = (0..30).map(|j| j % 3 != 1).collect();
+    check_attention(6, 30, 3, 5, &holes, 2, 8);
+}
+
+#[test]
+fn attention_rows_without_valid_keys_are_zero() {
+    // Every key masked.
+    let none = vec![false; 8];
+    check_attention(3, 8, 2, 4, &none, 1, 9);
+    let mut out = vec![f32::NAN; 2 * 4];
+    let mut scratch = vec![0.0; 8];
+    attention(
+        &[1.0; 8],
+        1,
+        &[1.0; 64],
+        &[1.0; 64],
+        8,
+        &none,
+        2,
+        4,
+        0.5,
+        &mut out,
+        &mut scratch,
+    );
+    assert!(out.iter().all(|v| *v == 0.0));
+    // Only later keys valid: early causal rows see none of them and must output zeros.
+    let late: Vec<bool> = (0..6).map(|j| j >= 3).collect();
+    let mut out = vec![f32::NAN; 6 * 2];
+    let mut scratch = vec![0.0; 6];
+    attention(
+        &[0.3; 12],
+        6,
+        &[0.2; 12],
+        &[0.7; 12],
+        6,
+        &late,
+        1,
+        2,
+        1.0,
+        &mut out,
+        &mut scratch,
+    );
+    assert!(out[..3 * 2].iter().all(|v| *v == 0.0));
+    assert!(out[3 * 2..].iter().all(|v| (*v - 0.7).abs() < 1e-6));
+}
