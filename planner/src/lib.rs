@@ -4,3 +4,7 @@
 
 pub mod model;
 pub mod policy;
+pub mod cost;
+pub mod memory;
+pub mod profile;
+pub mod shares;

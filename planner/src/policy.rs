@@ -6,7 +6,10 @@
 //! Reading is strict: unknown keys are rejected and every value is checked, and each error names the
 //! file, the field and what was expected.
 
+use crate::cost::{Prediction, StageBreakdown, TierUse};
+use crate::profile::CapacityOverrides;
 use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
 use std::path::Path;
 use thiserror::Error;
 
@@ -199,6 +202,9 @@ pub struct Provenance {
     pub profile_fingerprint: String,
     /// `throughput` or `latency`.
     pub objective: String,
+    /// Capacities given on the command line instead of the profile's (empty when none were).
+    #[serde(default, skip_serializing_if = "CapacityOverrides::is_empty")]
+    pub capacity_overrides: CapacityOverrides,
 }
 
 /// A complete policy file.
@@ -215,7 +221,7 @@ pub struct Policy {
     pub compression: Compression,
     /// What the planner predicted; absent in hand-written policies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prediction: Option<toml::Table>,
+    pub prediction: Option<Prediction>,
 }
 
 impl Policy {
@@ -271,6 +277,29 @@ impl Policy {
                 "is 0; expected at least 1".into(),
             ));
         }
+        if !matches!(self.provenance.objective.as_str(), "throughput" | "latency") {
+            return Err(invalid(
+                "provenance.objective".into(),
+                format!(
+                    "is '{}'; expected 'throughput' or 'latency'",
+                    self.provenance.objective
+                ),
+            ));
+        }
+        for (field, value) in [
+            ("gpu_mem_gib", self.provenance.capacity_overrides.gpu_mem_gib),
+            ("cpu_mem_gib", self.provenance.capacity_overrides.cpu_mem_gib),
+            ("disk_mem_gib", self.provenance.capacity_overrides.disk_mem_gib),
+        ] {
+            if let Some(v) = value {
+                if !(v.is_finite() && v >= 0.0) {
+                    return Err(invalid(
+                        format!("provenance.capacity_overrides.{field}"),
+                        format!("is {v}; expected a number of GiB >= 0"),
+                    ));
+                }
+            }
+        }
         for (kind, alpha) in self.compute.split.fields() {
             if !(0.0..=1.0).contains(&alpha) || alpha.is_nan() {
                 return Err(invalid(
@@ -280,6 +309,102 @@ impl Policy {
             }
         }
         Ok(())
+    }
+
+    /// Writes the policy as commented TOML (see [`Policy::to_toml`]).
+    pub fn save(&self, path: &Path) -> Result<(), PolicyError> {
+        std::fs::write(path, self.to_toml()).map_err(|source| PolicyError::Write {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+
+    /// The policy as TOML with a comment explaining each section. Parsing the text gives back an
+    /// equal policy (floats are written with enough digits to round-trip).
+    pub fn to_toml(&self) -> String {
+        let mut out = String::new();
+        let w = &mut out;
+        let p = &self.provenance;
+        line(w, "# Strata policy: where every tensor lives, how the batch is shaped and where the");
+        line(w, "# arithmetic runs, for one model, workload and machine. Written by `planner solve`;");
+        line(w, "# read by `executor --policy` and re-verified by `planner check`.");
+        line(w, "");
+        line(w, "# Where this policy came from: the planner version, the hardware profile it was solved");
+        line(w, "# for (a path relative to the repository root, or builtin:NAME for an embedded one), the");
+        line(w, "# sha256 of that profile's parsed contents, and the objective (throughput or latency).");
+        line(w, "[provenance]");
+        kv_str(w, "planner_version", &p.planner_version);
+        kv_str(w, "profile", &p.profile);
+        kv_str(w, "profile_fingerprint", &p.profile_fingerprint);
+        kv_str(w, "objective", &p.objective);
+        if !p.capacity_overrides.is_empty() {
+            line(w, "");
+            line(w, "# Usable memory per tier given on the command line instead of the profile's, in GiB.");
+            line(w, "[provenance.capacity_overrides]");
+            let c = &p.capacity_overrides;
+            for (k, v) in [
+                ("gpu_mem_gib", c.gpu_mem_gib),
+                ("cpu_mem_gib", c.cpu_mem_gib),
+                ("disk_mem_gib", c.disk_mem_gib),
+            ] {
+                if let Some(v) = v {
+                    kv_f64(w, k, v);
+                }
+            }
+        }
+        line(w, "");
+        line(w, "# The model: a built-in name, or the Hugging Face config.json its shapes came from.");
+        line(w, "[model]");
+        kv_str(w, "name", &self.model.name);
+        if let Some(c) = &self.model.config {
+            kv_str(w, "config", c);
+        }
+        line(w, "");
+        line(w, "# The job: prompt length s and tokens generated per sequence n.");
+        line(w, "[workload]");
+        kv_int(w, "prompt_len", self.workload.prompt_len);
+        kv_int(w, "gen_len", self.workload.gen_len);
+        line(w, "");
+        line(w, "# FlexGen's block: gpu_batch_size sequences per GPU batch, num_gpu_batches GPU batches;");
+        line(w, "# each layer runs over all of them before the next layer (zig-zag block schedule).");
+        line(w, "[batch]");
+        kv_int(w, "gpu_batch_size", self.batch.gpu_batch_size);
+        kv_int(w, "num_gpu_batches", self.batch.num_gpu_batches);
+        line(w, "");
+        line(w, "# Share of each tensor kind on GPU / CPU / disk; each row sums to 1.");
+        for (name, row, what) in [
+            ("weights", &self.placement.weights, "decoder-layer weights"),
+            ("kv_cache", &self.placement.kv_cache, "KV cache"),
+            ("activations", &self.placement.activations, "hidden states between layers"),
+        ] {
+            line(w, &format!("# {what}"));
+            line(w, &format!("[placement.{name}]"));
+            kv_f64(w, "gpu", row.gpu);
+            kv_f64(w, "cpu", row.cpu);
+            kv_f64(w, "disk", row.disk);
+        }
+        line(w, "");
+        line(w, "# Where arithmetic runs. cpu_attention: decode attention over cache that is not on the");
+        line(w, "# GPU runs on the CPU (FlexGen's CPU delegation).");
+        line(w, "[compute]");
+        kv_bool(w, "cpu_attention", self.compute.cpu_attention);
+        line(w, "");
+        line(w, "# HeteGen split, per kind of linear layer: the share (alpha) of the output columns of its");
+        line(w, "# non-GPU weights computed on the CPU from CPU memory; the rest is copied to the GPU and");
+        line(w, "# computed there. alpha = (wc_cpu + wd_cpu) / (1 - wg).");
+        line(w, "[compute.split]");
+        for (k, v) in self.compute.split.fields() {
+            kv_f64(w, k, v);
+        }
+        line(w, "");
+        line(w, "# FlexGen's 4-bit group-wise compression (groups of 64, 4.5 bits per value).");
+        line(w, "[compression]");
+        kv_bool(w, "weights", self.compression.weights);
+        kv_bool(w, "kv_cache", self.compression.kv_cache);
+        if let Some(pred) = &self.prediction {
+            write_prediction(w, pred);
+        }
+        out
     }
 
     /// Whether running this policy needs a GPU.
@@ -299,6 +424,7 @@ impl Policy {
                 profile: "none".into(),
                 profile_fingerprint: "none".into(),
                 objective: "throughput".into(),
+                capacity_overrides: CapacityOverrides::default(),
             },
             model: ModelRef {
                 name: model.to_string(),
@@ -324,6 +450,81 @@ impl Policy {
             compression: Compression::default(),
             prediction: None,
         }
+    }
+}
+
+fn line(w: &mut String, text: &str) {
+    w.push_str(text);
+    w.push('\n');
+}
+
+fn kv_str(w: &mut String, key: &str, v: &str) {
+    let _ = writeln!(w, "{key} = {}", toml::Value::String(v.to_string()));
+}
+
+fn kv_f64(w: &mut String, key: &str, v: f64) {
+    let _ = writeln!(w, "{key} = {}", toml::Value::Float(v));
+}
+
+fn kv_int(w: &mut String, key: &str, v: u64) {
+    let _ = writeln!(w, "{key} = {v}");
+}
+
+fn kv_bool(w: &mut String, key: &str, v: bool) {
+    let _ = writeln!(w, "{key} = {v}");
+}
+
+fn write_stage(w: &mut String, table: &str, s: &StageBreakdown) {
+    line(w, &format!("[{table}]"));
+    kv_f64(w, "ctog_s", s.ctog_s);
+    kv_f64(w, "gtoc_s", s.gtoc_s);
+    kv_f64(w, "dtoc_s", s.dtoc_s);
+    kv_f64(w, "ctod_s", s.ctod_s);
+    kv_f64(w, "comp_s", s.comp_s);
+    kv_f64(w, "gpu_compute_s", s.gpu_compute_s);
+    kv_f64(w, "cpu_compute_s", s.cpu_compute_s);
+    kv_f64(w, "layer_s", s.layer_s);
+    kv_str(w, "binding", s.binding.name());
+}
+
+fn write_tier(w: &mut String, table: &str, t: &TierUse) {
+    line(w, &format!("[{table}]"));
+    kv_f64(w, "peak_gib", t.peak_gib);
+    kv_f64(w, "capacity_gib", t.capacity_gib);
+}
+
+fn write_prediction(w: &mut String, p: &Prediction) {
+    line(w, "");
+    line(w, "# What the cost model predicts for this policy (docs/cost-model.md). Times in seconds for");
+    line(w, "# the whole block: throughput = bls * n / total; decode_s_per_token is one decode step;");
+    line(w, "# lower_bound_s assumes every channel overlapped every other over the whole run.");
+    line(w, "[prediction]");
+    kv_f64(w, "throughput_tok_s", p.throughput_tok_s);
+    kv_f64(w, "prefill_s", p.prefill_s);
+    kv_f64(w, "decode_s_per_token", p.decode_s_per_token);
+    kv_f64(w, "total_s", p.total_s);
+    kv_f64(w, "lower_bound_s", p.lower_bound_s);
+    kv_f64(w, "lower_bound_throughput_tok_s", p.lower_bound_throughput_tok_s);
+    line(w, "");
+    line(w, "# Per layer, whole block: time of each channel (ctog = CPU->GPU, gtoc = GPU->CPU, dtoc =");
+    line(w, "# disk->CPU, ctod = CPU->disk, comp = compute), the layer's time max(ctog, gtoc, dtoc + ctod,");
+    line(w, "# comp) and the channel that binds it.");
+    write_stage(w, "prediction.prefill", &p.prefill);
+    line(w, "");
+    write_stage(w, "prediction.decode", &p.decode);
+    line(w, "");
+    line(w, "# Peak memory per tier (the executor's buffer plan) against the usable capacity, in GiB.");
+    write_tier(w, "prediction.memory.gpu", &p.memory.gpu);
+    write_tier(w, "prediction.memory.cpu", &p.memory.cpu);
+    write_tier(w, "prediction.memory.disk", &p.memory.disk);
+    if let Some(s) = &p.solver {
+        line(w, "");
+        line(w, "# How the search went: LPs solved, configurations pruned, wall-clock time.");
+        line(w, "[prediction.solver]");
+        kv_str(w, "status", &s.status);
+        kv_f64(w, "solve_ms", s.solve_ms);
+        kv_int(w, "programs_solved", s.programs_solved);
+        kv_int(w, "programs_pruned", s.programs_pruned);
     }
 }
 

@@ -1,0 +1,380 @@
+//! The memory plan: every buffer the executor holds on each tier, for a given model, scenario and
+//! placement. The planner's memory constraints are this plan (read off as affine forms), and the
+//! executor allocates and checks its buffers against the same plan, so a policy the planner calls
+//! feasible cannot run out of memory in the executor for any buffer listed here.
+//!
+//! Sizes of individual tensors come from [`crate::model::ModelSpec`]; this module only decides how
+//! many of each the executor keeps where.
+
+use crate::model::ModelSpec;
+use crate::policy::{Compression, Policy};
+use crate::shares::{Scenario, Shares};
+use serde::Serialize;
+
+/// The kinds of linear layer in a decoder layer, each with its own split ratio in a policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinearKind {
+    /// Q, K and V projections (h1 -> 3 h1).
+    Qkv,
+    /// Attention output projection (h1 -> h1).
+    OutProj,
+    /// FFN up projection (h1 -> h2).
+    Fc1,
+    /// FFN down projection (h2 -> h1).
+    Fc2,
+}
+
+/// All kinds, in the order of `[Shares; 4]` arrays.
+pub const LINEAR_KINDS: [LinearKind; 4] = [
+    LinearKind::Qkv,
+    LinearKind::OutProj,
+    LinearKind::Fc1,
+    LinearKind::Fc2,
+];
+
+impl LinearKind {
+    /// (input width, output width) of the product.
+    pub fn dims(self, model: &ModelSpec) -> (u64, u64) {
+        let h1 = model.hidden_size;
+        let h2 = model.ffn_dim;
+        match self {
+            LinearKind::Qkv => (h1, 3 * h1),
+            LinearKind::OutProj => (h1, h1),
+            LinearKind::Fc1 => (h1, h2),
+            LinearKind::Fc2 => (h2, h1),
+        }
+    }
+
+    /// Name used in policy files (`compute.split.<name>`).
+    pub fn name(self) -> &'static str {
+        match self {
+            LinearKind::Qkv => "qkv",
+            LinearKind::OutProj => "out_proj",
+            LinearKind::Fc1 => "fc1",
+            LinearKind::Fc2 => "fc2",
+        }
+    }
+}
+
+/// Bytes of one linear kind's weights and bias as stored (compressed matrices keep a 16-bit bias).
+/// The layer's two LayerNorms are not part of any kind; [`layer_norm_bytes`] covers them.
+pub fn linear_weight_bytes(model: &ModelSpec, kind: LinearKind, compressed: bool) -> f64 {
+    let (i, o) = kind.dims(model);
+    let e = model.dtype.bytes();
+    if compressed {
+        (crate::model::compressed_bytes(i * o) + o * 2) as f64
+    } else {
+        ((i * o + o) * e) as f64
+    }
+}
+
+/// Bytes of one layer's two LayerNorms (weight and bias each), never compressed. They travel with
+/// the Q/K/V projection's share.
+pub fn layer_norm_bytes(model: &ModelSpec, compressed: bool) -> f64 {
+    let e = if compressed { 2 } else { model.dtype.bytes() };
+    (4 * model.hidden_size * e) as f64
+}
+
+/// Bytes of one decoder layer's weights as stored: [`ModelSpec::layer_weight_bytes`] or
+/// [`ModelSpec::layer_weight_bytes_compressed`].
+pub fn layer_weight_bytes_stored(model: &ModelSpec, compression: &Compression) -> f64 {
+    if compression.weights {
+        model.layer_weight_bytes_compressed() as f64
+    } else {
+        model.layer_weight_bytes(model.dtype) as f64
+    }
+}
+
+/// KV-cache bytes per layer, per sequence, per position, as stored.
+pub fn kv_bytes_per_position(model: &ModelSpec, compression: &Compression) -> f64 {
+    if compression.kv_cache {
+        model.kv_bytes_per_token_per_layer_compressed() as f64
+    } else {
+        model.kv_bytes_per_token_per_layer(model.dtype) as f64
+    }
+}
+
+/// The whole KV cache of a block: l layers x bls sequences x (s + n) positions.
+pub fn kv_cache_total_bytes(model: &ModelSpec, sc: &Scenario) -> f64 {
+    model.num_layers as f64
+        * sc.block_size() as f64
+        * (sc.prompt_len + sc.gen_len) as f64
+        * kv_bytes_per_position(model, &sc.compression)
+}
+
+/// Hidden states of a whole block at one layer boundary in the prefill stage (the larger stage):
+/// bls x s tokens.
+pub fn activations_total_bytes(model: &ModelSpec, sc: &Scenario) -> f64 {
+    (sc.block_size() * sc.prompt_len * model.activation_bytes_per_token(model.dtype)) as f64
+}
+
+/// Weights outside the decoder layers (token and position embeddings, final LayerNorm, the tied LM
+/// head, opt-350m's projections), kept whole, uncompressed, with the device that computes the head.
+pub fn embedding_bytes(model: &ModelSpec) -> f64 {
+    (model.params_outside_layers() * model.dtype.bytes()) as f64
+}
+
+/// The largest set of temporaries alive at once while one GPU batch runs one layer in the prefill
+/// stage: the layer's input and residual hidden states, plus the largest of the Q/K/V output, the
+/// FFN inner activation and the attention scores (materialized for the whole batch, all heads, in
+/// the compute dtype), plus, with compressed weights, the largest matrix dequantized, plus the f32
+/// logits of one GPU batch for the LM head.
+pub fn largest_intermediate_bytes(model: &ModelSpec, sc: &Scenario) -> f64 {
+    let e = model.dtype.bytes() as f64;
+    let h1 = model.hidden_size as f64;
+    let h2 = model.ffn_dim as f64;
+    let nh = model.num_heads as f64;
+    let s = sc.prompt_len as f64;
+    let gbs = sc.gpu_batch_size as f64;
+    let tokens = gbs * s;
+    let temp_width = (3.0 * h1).max(h2).max(nh * s);
+    let layer_temps = tokens * e * (2.0 * h1 + temp_width);
+    let dequantized = if sc.compression.weights {
+        (3.0 * h1 * h1).max(h1 * h2) * e
+    } else {
+        0.0
+    };
+    let logits = gbs * model.vocab_size as f64 * 4.0;
+    layer_temps + dequantized + logits
+}
+
+/// Bytes pinned for bounce buffers of pageable-to-device copies (two 64 MiB buffers), on hosts with
+/// a GPU.
+pub const PINNED_BOUNCE_BYTES: f64 = 2.0 * 64.0 * 1048576.0;
+
+/// Bytes one tier holds, by purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+pub struct TierBytes {
+    /// Home of this tier's share of the decoder layers' weights.
+    pub weights_home: f64,
+    /// Home of this tier's share of the KV cache (all layers, all positions s + n).
+    pub kv_cache_home: f64,
+    /// Home of this tier's share of the block's hidden states at a layer boundary.
+    pub activations_home: f64,
+    /// Embeddings and LM head (on the GPU when there is one, else on the CPU).
+    pub embeddings: f64,
+    /// Double buffer for the weights of the layer being prefetched while the current one computes:
+    /// on the GPU, the GPU-computed share of non-GPU weights (wc_gpu + wd_gpu); on the CPU, the
+    /// disk-resident share read ahead (wd_cpu + wd_gpu).
+    pub weight_buffers: f64,
+    /// Double buffer for one GPU batch's KV cache in flight: on the GPU when attention over non-GPU
+    /// cache runs there (no CPU delegation); on the CPU for cache read from and written to disk.
+    pub kv_cache_buffers: f64,
+    /// Double buffer for one GPU batch's hidden states in flight to or from another tier.
+    pub activation_buffers: f64,
+    /// Pinned bounce buffers for pageable copies (CPU, GPU hosts only).
+    pub pinned_bounce: f64,
+    /// Temporaries of one layer for one GPU batch ([`largest_intermediate_bytes`]), on each device
+    /// that computes.
+    pub working: f64,
+}
+
+impl TierBytes {
+    /// Sum over all purposes: the tier's peak.
+    pub fn total(&self) -> f64 {
+        self.weights_home
+            + self.kv_cache_home
+            + self.activations_home
+            + self.embeddings
+            + self.weight_buffers
+            + self.kv_cache_buffers
+            + self.activation_buffers
+            + self.pinned_bounce
+            + self.working
+    }
+
+    /// (name, bytes) pairs for reports.
+    pub fn items(&self) -> [(&'static str, f64); 9] {
+        [
+            ("weights_home", self.weights_home),
+            ("kv_cache_home", self.kv_cache_home),
+            ("activations_home", self.activations_home),
+            ("embeddings", self.embeddings),
+            ("weight_buffers", self.weight_buffers),
+            ("kv_cache_buffers", self.kv_cache_buffers),
+            ("activation_buffers", self.activation_buffers),
+            ("pinned_bounce", self.pinned_bounce),
+            ("working", self.working),
+        ]
+    }
+}
+
+/// Bytes on every tier.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+pub struct MemoryPlan {
+    pub gpu: TierBytes,
+    pub cpu: TierBytes,
+    pub disk: TierBytes,
+}
+
+/// The executor's buffers for `model` under `scenario` with placement `shares` (split per linear
+/// kind: `per_kind[k]` gives the weight split of kind k; the LP uses the same shares for all kinds).
+/// Affine in the shares for a fixed scenario.
+pub fn plan(model: &ModelSpec, sc: &Scenario, per_kind: &[Shares; 4]) -> MemoryPlan {
+    let layers = model.num_layers as f64;
+    let placement = &per_kind[0];
+    let weights_layer = layer_weight_bytes_stored(model, &sc.compression);
+    let kv_total = kv_cache_total_bytes(model, sc);
+    let act_total = activations_total_bytes(model, sc);
+    let kv_pos = kv_bytes_per_position(model, &sc.compression);
+    let gbs = sc.gpu_batch_size as f64;
+    let positions = (sc.prompt_len + sc.gen_len) as f64;
+    let kv_one_batch = gbs * positions * kv_pos;
+    let act_one_batch = gbs * sc.prompt_len as f64 * model.activation_bytes_per_token(model.dtype) as f64;
+    let working = largest_intermediate_bytes(model, sc);
+
+    // Bytes of one layer's weights copied to the GPU for each use, summed over linear kinds with
+    // each kind's own split; the LayerNorms go with the Q/K/V projection.
+    let copied_to_gpu: f64 = LINEAR_KINDS
+        .iter()
+        .zip(per_kind)
+        .map(|(&kind, s)| {
+            let bytes = linear_weight_bytes(model, kind, sc.compression.weights)
+                + if kind == LinearKind::Qkv {
+                    layer_norm_bytes(model, sc.compression.weights)
+                } else {
+                    0.0
+                };
+            s.weights_copied_to_gpu() * bytes
+        })
+        .sum();
+
+    let non_gpu_cache = placement.cache_cpu + placement.cache_disk;
+    let gpu = TierBytes {
+        weights_home: placement.weights_gpu * layers * weights_layer,
+        kv_cache_home: placement.cache_gpu * kv_total,
+        activations_home: placement.activations_gpu * act_total,
+        embeddings: if sc.has_gpu { embedding_bytes(model) } else { 0.0 },
+        weight_buffers: 2.0 * copied_to_gpu,
+        kv_cache_buffers: if sc.has_gpu && !sc.cpu_attention {
+            2.0 * non_gpu_cache * kv_one_batch
+        } else {
+            0.0
+        },
+        activation_buffers: 2.0
+            * (placement.activations_cpu + placement.activations_disk)
+            * act_one_batch
+            * if sc.has_gpu { 1.0 } else { 0.0 },
+        pinned_bounce: 0.0,
+        working: if sc.has_gpu { working } else { 0.0 },
+    };
+    let cpu = TierBytes {
+        weights_home: placement.weights_cpu() * layers * weights_layer,
+        kv_cache_home: placement.cache_cpu * kv_total,
+        activations_home: placement.activations_cpu * act_total,
+        embeddings: if sc.has_gpu { 0.0 } else { embedding_bytes(model) },
+        weight_buffers: 2.0 * placement.weights_disk() * weights_layer,
+        kv_cache_buffers: 2.0 * placement.cache_disk * kv_one_batch,
+        activation_buffers: 2.0 * placement.activations_disk * act_one_batch,
+        pinned_bounce: if sc.has_gpu { PINNED_BOUNCE_BYTES } else { 0.0 },
+        working,
+    };
+    let disk = TierBytes {
+        weights_home: placement.weights_disk() * layers * weights_layer,
+        kv_cache_home: placement.cache_disk * kv_total,
+        activations_home: placement.activations_disk * act_total,
+        ..TierBytes::default()
+    };
+    MemoryPlan { gpu, cpu, disk }
+}
+
+/// The plan for a policy, with each linear kind's own split ratio.
+pub fn plan_for_policy(model: &ModelSpec, policy: &Policy, has_gpu: bool) -> MemoryPlan {
+    let sc = Scenario::from_policy(policy, has_gpu);
+    plan(model, &sc, &crate::cost::per_kind_shares(policy))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shares::AffineForm;
+
+    fn scenario(has_gpu: bool) -> Scenario {
+        Scenario {
+            prompt_len: 512,
+            gen_len: 32,
+            gpu_batch_size: 8,
+            num_gpu_batches: 2,
+            compression: Compression::default(),
+            cpu_attention: true,
+            has_gpu,
+        }
+    }
+
+    #[test]
+    fn homes_add_up_to_the_whole_model_whatever_the_placement() {
+        let m = ModelSpec::builtin("opt-1.3b").unwrap();
+        let sc = scenario(true);
+        let s = Shares {
+            weights_gpu: 0.2,
+            weights_cpu_computed_on_gpu: 0.3,
+            weights_disk_computed_on_cpu: 0.5,
+            cache_gpu: 0.1,
+            cache_cpu: 0.6,
+            cache_disk: 0.3,
+            activations_cpu: 1.0,
+            ..Default::default()
+        };
+        let p = plan(&m, &sc, &[s; 4]);
+        let weights = p.gpu.weights_home + p.cpu.weights_home + p.disk.weights_home;
+        assert!((weights - (24 * m.layer_weight_bytes(m.dtype)) as f64).abs() < 1.0);
+        let kv = p.gpu.kv_cache_home + p.cpu.kv_cache_home + p.disk.kv_cache_home;
+        // 24 layers x 16 sequences x 544 positions x 2 h1 x 2 bytes
+        assert!((kv - 24.0 * 16.0 * 544.0 * 2.0 * 2048.0 * 2.0).abs() < 1.0);
+        // Double buffers: 0.3 of a layer copied to the GPU, 0.5 of a layer read from disk.
+        let w = m.layer_weight_bytes(m.dtype) as f64;
+        assert!((p.gpu.weight_buffers - 2.0 * 0.3 * w).abs() < 1.0);
+        assert!((p.cpu.weight_buffers - 2.0 * 0.5 * w).abs() < 1.0);
+        // Disk-resident cache is staged one GPU batch at a time, double-buffered.
+        let kv_batch = 8.0 * 544.0 * 4.0 * 2048.0;
+        assert!((p.cpu.kv_cache_buffers - 2.0 * 0.3 * kv_batch).abs() < 1.0);
+    }
+
+    #[test]
+    fn largest_intermediate_matches_hand_count() {
+        let m = ModelSpec::builtin("opt-125m").unwrap();
+        let sc = Scenario {
+            gpu_batch_size: 2,
+            prompt_len: 16,
+            ..scenario(true)
+        };
+        // tokens 32; widths: 3*768 = 2304, ffn 3072, heads*s = 12*16 = 192 -> 3072
+        let expected = 32.0 * 2.0 * (2.0 * 768.0 + 3072.0) + 2.0 * 50272.0 * 4.0;
+        assert_eq!(largest_intermediate_bytes(&m, &sc), expected);
+    }
+
+    #[test]
+    fn cpu_host_puts_nothing_on_the_gpu() {
+        let m = ModelSpec::builtin("opt-125m").unwrap();
+        let s = Shares {
+            weights_cpu_computed_on_cpu: 1.0,
+            cache_cpu: 1.0,
+            activations_cpu: 1.0,
+            ..Default::default()
+        };
+        let p = plan(&m, &scenario(false), &[s; 4]);
+        assert_eq!(p.gpu.total(), 0.0);
+        assert!(p.cpu.embeddings > 0.0);
+    }
+
+    #[test]
+    fn plan_is_affine_in_the_shares() {
+        let m = ModelSpec::builtin("opt-6.7b").unwrap();
+        for has_gpu in [true, false] {
+            let sc = Scenario {
+                cpu_attention: !has_gpu,
+                ..scenario(has_gpu)
+            };
+            let f = |s: &Shares| {
+                let p = plan(&m, &sc, &[*s; 4]);
+                p.gpu.total() + 3.0 * p.cpu.total() + 7.0 * p.disk.total()
+            };
+            let form = AffineForm::of(f);
+            let point = Shares::from_array([
+                0.1, 0.2, 0.3, 0.15, 0.25, 0.3, 0.3, 0.4, 0.5, 0.25, 0.25,
+            ]);
+            let exact = f(&point);
+            assert!((form.at(&point) - exact).abs() <= 1e-9 * exact.abs());
+        }
+    }
+}

@@ -1,0 +1,520 @@
+//! Hardware profiles: the measured, fitted or datasheet rates and capacities of one machine.
+//!
+//! A profile is a TOML file whose field names carry their units (`_gib` = 2^30 bytes, `_gbps` =
+//! 10^9 bytes per second, `_tflops` = 10^12 floating-point operations per second). Every figure is
+//! an inline table `{ value = ..., source = "measured" | "fitted" | "datasheet" | "assumed", note =
+//! "..." }` so a reader can always tell where a number came from. The GPU section is optional: a
+//! profile without one describes a CPU-only host.
+//!
+//! Reading is strict (unknown keys are rejected, every value is range-checked) and every error names
+//! the file and the field. A profile's fingerprint (sha256 of a canonical serialization of the parsed
+//! contents, so comments and formatting do not change it) ties each policy to the profile it was
+//! solved for.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::path::Path;
+use thiserror::Error;
+
+/// Bytes in one GiB (the unit of every `_gib` field).
+pub const GIB: f64 = 1073741824.0;
+/// Bytes per second in one `_gbps` unit (decimal GB/s, as datasheets state bandwidth).
+pub const GBPS: f64 = 1e9;
+/// Operations per second in one `_tflops` unit.
+pub const TFLOPS: f64 = 1e12;
+
+/// The profile `planner solve` uses when no `--profile` is given.
+pub const DEFAULT_PROFILE_NAME: &str = "t4-flexgen";
+
+/// Profiles compiled into the binary, so `planner solve` works on a fresh clone with no files.
+/// Their text is the same as the files under `profiles/`.
+pub const EMBEDDED_PROFILES: &[(&str, &str)] = &[
+    (
+        "t4-flexgen",
+        include_str!("../../profiles/t4-flexgen.toml"),
+    ),
+    (
+        "a10-hetegen",
+        include_str!("../../profiles/a10-hetegen.toml"),
+    ),
+    ("h100-pcie", include_str!("../../profiles/h100-pcie.toml")),
+    (
+        "cpu-2core-24gib",
+        include_str!("../../profiles/cpu-2core-24gib.toml"),
+    ),
+];
+
+/// Prefix that names an embedded profile in a policy's `provenance.profile`.
+pub const EMBEDDED_PREFIX: &str = "builtin:";
+
+/// Why a profile could not be used.
+#[derive(Debug, Error)]
+pub enum ProfileError {
+    #[error("cannot read profile {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// TOML syntax, a missing or unknown key, or a value of the wrong type.
+    #[error("profile {path}: {message}")]
+    Parse { path: String, message: String },
+    /// A value of the right type but outside what is allowed.
+    #[error("profile {path}: field '{field}' {problem}")]
+    Invalid {
+        path: String,
+        field: String,
+        problem: String,
+    },
+    /// `builtin:NAME` named no embedded profile.
+    #[error("no embedded profile '{name}'; embedded profiles are {known}")]
+    UnknownEmbedded { name: String, known: String },
+}
+
+/// Where a figure came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// Measured on this machine (or this class of machine), e.g. by `planner profile` or a benchmark.
+    Measured,
+    /// Fitted to measurements by a cost model (e.g. FlexGen's published constants).
+    Fitted,
+    /// Taken or derived from a vendor datasheet; real rates are usually lower.
+    Datasheet,
+    /// A stated assumption with no measurement behind it; the note says why this value.
+    Assumed,
+}
+
+/// One figure with its provenance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Figure {
+    pub value: f64,
+    pub source: Source,
+    /// Where exactly the value came from (paper, datasheet line, command).
+    pub note: String,
+}
+
+/// The GPU of a host, if it has one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuProfile {
+    pub name: String,
+    /// Device memory.
+    pub memory_gib: Figure,
+    /// Memory the planner must leave free (CUDA context, allocator slack).
+    pub reserved_gib: Figure,
+    /// Matrix-product rate at prefill shapes (many rows).
+    pub matmul_prefill_tflops: Figure,
+    /// Matrix-product rate at decode shapes (one row per sequence).
+    pub matmul_decode_tflops: Figure,
+    /// Attention (batched products) rate in the prefill stage.
+    pub attention_prefill_tflops: Figure,
+    /// Attention rate in the decode stage.
+    pub attention_decode_tflops: Figure,
+    /// Device-memory bandwidth: the roofline's memory side.
+    pub hbm_gbps: Figure,
+    /// Host-to-device copies from pinned host memory.
+    pub h2d_pinned_gbps: Figure,
+    /// Host-to-device copies from pageable host memory.
+    pub h2d_pageable_gbps: Figure,
+    /// Device-to-host copies into pinned host memory.
+    pub d2h_pinned_gbps: Figure,
+    /// Device-to-host copies into pageable host memory.
+    pub d2h_pageable_gbps: Figure,
+}
+
+/// The host CPU and its memory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuProfile {
+    pub name: String,
+    /// Physical cores the executor may use.
+    pub cores: Figure,
+    /// Host memory.
+    pub memory_gib: Figure,
+    /// Memory the planner must leave free (operating system, other processes).
+    pub reserved_gib: Figure,
+    /// Matrix-product rate at prefill shapes.
+    pub matmul_prefill_tflops: Figure,
+    /// Matrix-product rate at decode shapes when not bound by memory bandwidth.
+    pub matmul_decode_tflops: Figure,
+    /// Attention rate (FlexGen's CPU delegation runs here).
+    pub attention_tflops: Figure,
+    /// DRAM bandwidth: the roofline's memory side.
+    pub dram_gbps: Figure,
+}
+
+/// The disk that holds offloaded tensors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskProfile {
+    pub name: String,
+    /// Space the planner may use for offloaded tensors.
+    pub capacity_gib: Figure,
+    /// Sequential read bandwidth (direct I/O).
+    pub read_gbps: Figure,
+    /// Sequential write bandwidth (direct I/O).
+    pub write_gbps: Figure,
+}
+
+/// Name and description of a profile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileHeader {
+    pub name: String,
+    pub description: String,
+}
+
+/// A hardware profile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    pub profile: ProfileHeader,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<GpuProfile>,
+    pub cpu: CpuProfile,
+    pub disk: DiskProfile,
+}
+
+/// Rates in base units (bytes per second, operations per second) used by the cost model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GpuRates {
+    pub matmul_prefill_flops: f64,
+    pub matmul_decode_flops: f64,
+    pub attention_prefill_flops: f64,
+    pub attention_decode_flops: f64,
+    pub hbm_bytes_per_s: f64,
+    pub h2d_pinned_bytes_per_s: f64,
+    pub h2d_pageable_bytes_per_s: f64,
+    pub d2h_pinned_bytes_per_s: f64,
+    pub d2h_pageable_bytes_per_s: f64,
+}
+
+/// CPU rates in base units.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CpuRates {
+    pub matmul_prefill_flops: f64,
+    pub matmul_decode_flops: f64,
+    pub attention_flops: f64,
+    pub dram_bytes_per_s: f64,
+}
+
+/// Disk rates in base units.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DiskRates {
+    pub read_bytes_per_s: f64,
+    pub write_bytes_per_s: f64,
+}
+
+/// Usable bytes on each tier (total minus reserve, or a command-line override).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Capacities {
+    pub gpu_bytes: f64,
+    pub cpu_bytes: f64,
+    pub disk_bytes: f64,
+}
+
+/// Command-line replacements for a tier's usable memory, in GiB.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapacityOverrides {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_mem_gib: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_mem_gib: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mem_gib: Option<f64>,
+}
+
+impl CapacityOverrides {
+    /// Whether no tier is overridden.
+    pub fn is_empty(&self) -> bool {
+        self.gpu_mem_gib.is_none() && self.cpu_mem_gib.is_none() && self.disk_mem_gib.is_none()
+    }
+}
+
+impl Profile {
+    /// Reads and validates a profile file.
+    pub fn load(path: &Path) -> Result<Profile, ProfileError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Io {
+            path: shown.clone(),
+            source,
+        })?;
+        Self::parse(&text, &shown)
+    }
+
+    /// An embedded profile by name (without the `builtin:` prefix).
+    pub fn embedded(name: &str) -> Result<Profile, ProfileError> {
+        let (_, text) = EMBEDDED_PROFILES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .ok_or_else(|| ProfileError::UnknownEmbedded {
+                name: name.to_string(),
+                known: EMBEDDED_PROFILES
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
+        Self::parse(text, &format!("{EMBEDDED_PREFIX}{name}"))
+    }
+
+    /// Parses and validates profile text; `path` is only used in error messages.
+    pub fn parse(text: &str, path: &str) -> Result<Profile, ProfileError> {
+        let profile: Profile = toml::from_str(text).map_err(|e| ProfileError::Parse {
+            path: path.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        profile.validate(path)?;
+        Ok(profile)
+    }
+
+    /// Checks that every figure is a finite number in its allowed range.
+    pub fn validate(&self, path: &str) -> Result<(), ProfileError> {
+        let mut checks: Vec<(String, &Figure, bool)> = Vec::new();
+        // (field, figure, zero allowed)
+        if let Some(g) = &self.gpu {
+            for (name, fig, zero_ok) in [
+                ("memory_gib", &g.memory_gib, false),
+                ("reserved_gib", &g.reserved_gib, true),
+                ("matmul_prefill_tflops", &g.matmul_prefill_tflops, false),
+                ("matmul_decode_tflops", &g.matmul_decode_tflops, false),
+                (
+                    "attention_prefill_tflops",
+                    &g.attention_prefill_tflops,
+                    false,
+                ),
+                ("attention_decode_tflops", &g.attention_decode_tflops, false),
+                ("hbm_gbps", &g.hbm_gbps, false),
+                ("h2d_pinned_gbps", &g.h2d_pinned_gbps, false),
+                ("h2d_pageable_gbps", &g.h2d_pageable_gbps, false),
+                ("d2h_pinned_gbps", &g.d2h_pinned_gbps, false),
+                ("d2h_pageable_gbps", &g.d2h_pageable_gbps, false),
+            ] {
+                checks.push((format!("gpu.{name}.value"), fig, zero_ok));
+            }
+        }
+        let c = &self.cpu;
+        for (name, fig, zero_ok) in [
+            ("cores", &c.cores, false),
+            ("memory_gib", &c.memory_gib, false),
+            ("reserved_gib", &c.reserved_gib, true),
+            ("matmul_prefill_tflops", &c.matmul_prefill_tflops, false),
+            ("matmul_decode_tflops", &c.matmul_decode_tflops, false),
+            ("attention_tflops", &c.attention_tflops, false),
+            ("dram_gbps", &c.dram_gbps, false),
+        ] {
+            checks.push((format!("cpu.{name}.value"), fig, zero_ok));
+        }
+        let d = &self.disk;
+        for (name, fig) in [
+            ("capacity_gib", &d.capacity_gib),
+            ("read_gbps", &d.read_gbps),
+            ("write_gbps", &d.write_gbps),
+        ] {
+            checks.push((format!("disk.{name}.value"), fig, name == "capacity_gib"));
+        }
+        for (field, fig, zero_ok) in checks {
+            let v = fig.value;
+            let ok = v.is_finite() && (v > 0.0 || (zero_ok && v == 0.0));
+            if !ok {
+                return Err(ProfileError::Invalid {
+                    path: path.to_string(),
+                    field,
+                    problem: format!(
+                        "is {v}; expected a finite number {}",
+                        if zero_ok { ">= 0" } else { "> 0" }
+                    ),
+                });
+            }
+        }
+        let invalid = |field: &str, problem: String| ProfileError::Invalid {
+            path: path.to_string(),
+            field: field.to_string(),
+            problem,
+        };
+        if let Some(g) = &self.gpu {
+            if g.reserved_gib.value >= g.memory_gib.value {
+                return Err(invalid(
+                    "gpu.reserved_gib.value",
+                    format!(
+                        "is {}; expected less than gpu.memory_gib ({})",
+                        g.reserved_gib.value, g.memory_gib.value
+                    ),
+                ));
+            }
+        }
+        if c.reserved_gib.value >= c.memory_gib.value {
+            return Err(invalid(
+                "cpu.reserved_gib.value",
+                format!(
+                    "is {}; expected less than cpu.memory_gib ({})",
+                    c.reserved_gib.value, c.memory_gib.value
+                ),
+            ));
+        }
+        if c.cores.value.fract() != 0.0 {
+            return Err(invalid(
+                "cpu.cores.value",
+                format!("is {}; expected a whole number of cores", c.cores.value),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the host has a GPU.
+    pub fn has_gpu(&self) -> bool {
+        self.gpu.is_some()
+    }
+
+    /// GPU rates in base units, if there is a GPU.
+    pub fn gpu_rates(&self) -> Option<GpuRates> {
+        self.gpu.as_ref().map(|g| GpuRates {
+            matmul_prefill_flops: g.matmul_prefill_tflops.value * TFLOPS,
+            matmul_decode_flops: g.matmul_decode_tflops.value * TFLOPS,
+            attention_prefill_flops: g.attention_prefill_tflops.value * TFLOPS,
+            attention_decode_flops: g.attention_decode_tflops.value * TFLOPS,
+            hbm_bytes_per_s: g.hbm_gbps.value * GBPS,
+            h2d_pinned_bytes_per_s: g.h2d_pinned_gbps.value * GBPS,
+            h2d_pageable_bytes_per_s: g.h2d_pageable_gbps.value * GBPS,
+            d2h_pinned_bytes_per_s: g.d2h_pinned_gbps.value * GBPS,
+            d2h_pageable_bytes_per_s: g.d2h_pageable_gbps.value * GBPS,
+        })
+    }
+
+    /// CPU rates in base units.
+    pub fn cpu_rates(&self) -> CpuRates {
+        let c = &self.cpu;
+        CpuRates {
+            matmul_prefill_flops: c.matmul_prefill_tflops.value * TFLOPS,
+            matmul_decode_flops: c.matmul_decode_tflops.value * TFLOPS,
+            attention_flops: c.attention_tflops.value * TFLOPS,
+            dram_bytes_per_s: c.dram_gbps.value * GBPS,
+        }
+    }
+
+    /// Disk rates in base units.
+    pub fn disk_rates(&self) -> DiskRates {
+        DiskRates {
+            read_bytes_per_s: self.disk.read_gbps.value * GBPS,
+            write_bytes_per_s: self.disk.write_gbps.value * GBPS,
+        }
+    }
+
+    /// Usable bytes per tier: memory minus reserve, unless overridden on the command line.
+    pub fn capacities(&self, overrides: &CapacityOverrides) -> Capacities {
+        let gpu_gib = match (&self.gpu, overrides.gpu_mem_gib) {
+            (None, _) => 0.0,
+            (Some(_), Some(v)) => v,
+            (Some(g), None) => g.memory_gib.value - g.reserved_gib.value,
+        };
+        let cpu_gib = overrides
+            .cpu_mem_gib
+            .unwrap_or(self.cpu.memory_gib.value - self.cpu.reserved_gib.value);
+        let disk_gib = overrides
+            .disk_mem_gib
+            .unwrap_or(self.disk.capacity_gib.value);
+        Capacities {
+            gpu_bytes: gpu_gib * GIB,
+            cpu_bytes: cpu_gib * GIB,
+            disk_bytes: disk_gib * GIB,
+        }
+    }
+
+    /// Fingerprint of the parsed contents: `sha256:` and the hex digest of a canonical JSON
+    /// serialization. Comments, key order and number formatting in the file do not change it;
+    /// any changed value, source or note does.
+    pub fn fingerprint(&self) -> String {
+        let canonical = serde_json::to_string(self).expect("a profile always serializes to JSON");
+        let digest = Sha256::digest(canonical.as_bytes());
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        format!("sha256:{hex}")
+    }
+}
+
+/// Validates a command-line capacity override.
+pub fn check_override(flag: &str, gib: f64) -> Result<f64, String> {
+    if gib.is_finite() && gib >= 0.0 {
+        Ok(gib)
+    } else {
+        Err(format!("{flag} is {gib}; expected a number of GiB >= 0"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_embedded_profile_parses() {
+        for (name, _) in EMBEDDED_PROFILES {
+            let p = Profile::embedded(name).unwrap();
+            assert_eq!(&p.profile.name, name);
+        }
+        assert!(Profile::embedded(DEFAULT_PROFILE_NAME).is_ok());
+    }
+
+    #[test]
+    fn cpu_only_profile_has_no_gpu() {
+        let p = Profile::embedded("cpu-2core-24gib").unwrap();
+        assert!(!p.has_gpu());
+        assert_eq!(p.capacities(&CapacityOverrides::default()).gpu_bytes, 0.0);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = EMBEDDED_PROFILES[0]
+            .1
+            .replace("[disk]", "[disk]\nspin_rpm = 7200");
+        let e = Profile::parse(&text, "x.toml").unwrap_err().to_string();
+        assert!(e.contains("x.toml") && e.contains("spin_rpm"), "{e}");
+    }
+
+    #[test]
+    fn negative_rate_is_named() {
+        let mut p = Profile::embedded("a10-hetegen").unwrap();
+        p.cpu.dram_gbps.value = -1.0;
+        let e = p.validate("x.toml").unwrap_err().to_string();
+        assert!(e.contains("cpu.dram_gbps.value") && e.contains("> 0"), "{e}");
+    }
+
+    #[test]
+    fn bad_source_is_rejected() {
+        let text = EMBEDDED_PROFILES[0]
+            .1
+            .replacen("source = \"datasheet\"", "source = \"rumour\"", 1);
+        let e = Profile::parse(&text, "x.toml").unwrap_err().to_string();
+        assert!(e.contains("rumour"), "{e}");
+    }
+
+    #[test]
+    fn fingerprint_ignores_comments_but_not_values() {
+        let text = EMBEDDED_PROFILES[0].1;
+        let a = Profile::parse(text, "a").unwrap().fingerprint();
+        let b = Profile::parse(&format!("# another comment\n{text}"), "b")
+            .unwrap()
+            .fingerprint();
+        assert_eq!(a, b);
+        let mut p = Profile::parse(text, "a").unwrap();
+        p.disk.read_gbps.value *= 1.01;
+        assert_ne!(a, p.fingerprint());
+    }
+
+    #[test]
+    fn overrides_replace_usable_memory() {
+        let p = Profile::embedded("t4-flexgen").unwrap();
+        let c = p.capacities(&CapacityOverrides {
+            gpu_mem_gib: Some(2.0),
+            ..Default::default()
+        });
+        assert_eq!(c.gpu_bytes, 2.0 * GIB);
+        let g = p.gpu.as_ref().unwrap();
+        let plain = p.capacities(&CapacityOverrides::default());
+        assert_eq!(
+            plain.gpu_bytes,
+            (g.memory_gib.value - g.reserved_gib.value) * GIB
+        );
+    }
+}
