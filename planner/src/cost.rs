@@ -795,3 +795,305 @@ pub fn evaluate(model: &ModelSpec, profile: &Profile, policy: &Policy) -> Result
         solver: None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    //! Each term against a value computed by hand for a tiny model (h1 = 64, h2 = 256, 4 heads,
+    //! 2 layers, vocabulary 100, fp16) on a machine with round-number rates, s = 8, n = 4,
+    //! gbs = 2, nb = 3 (bls = 6). Layer weights: qkv 64*192+192 = 12480 values, out_proj 4160,
+    //! fc1 16640, fc2 16448, LayerNorms 256: 49984 values = 99968 bytes; KV 256 bytes per position;
+    //! hidden state 128 bytes per token.
+    use super::*;
+    use crate::policy::Compression;
+    use crate::profile::{CpuProfile, DiskProfile, Figure, GpuProfile, ProfileHeader, Source};
+
+    fn fig(value: f64) -> Figure {
+        Figure {
+            value,
+            source: Source::Assumed,
+            note: "test".into(),
+        }
+    }
+
+    fn machine() -> Profile {
+        Profile {
+            profile: ProfileHeader {
+                name: "test".into(),
+                description: "round numbers".into(),
+            },
+            gpu: Some(GpuProfile {
+                name: "g".into(),
+                memory_gib: fig(16.0),
+                reserved_gib: fig(0.0),
+                matmul_prefill_tflops: fig(10.0),
+                matmul_decode_tflops: fig(1.0),
+                attention_prefill_tflops: fig(5.0),
+                attention_decode_tflops: fig(0.1),
+                hbm_gbps: fig(100.0),
+                h2d_pinned_gbps: fig(10.0),
+                h2d_pageable_gbps: fig(5.0),
+                d2h_pinned_gbps: fig(8.0),
+                d2h_pageable_gbps: fig(4.0),
+            }),
+            cpu: CpuProfile {
+                name: "c".into(),
+                cores: fig(4.0),
+                memory_gib: fig(64.0),
+                reserved_gib: fig(0.0),
+                matmul_prefill_tflops: fig(1.0),
+                matmul_decode_tflops: fig(0.5),
+                attention_tflops: fig(0.05),
+                dram_gbps: fig(20.0),
+            },
+            disk: DiskProfile {
+                name: "d".into(),
+                capacity_gib: fig(100.0),
+                read_gbps: fig(1.0),
+                write_gbps: fig(0.5),
+            },
+        }
+    }
+
+    fn tiny() -> ModelSpec {
+        let cfg = r#"{"model_type":"opt","hidden_size":64,"ffn_dim":256,"num_hidden_layers":2,
+            "num_attention_heads":4,"vocab_size":100,"max_position_embeddings":64}"#;
+        ModelSpec::from_hf_config_str(cfg, "tiny/config.json", "tiny").unwrap()
+    }
+
+    fn scenario(cpu_attention: bool, has_gpu: bool) -> Scenario {
+        Scenario {
+            prompt_len: 8,
+            gen_len: 4,
+            gpu_batch_size: 2,
+            num_gpu_batches: 3,
+            compression: Compression::default(),
+            cpu_attention,
+            has_gpu,
+        }
+    }
+
+    fn close(got: f64, want: f64) {
+        assert!(
+            (got - want).abs() <= 1e-9 * want.abs().max(1e-30),
+            "got {got:e}, want {want:e}"
+        );
+    }
+
+    fn with(f: impl FnOnce(&mut Shares)) -> [Shares; 4] {
+        let mut s = Shares::default();
+        f(&mut s);
+        [s; 4]
+    }
+
+    #[test]
+    fn roofline_takes_the_slower_side() {
+        close(roofline_time(2e9, 1e9, 1e12, 1e11), 1e-2);
+        close(roofline_time(2e9, 1e6, 1e12, 1e11), 2e-3);
+    }
+
+    #[test]
+    fn copy_terms_match_hand_values() {
+        let (m, p) = (tiny(), machine());
+        let ci = CostInputs::new(&m, &p, scenario(false, true));
+        let dele = CostInputs::new(&m, &p, scenario(true, true));
+        use Stage::*;
+        // 0.5 * 99968 B / 10 GB/s
+        let s = with(|s| s.weights_cpu_computed_on_gpu = 0.5);
+        close(ctog_weights(&ci, Decode, &s), 4.9984e-6);
+        // 6 seq * (8 + 4/2) pos * 256 B = 15360 B; 0.5 / 5 GB/s + 0.5 / 10 GB/s
+        let s = with(|s| {
+            s.cache_cpu = 0.5;
+            s.cache_disk = 0.5
+        });
+        close(ctog_cache(&ci, Decode, &s[0]), 2.304e-6);
+        close(ctog_cache(&ci, Prefill, &s[0]), 0.0);
+        close(ctog_cache(&dele, Decode, &s[0]), 0.0);
+        // 6 * 8 tokens * 128 B / 10 GB/s
+        let s = with(|s| s.activations_cpu = 1.0);
+        close(ctog_activations(&ci, Prefill, &s[0]), 6.144e-7);
+        // 48 rows * (192 + 64 + 256 + 64) outputs * 2 B / 10 GB/s
+        let s = with(|s| s.weights_cpu_computed_on_cpu = 1.0);
+        close(ctog_split_outputs(&ci, Prefill, &s), 5.5296e-6);
+        // 6 rows * (64 + 64 + 64 + 256) inputs * 2 B / 8 GB/s
+        close(gtoc_split_inputs(&ci, Decode, &s), 6.72e-7);
+        // 6 * 64 * 2 B / 10 GB/s
+        let s = with(|s| s.cache_cpu = 1.0);
+        close(ctog_attention_outputs(&dele, Decode, &s[0]), 7.68e-8);
+        close(ctog_attention_outputs(&ci, Decode, &s[0]), 0.0);
+        // 6 * 8 * 256 B / 4 GB/s (pageable)
+        close(gtoc_cache(&ci, Prefill, &s[0]), 3.072e-6);
+        // decode without delegation: one new position, 6 * 256 / 4 GB/s
+        close(gtoc_cache(&ci, Decode, &s[0]), 3.84e-7);
+        close(gtoc_cache(&dele, Decode, &s[0]), 0.0);
+        // 6 * 128 B / 8 GB/s
+        let s = with(|s| s.activations_disk = 1.0);
+        close(gtoc_activations(&ci, Decode, &s[0]), 9.6e-8);
+        // 6 * 128 B / 1 GB/s; 6 * 8 * 128 B / 1 GB/s; writes at 0.5 GB/s
+        close(dtoc_activations(&ci, Prefill, &s[0]), 6.144e-6);
+        close(ctod_activations(&ci, Decode, &s[0]), 1.536e-6);
+        // 6 * 3 * 64 * 2 B / 8 GB/s
+        let s = with(|s| s.cache_disk = 1.0);
+        close(gtoc_attention_inputs(&dele, Decode, &s[0]), 2.88e-7);
+        // 6 * 10 * 256 B / 1 GB/s
+        close(dtoc_cache(&ci, Decode, &s[0]), 1.536e-5);
+        close(dtoc_cache(&ci, Prefill, &s[0]), 0.0);
+        // 6 * 8 * 256 B / 0.5 GB/s; decode: 6 * 256 / 0.5 GB/s
+        close(ctod_cache(&ci, Prefill, &s[0]), 2.4576e-5);
+        close(ctod_cache(&ci, Decode, &s[0]), 3.072e-6);
+        // 99968 B / 1 GB/s
+        let s = with(|s| s.weights_disk_computed_on_cpu = 1.0);
+        close(dtoc_weights(&ci, Prefill, &s[0]), 9.9968e-5);
+    }
+
+    #[test]
+    fn compute_terms_match_hand_values() {
+        let (m, p) = (tiny(), machine());
+        let ci = CostInputs::new(&m, &p, scenario(true, true));
+        use Stage::*;
+        // fc1 prefill, 16 rows: 524288 FLOP / 10 TFLOPS = 5.2e-8 s; bytes 33280 + 16*320*2 =
+        // 43520 / 100 GB/s = 4.352e-7 s (memory-bound); times nb = 3.
+        let s = with(|s| s.weights_gpu = 1.0);
+        close(gpu_linear(&ci, Prefill, LinearKind::Fc1, &s[0]), 1.3056e-6);
+        close(cpu_linear(&ci, Prefill, LinearKind::Fc1, &s[0]), 0.0);
+        // qkv decode on the CPU, 2 rows: 49152 FLOP / 0.5 TFLOPS = 9.8e-8; bytes 24960 + 2*256*2 =
+        // 25984 / 20 GB/s = 1.2992e-6; times 3.
+        let s = with(|s| s.weights_disk_computed_on_cpu = 1.0);
+        close(cpu_linear(&ci, Decode, LinearKind::Qkv, &s[0]), 3.8976e-6);
+        // Prefill attention on the GPU: per sequence 4*64*(8*9/2) = 9216 FLOP and 4*8*64*2 +
+        // 2*4*64*2 = 5120 B; 2 sequences: 10240 B / 100 GB/s = 1.024e-7 (memory-bound); times 3.
+        close(gpu_attention(&ci, Prefill, &Shares::default()), 3.072e-7);
+        // Delegated decode attention over CPU cache: per sequence 4*64*10 = 2560 FLOP,
+        // 10*256 + 2*64*2 = 2816 B; 2 sequences: 5632 B / 20 GB/s = 2.816e-7; times 3.
+        let s = with(|s| s.cache_cpu = 1.0);
+        close(cpu_attention(&ci, Decode, &s[0]), 8.448e-7);
+        close(gpu_attention(&ci, Decode, &s[0]), 0.0);
+        // Pointwise prefill: (10*64 + 2*256)*2 = 2304 B per token, 48 tokens / 100 GB/s.
+        close(pointwise(&ci, Prefill), 1.10592e-6);
+        // LM head decode: 2*2*64*100 = 25600 FLOP / 1 TFLOPS = 2.56e-8; bytes 100*64*2 + 2*100*4 =
+        // 13600 / 100 GB/s = 1.36e-7; times 3.
+        close(lm_head(&ci, Decode), 4.08e-7);
+        close(linear_time(2.0, 3.0), 3.0);
+    }
+
+    #[test]
+    fn cpu_host_runs_everything_on_the_cpu() {
+        let (m, mut p) = (tiny(), machine());
+        p.gpu = None;
+        let ci = CostInputs::new(&m, &p, scenario(true, false));
+        let s = with(|s| {
+            s.weights_cpu_computed_on_cpu = 1.0;
+            s.cache_cpu = 1.0;
+            s.activations_cpu = 1.0
+        });
+        let t = layer_terms(&ci, Stage::Prefill, &s);
+        assert_eq!(t.ctog() + t.gtoc() + t.gpu_busy(false), 0.0);
+        // Prefill attention on the CPU: 2 sequences * 9216 FLOP / 0.05 TFLOPS = 3.6864e-7 s
+        // against 10240 B / 20 GB/s = 5.12e-7 s; times 3.
+        close(t.cpu_attention, 1.536e-6);
+        // Pointwise on the CPU: 48 tokens * 2304 B / 20 GB/s.
+        close(t.pointwise, 5.5296e-6);
+    }
+
+    #[test]
+    fn channels_combine_as_the_executor_schedules_them() {
+        let t = LayerTerms {
+            ctog_weights: 1.0,
+            ctog_cache: 0.5,
+            gtoc_cache: 0.7,
+            dtoc_weights: 0.9,
+            ctod_cache: 0.8,
+            gpu_linear: [0.1, 0.2, 0.0, 0.0],
+            cpu_linear: [0.3, 0.1, 0.0, 0.0],
+            gpu_attention: 0.05,
+            cpu_attention: 0.05,
+            pointwise: 0.1,
+            ..Default::default()
+        };
+        close(t.ctog(), 1.5);
+        close(t.disk(), 1.7); // reads and writes share the disk
+        close(t.comp(), 0.3 + 0.2 + 0.2); // per-kind max, then serialized
+        close(layer_time(&t), 1.7);
+        assert_eq!(binding_channel(&t), Channel::Disk);
+    }
+
+    #[test]
+    fn totals_and_throughput_follow_the_definitions() {
+        let (m, p) = (tiny(), machine());
+        let ci = CostInputs::new(&m, &p, scenario(true, true));
+        let pre = LayerTerms {
+            ctog_weights: 1.0,
+            ..Default::default()
+        };
+        let dec = LayerTerms {
+            pointwise: 0.25,
+            ..Default::default()
+        };
+        let head_pre = lm_head(&ci, Stage::Prefill);
+        let head_dec = lm_head(&ci, Stage::Decode);
+        // 2 layers; 3 decode steps after the prefill.
+        let total = total_time(&ci, &pre, &dec);
+        close(total, 2.0 + head_pre + 3.0 * (0.5 + head_dec));
+        close(throughput(&ci, total), 6.0 * 4.0 / total);
+        // Perfect overlap: ctog busy 2 s, compute 1.5 s + heads.
+        close(
+            physical_lower_bound(&ci, &pre, &dec),
+            2.0f64.max(1.5 + head_pre + 3.0 * head_dec),
+        );
+    }
+
+    #[test]
+    fn every_term_is_affine_in_the_shares() {
+        let m = ModelSpec::builtin("opt-1.3b").unwrap();
+        let p = machine();
+        let point = Shares::from_array([0.1, 0.2, 0.3, 0.15, 0.25, 0.3, 0.3, 0.4, 0.5, 0.25, 0.25]);
+        for (cpu_attention, has_gpu) in [(true, true), (false, true), (true, false)] {
+            for compression in [
+                Compression::default(),
+                Compression {
+                    weights: true,
+                    kv_cache: true,
+                },
+            ] {
+                let sc = Scenario {
+                    compression,
+                    ..scenario(cpu_attention, has_gpu)
+                };
+                let ci = CostInputs::new(&m, &p, sc);
+                for stage in [Stage::Prefill, Stage::Decode] {
+                    let f = |s: &Shares| {
+                        let t = layer_terms(&ci, stage, &[*s; 4]);
+                        [
+                            t.ctog(),
+                            t.gtoc(),
+                            t.disk(),
+                            t.comp_besides_linears(),
+                            t.gpu_linear[2],
+                            t.cpu_linear[3],
+                        ]
+                    };
+                    for i in 0..6 {
+                        let form = crate::shares::AffineForm::of(|s| f(s)[i]);
+                        let exact = f(&point)[i];
+                        assert!(
+                            (form.at(&point) - exact).abs() <= 1e-9 * exact.abs().max(1e-12),
+                            "term {i} not affine"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn policy_needing_a_gpu_is_refused_on_a_cpu_host() {
+        let m = ModelSpec::builtin("opt-125m").unwrap();
+        let mut p = machine();
+        p.gpu = None;
+        let mut policy = Policy::all_cpu("opt-125m", 8, 4, 1);
+        policy.placement.weights = crate::policy::Placement::ALL_GPU;
+        let e = evaluate(&m, &p, &policy).unwrap_err().to_string();
+        assert!(e.contains("needs a GPU"), "{e}");
+        policy.placement.weights = crate::policy::Placement::ALL_CPU;
+        assert!(evaluate(&m, &p, &policy).is_ok());
+    }
+}

@@ -8,3 +8,7 @@ pub mod cost;
 pub mod memory;
 pub mod profile;
 pub mod shares;
+pub mod solve;
+pub mod check;
+pub mod paths;
+pub mod report;

@@ -1,5 +1,362 @@
-//! `planner`: measure a machine, solve for a policy, explain and check policies.
+//! `planner`: solve for a policy, explain a policy, check checked-in policies.
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("planner: no commands yet")
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use planner::check;
+use planner::cost;
+use planner::memory;
+use planner::model::{builtin_names, ModelSpec};
+use planner::paths;
+use planner::policy::Policy;
+use planner::profile::{check_override, CapacityOverrides, Profile, DEFAULT_PROFILE_NAME, EMBEDDED_PREFIX};
+use planner::report;
+use planner::solve::{self, Objective, SolveRequest};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+const ABOUT: &str = "Strata planner: chooses where a model's weights, KV cache and activations live \
+(GPU / CPU / disk), the batch shape and the CPU/GPU split of every linear layer, by solving a cost \
+model as linear programs, and writes the choice as a TOML policy for the executor.";
+
+const AFTER_HELP: &str = "Examples:
+  planner solve --model opt-175b
+      best-throughput policy on the embedded default profile (t4-flexgen), printed to stdout
+  planner solve --model opt-30b --profile profiles/t4-flexgen.toml -o policies/opt-30b.toml
+  planner solve --model opt-13b --profile profiles/a10-hetegen.toml --objective latency --batch 1
+  planner solve --model-config ~/models/opt-1.3b/config.json --gpu-mem 4 --json
+  planner explain policies/opt-30b-t4-flexgen.toml
+  planner check policies/
+
+The cost model and every term it uses: docs/cost-model.md.";
+
+#[derive(Parser)]
+#[command(name = "planner", version, about = ABOUT, after_help = AFTER_HELP)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ObjectiveArg {
+    /// Maximize generated tokens per second (FlexGen's regime; searches block shapes).
+    Throughput,
+    /// Minimize the time to generate for a fixed batch (HeteGen's regime; see --batch).
+    Latency,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Search for the best policy for a model on a hardware profile.
+    #[command(after_help = "Examples:
+  planner solve --model opt-175b
+  planner solve --model opt-6.7b --profile profiles/t4-flexgen.toml --prompt-len 512 --gen-len 32 -o p.toml
+  planner solve --model opt-30b --profile profiles/a10-hetegen.toml --objective latency --batch 1
+  planner solve --model opt-1.3b --profile profiles/cpu-2core-24gib.toml --cpu-mem 8
+
+Without --profile the embedded profile t4-flexgen is used, and the output says so.
+Embedded profiles can also be named as builtin:NAME (t4-flexgen, a10-hetegen, h100-pcie, cpu-2core-24gib).")]
+    Solve {
+        /// Built-in model: opt-125m, opt-350m, opt-1.3b, opt-2.7b, opt-6.7b, opt-13b, opt-30b, opt-66b, opt-175b.
+        #[arg(long, conflicts_with = "model_config", required_unless_present = "model_config")]
+        model: Option<String>,
+        /// A Hugging Face OPT config.json instead of a built-in model.
+        #[arg(long, value_name = "PATH")]
+        model_config: Option<PathBuf>,
+        /// Hardware profile TOML (or builtin:NAME). Default: the embedded t4-flexgen profile.
+        #[arg(long, value_name = "P")]
+        profile: Option<String>,
+        /// What to optimize.
+        #[arg(long, value_enum, default_value = "throughput")]
+        objective: ObjectiveArg,
+        /// Sequences in the batch for --objective latency.
+        #[arg(long, default_value_t = 1, value_name = "N")]
+        batch: u64,
+        /// Prompt length in tokens (s).
+        #[arg(long, default_value_t = 512)]
+        prompt_len: u64,
+        /// Tokens to generate per sequence (n).
+        #[arg(long, default_value_t = 32)]
+        gen_len: u64,
+        /// GPU memory the policy may use, in GiB (replaces the profile's memory minus reserve).
+        #[arg(long, value_name = "GiB")]
+        gpu_mem: Option<f64>,
+        /// CPU memory the policy may use, in GiB.
+        #[arg(long, value_name = "GiB")]
+        cpu_mem: Option<f64>,
+        /// Disk space the policy may use, in GiB.
+        #[arg(long, value_name = "GiB")]
+        disk_mem: Option<f64>,
+        /// Never choose 4-bit compression (compare with uncompressed baselines).
+        #[arg(long)]
+        no_compression: bool,
+        /// Write the policy here (commented TOML) instead of printing it.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a policy's predicted per-stage breakdown and memory use on its profile.
+    #[command(after_help = "Example:\n  planner explain policies/opt-175b-t4-flexgen.toml --json")]
+    Explain {
+        /// Policy file.
+        policy: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-verify policies (for CI): exits non-zero when a profile's fingerprint changed, a policy no
+    /// longer fits, its stored prediction is stale, or a fresh solve beats it by more than 2%.
+    #[command(after_help = "Example:\n  planner check policies/")]
+    Check {
+        /// A policy file or a folder of them.
+        #[arg(default_value = "policies")]
+        dir: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Solve {
+            model,
+            model_config,
+            profile,
+            objective,
+            batch,
+            prompt_len,
+            gen_len,
+            gpu_mem,
+            cpu_mem,
+            disk_mem,
+            no_compression,
+            output,
+            json,
+        } => run_solve(SolveArgs {
+            model,
+            model_config,
+            profile,
+            objective: match objective {
+                ObjectiveArg::Throughput => Objective::Throughput,
+                ObjectiveArg::Latency => Objective::Latency,
+            },
+            batch,
+            prompt_len,
+            gen_len,
+            gpu_mem,
+            cpu_mem,
+            disk_mem,
+            no_compression,
+            output,
+            json,
+        })
+        .map(|()| true),
+        Command::Explain { policy, json } => run_explain(&policy, json).map(|()| true),
+        Command::Check { dir, json } => run_check(&dir, json),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("planner: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+struct SolveArgs {
+    model: Option<String>,
+    model_config: Option<PathBuf>,
+    profile: Option<String>,
+    objective: Objective,
+    batch: u64,
+    prompt_len: u64,
+    gen_len: u64,
+    gpu_mem: Option<f64>,
+    cpu_mem: Option<f64>,
+    disk_mem: Option<f64>,
+    no_compression: bool,
+    output: Option<PathBuf>,
+    json: bool,
+}
+
+/// Loads the profile named on the command line: `(profile, how policies record it, description)`.
+fn load_profile(arg: Option<&str>) -> Result<(Profile, String, String)> {
+    match arg {
+        None => {
+            let p = Profile::embedded(DEFAULT_PROFILE_NAME)?;
+            Ok((
+                p,
+                format!("{EMBEDDED_PREFIX}{DEFAULT_PROFILE_NAME}"),
+                format!("embedded default profile '{DEFAULT_PROFILE_NAME}' (no --profile given)"),
+            ))
+        }
+        Some(name) if name.starts_with(EMBEDDED_PREFIX) => {
+            let bare = &name[EMBEDDED_PREFIX.len()..];
+            Ok((
+                Profile::embedded(bare)?,
+                name.to_string(),
+                format!("embedded profile '{bare}'"),
+            ))
+        }
+        Some(path) => {
+            let p = Profile::load(Path::new(path))?;
+            let recorded = paths::recorded_path(Path::new(path));
+            let desc = format!("profile '{}' from {path}", p.profile.name);
+            Ok((p, recorded, desc))
+        }
+    }
+}
+
+fn run_solve(a: SolveArgs) -> Result<()> {
+    let (model, config_ref) = match (&a.model, &a.model_config) {
+        (Some(name), None) => (ModelSpec::builtin(name)?, None),
+        (None, Some(path)) => (
+            ModelSpec::from_hf_config(path)?,
+            Some(paths::recorded_path(path)),
+        ),
+        _ => bail!(
+            "give exactly one of --model NAME ({}) or --model-config PATH",
+            builtin_names().join(", ")
+        ),
+    };
+    let overrides = CapacityOverrides {
+        gpu_mem_gib: a.gpu_mem.map(|v| check_override("--gpu-mem", v)).transpose().map_err(anyhow::Error::msg)?,
+        cpu_mem_gib: a.cpu_mem.map(|v| check_override("--cpu-mem", v)).transpose().map_err(anyhow::Error::msg)?,
+        disk_mem_gib: a.disk_mem.map(|v| check_override("--disk-mem", v)).transpose().map_err(anyhow::Error::msg)?,
+    };
+    let (profile, profile_ref, profile_desc) = load_profile(a.profile.as_deref())?;
+    if overrides.gpu_mem_gib.is_some() && !profile.has_gpu() {
+        bail!(
+            "--gpu-mem given, but profile '{}' has no GPU",
+            profile.profile.name
+        );
+    }
+    let request = SolveRequest {
+        model: &model,
+        model_config: config_ref,
+        profile: &profile,
+        profile_ref,
+        objective: a.objective,
+        latency_batch: a.batch,
+        prompt_len: a.prompt_len,
+        gen_len: a.gen_len,
+        overrides,
+        allow_compression: !a.no_compression,
+    };
+    let policy = solve::solve(&request)?;
+    let prediction = policy
+        .prediction
+        .clone()
+        .context("solver returned no prediction")?;
+    if let Some(out) = &a.output {
+        policy.save(out)?;
+    }
+    if a.json {
+        let value = serde_json::json!({
+            "profile_used": profile_desc,
+            "profile": policy.provenance.profile,
+            "output": a.output.as_ref().map(|p| p.display().to_string()),
+            "policy": policy,
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    println!("planner solve: {} using {profile_desc}", model.name);
+    if let Some(s) = &prediction.solver {
+        println!(
+            "searched {} linear programs ({} configurations pruned) in {:.1} ms",
+            s.programs_solved, s.programs_pruned, s.solve_ms
+        );
+    }
+    print!("{}", report::decisions(&policy));
+    print!("{}", report::prediction_table(&prediction));
+    match &a.output {
+        Some(out) => println!("wrote {}", out.display()),
+        None => {
+            println!("\n(policy follows; use -o FILE to write it)\n");
+            print!("{}", policy.to_toml());
+        }
+    }
+    Ok(())
+}
+
+fn run_explain(path: &Path, json: bool) -> Result<()> {
+    let policy = Policy::load(path)?;
+    let profile = paths::load_policy_profile(path, &policy.provenance.profile)?;
+    let model = paths::load_policy_model(path, &policy.model.name, policy.model.config.as_deref())?;
+    let prediction = cost::evaluate(&model, &profile, &policy)?;
+    let plan = memory::plan_for_policy(&model, &policy, profile.has_gpu());
+    let fingerprint_matches = profile.fingerprint() == policy.provenance.profile_fingerprint;
+    if json {
+        let value = serde_json::json!({
+            "policy": path.display().to_string(),
+            "profile": policy.provenance.profile,
+            "fingerprint_matches": fingerprint_matches,
+            "prediction": prediction,
+            "stored_prediction": policy.prediction,
+            "memory_plan_bytes": plan,
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    println!("policy {}", path.display());
+    println!(
+        "profile {} ({}; fingerprint {})",
+        policy.provenance.profile,
+        profile.profile.name,
+        if fingerprint_matches {
+            "matches"
+        } else {
+            "CHANGED since the policy was solved"
+        }
+    );
+    print!("{}", report::decisions(&policy));
+    print!("{}", report::prediction_table(&prediction));
+    print!("{}", report::memory_plan_table(&plan));
+    if let Some(stored) = &policy.prediction {
+        println!(
+            "stored prediction: {:.4} tok/s, {:.3} s total",
+            stored.throughput_tok_s, stored.total_s
+        );
+    }
+    Ok(())
+}
+
+fn run_check(target: &Path, json: bool) -> Result<bool> {
+    let files = check::policy_files(target)
+        .with_context(|| format!("cannot list policies in {}", target.display()))?;
+    if files.is_empty() {
+        bail!("no policy files (*.toml) in {}", target.display());
+    }
+    let reports: Vec<check::CheckReport> = files.iter().map(|f| check::check_policy(f)).collect();
+    let all_ok = reports.iter().all(|r| r.ok);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+        return Ok(all_ok);
+    }
+    let show = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.4}"));
+    for r in &reports {
+        println!(
+            "{} {}: stored {} tok/s, evaluated {} tok/s, fresh solve {} tok/s",
+            if r.ok { "ok  " } else { "FAIL" },
+            r.policy,
+            show(r.stored_throughput_tok_s),
+            show(r.evaluated_throughput_tok_s),
+            show(r.fresh_throughput_tok_s)
+        );
+        for f in &r.failures {
+            println!("     {f}");
+        }
+    }
+    let failed = reports.iter().filter(|r| !r.ok).count();
+    println!(
+        "{} policies checked, {} failed",
+        reports.len(),
+        failed
+    );
+    Ok(all_ok)
 }

@@ -205,6 +205,18 @@ pub struct Provenance {
     /// Capacities given on the command line instead of the profile's (empty when none were).
     #[serde(default, skip_serializing_if = "CapacityOverrides::is_empty")]
     pub capacity_overrides: CapacityOverrides,
+    /// Whether the search could choose 4-bit compression (`planner solve --no-compression` sets
+    /// false); `planner check` re-solves under the same restriction.
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub allow_compression: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn is_true(v: &bool) -> bool {
+    *v
 }
 
 /// A complete policy file.
@@ -337,6 +349,10 @@ impl Policy {
         kv_str(w, "profile", &p.profile);
         kv_str(w, "profile_fingerprint", &p.profile_fingerprint);
         kv_str(w, "objective", &p.objective);
+        if !p.allow_compression {
+            line(w, "# Solved with --no-compression: the search never considered 4-bit compression.");
+            kv_bool(w, "allow_compression", false);
+        }
         if !p.capacity_overrides.is_empty() {
             line(w, "");
             line(w, "# Usable memory per tier given on the command line instead of the profile's, in GiB.");
@@ -425,6 +441,7 @@ impl Policy {
                 profile_fingerprint: "none".into(),
                 objective: "throughput".into(),
                 capacity_overrides: CapacityOverrides::default(),
+                allow_compression: true,
             },
             model: ModelRef {
                 name: model.to_string(),

@@ -252,6 +252,19 @@ impl AffineForm {
         }
     }
 
+    /// The affine form of a function known by its value at zero and at each unit vector (the same
+    /// reading as [`AffineForm::of`], for values already computed).
+    pub fn from_samples(at_zero: f64, at_units: &[f64; Shares::COUNT]) -> AffineForm {
+        let mut coefficients = [0.0; Shares::COUNT];
+        for (c, v) in coefficients.iter_mut().zip(at_units) {
+            *c = v - at_zero;
+        }
+        AffineForm {
+            constant: at_zero,
+            coefficients,
+        }
+    }
+
     /// Value at `shares`.
     pub fn at(&self, shares: &Shares) -> f64 {
         self.constant
