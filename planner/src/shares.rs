@@ -147,13 +147,14 @@ impl Shares {
         }
     }
 
-    /// The three placement rows of a policy.
+    /// The three placement rows of a policy (sums of two shares clamped to [0, 1] against
+    /// rounding).
     pub fn placement_rows(&self) -> (Placement, Placement, Placement) {
         (
             Placement {
                 gpu: self.weights_gpu,
-                cpu: self.weights_cpu(),
-                disk: self.weights_disk(),
+                cpu: self.weights_cpu().clamp(0.0, 1.0),
+                disk: self.weights_disk().clamp(0.0, 1.0),
             },
             Placement {
                 gpu: self.cache_gpu,
