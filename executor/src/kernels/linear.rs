@@ -187,6 +187,11 @@ pub(crate) fn linear_on(
                     y,
                 };
                 let w_bits: &[u16] = bytemuck::cast_slice(wd);
+                #[cfg(target_arch = "x86_64")]
+                if tokens > TILE_TOKENS {
+                    run_packed_bf16(&p, w_bits);
+                    return;
+                }
                 run_tasks(&p, |p, rows, k0, k1| {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: `Isa::Avx512Bf16` is only chosen when the CPU has those features.
@@ -286,6 +291,47 @@ fn run_tasks<X: Sync>(
         }
     });
 }
+
+thread_local! {
+    /// A task's slice of W repacked for the outer-product kernel, reused across tasks.
+    static PACKED: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Many tokens, bf16 weights, AVX512-BF16: the compute-bound path.
+///
+/// Each task takes `PACK_ROWS` rows of W and, one `PACK_K` slice at a time, repacks them so that
+/// one 512-bit load holds 16 rows x 2 consecutive k (the operand layout of `vdpbf16ps`). The
+/// microkernel then multiplies 32 rows by up to 12 tokens as outer products: 2 weight loads and
+/// 12 broadcast input pairs feed 24 dot-product instructions, with no horizontal sums, and
+/// writes whole vectors of y. The repacking costs a few instructions per weight and is shared
+/// by all tokens.
+#[cfg(target_arch = "x86_64")]
+fn run_packed_bf16(p: &Problem<u16>, w: &[u16]) {
+    let tasks = p.n_out.div_ceil(PACK_ROWS);
+    let packed_len = PACK_ROWS * PACK_K / 2;
+    (0..tasks).into_par_iter().for_each(|task| {
+        let rows = task * PACK_ROWS..((task + 1) * PACK_ROWS).min(p.n_out);
+        with_buffer(&PACKED, packed_len, |packed| {
+            let mut k0 = 0;
+            while k0 < p.n_in {
+                let k1 = (k0 + PACK_K).min(p.n_in);
+                // SAFETY: this path is only taken on `Isa::Avx512Bf16`; rows, k0..k1 are inside
+                // the problem, k0 is a multiple of 32 and the input rows are zero padded.
+                unsafe {
+                    avx512::pack_bf16(w, p.n_in, rows.clone(), k0, k1, packed);
+                    avx512::outer_bf16(p, packed, rows.clone(), k0, k1);
+                }
+                k0 = k1;
+            }
+        });
+    });
+}
+
+/// Rows of W per task of the packed path (a multiple of 32).
+const PACK_ROWS: usize = 128;
+/// Reduction slice of the packed path: 12 input rows of bf16 take 24 KiB (L1), the packed
+/// slice of W 256 KiB (L2).
+const PACK_K: usize = 1024;
 
 impl<X> Problem<'_, X> {
     /// Stores (first k-slice) or adds a tile's sums into y.
@@ -553,7 +599,10 @@ mod avx512 {
         while k < full {
             // SAFETY: k + 16 <= len, and every row has len elements from its pointer.
             unsafe {
-                let wv: [__m512; R] = std::array::from_fn(|r| W::load16(wp[r].add(k)));
+                let mut wv = [_mm512_setzero_ps(); R];
+                for r in 0..R {
+                    wv[r] = W::load16(wp[r].add(k));
+                }
                 for t in 0..T {
                     let xv = _mm512_loadu_ps(xp[t].add(k));
                     for r in 0..R {
@@ -567,7 +616,10 @@ mod avx512 {
             let n = len - k;
             // SAFETY: n < 16 elements remain in every row; the masked loads read only those.
             unsafe {
-                let wv: [__m512; R] = std::array::from_fn(|r| W::load_tail(wp[r].add(k), n));
+                let mut wv = [_mm512_setzero_ps(); R];
+                for r in 0..R {
+                    wv[r] = W::load_tail(wp[r].add(k), n);
+                }
                 for t in 0..T {
                     let xv = f32::load_tail(xp[t].add(k), n);
                     for r in 0..R {
@@ -576,8 +628,12 @@ mod avx512 {
                 }
             }
         }
-        let sums: [[f32; T]; R] =
-            std::array::from_fn(|r| std::array::from_fn(|t| _mm512_reduce_add_ps(acc[r][t])));
+        let mut sums = [[0.0f32; T]; R];
+        for r in 0..R {
+            for t in 0..T {
+                sums[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+            }
+        }
         // SAFETY: the tile is inside the problem and owned by this task.
         unsafe { p.store(&sums, r0, t0, k0 == 0) };
     }
@@ -639,6 +695,9 @@ mod avx512 {
         k1: usize,
     ) {
         let mut acc = [[_mm512_setzero_ps(); T]; R];
+        // SAFETY: an all-zero __m512bh is a valid value (plain bytes).
+        let zero: __m512bh =
+            unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_setzero_si512()) };
         let wp: [*const u16; R] = std::array::from_fn(|r| w[(r0 + r) * p.n_in + k0..].as_ptr());
         let xp: [*const u16; T] =
             std::array::from_fn(|t| p.x[(t0 + t) * p.x_stride + k0..].as_ptr());
@@ -649,11 +708,12 @@ mod avx512 {
             // SAFETY: k + 32 <= len for the weights; the input rows are at least as long.
             // __m512i and __m512bh are both 64 plain bytes, so the transmutes are bit casts.
             unsafe {
-                let wv: [__m512bh; R] = std::array::from_fn(|r| {
-                    std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
-                        wp[r].add(k) as *const __m512i
-                    ))
-                });
+                let mut wv = [zero; R];
+                for r in 0..R {
+                    wv[r] = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                        wp[r].add(k) as *const __m512i,
+                    ));
+                }
                 for t in 0..T {
                     let xv: __m512bh = std::mem::transmute::<__m512i, __m512bh>(
                         _mm512_loadu_si512(xp[t].add(k) as *const __m512i),
@@ -670,12 +730,13 @@ mod avx512 {
             // SAFETY: the weight loads are masked to the len - k remaining elements; the input
             // rows are zero padded to a multiple of 32, so whole-vector loads stay inside them.
             unsafe {
-                let wv: [__m512bh; R] = std::array::from_fn(|r| {
-                    std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(
+                let mut wv = [zero; R];
+                for r in 0..R {
+                    wv[r] = std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(
                         mask,
                         wp[r].add(k) as *const i16,
-                    ))
-                });
+                    ));
+                }
                 for t in 0..T {
                     let xv: __m512bh = std::mem::transmute::<__m512i, __m512bh>(
                         _mm512_loadu_si512(xp[t].add(k) as *const __m512i),
@@ -686,8 +747,12 @@ mod avx512 {
                 }
             }
         }
-        let sums: [[f32; T]; R] =
-            std::array::from_fn(|r| std::array::from_fn(|t| _mm512_reduce_add_ps(acc[r][t])));
+        let mut sums = [[0.0f32; T]; R];
+        for r in 0..R {
+            for t in 0..T {
+                sums[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+            }
+        }
         // SAFETY: the tile is inside the problem and owned by this task.
         unsafe { p.store(&sums, r0, t0, k0 == 0) };
     }
@@ -710,6 +775,220 @@ mod avx512 {
         }
         for (sv, dv) in s.remainder().iter().zip(d.into_remainder()) {
             *dv = bf16::from_f32(*sv).to_bits();
+        }
+    }
+
+    /// Repacks W[rows, k0..k1] (bf16 bits) for `outer_bf16`: for each group of 32 rows and each
+    /// pair of k, 32 u32 = (row r: w[r][k] | w[r][k+1] << 16), rows beyond `rows` and k beyond
+    /// k1 zero filled. 16x16 blocks of u32 pairs are transposed in registers.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL available; rows and k0..k1 inside W; `packed` holds
+    /// `rows.len().next_multiple_of(32) * (k1 - k0).next_multiple_of(32) / 2` elements.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn pack_bf16(
+        w: &[u16],
+        n_in: usize,
+        rows: Range<usize>,
+        k0: usize,
+        k1: usize,
+        packed: &mut [u32],
+    ) {
+        let pairs = (k1 - k0).next_multiple_of(32) / 2;
+        let groups = rows.len().div_ceil(32);
+        assert!(
+            packed.len() >= groups * 32 * pairs,
+            "pack_bf16: buffer too small"
+        );
+        for g in 0..groups {
+            for half in 0..2 {
+                let r_base = rows.start + g * 32 + half * 16;
+                let mut k = k0;
+                while k < k1 {
+                    let n = (k1 - k).min(32);
+                    let mask = if n == 32 { u32::MAX } else { (1u32 << n) - 1 };
+                    let mut m = [_mm512_setzero_si512(); 16];
+                    for (i, v) in m.iter_mut().enumerate() {
+                        let r = r_base + i;
+                        if r < rows.end {
+                            // SAFETY: row r < n_out and k..k+n inside it; masked lanes unread.
+                            *v = unsafe {
+                                _mm512_maskz_loadu_epi16(
+                                    mask,
+                                    w.as_ptr().add(r * n_in + k) as *const i16,
+                                )
+                            };
+                        }
+                    }
+                    transpose16(&mut m);
+                    // m[j] now holds pair j of this 32-k chunk for the 16 rows.
+                    let p0 = (k - k0) / 2;
+                    for (j, v) in m.iter().enumerate() {
+                        let at = (g * pairs + p0 + j) * 32 + half * 16;
+                        // SAFETY: at + 16 <= groups * pairs * 32 <= packed.len() (asserted).
+                        unsafe {
+                            _mm512_storeu_si512(packed.as_mut_ptr().add(at) as *mut __m512i, *v)
+                        };
+                    }
+                    k += 32;
+                }
+            }
+        }
+    }
+
+    /// Transposes a 16x16 matrix of u32 held as 16 rows: four rounds, each swapping one bit of
+    /// the row index with the same bit of the lane index.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    fn transpose16(m: &mut [__m512i; 16]) {
+        for s in 0..4 {
+            let bit = 1usize << s;
+            let mut lo_idx = [0i32; 16];
+            let mut hi_idx = [0i32; 16];
+            for l in 0..16 {
+                if l & bit == 0 {
+                    lo_idx[l] = l as i32;
+                    hi_idx[l] = (l + bit) as i32;
+                } else {
+                    lo_idx[l] = (16 + l - bit) as i32;
+                    hi_idx[l] = (16 + l) as i32;
+                }
+            }
+            // SAFETY: the arrays are 16 i32 = 64 bytes.
+            let (lo, hi) = unsafe {
+                (
+                    _mm512_loadu_si512(lo_idx.as_ptr() as *const __m512i),
+                    _mm512_loadu_si512(hi_idx.as_ptr() as *const __m512i),
+                )
+            };
+            for i in 0..16 {
+                if i & bit == 0 {
+                    let (a, b) = (m[i], m[i + bit]);
+                    m[i] = _mm512_permutex2var_epi32(a, lo, b);
+                    m[i + bit] = _mm512_permutex2var_epi32(a, hi, b);
+                }
+            }
+        }
+    }
+
+    /// y[tokens, rows] (+)= x[tokens, k0..k1] W[rows, k0..k1]^T from the packed slice, 32 rows
+    /// by up to 12 tokens at a time.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL and BF16 available; `packed` made by `pack_bf16` for the same rows and
+    /// k0..k1; k0 a multiple of 32; input rows zero padded to a multiple of 32.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) unsafe fn outer_bf16(
+        p: &Problem<u16>,
+        packed: &[u32],
+        rows: Range<usize>,
+        k0: usize,
+        k1: usize,
+    ) {
+        let pairs = (k1 - k0).next_multiple_of(32) / 2;
+        let groups = rows.len().div_ceil(32);
+        let mut t0 = 0;
+        while t0 < p.tokens {
+            let left = p.tokens - t0;
+            // Even tiles: 16 tokens run as 8 + 8 rather than 12 + 4.
+            let nt = left.div_ceil(left.div_ceil(12));
+            for g in 0..groups {
+                let w = &packed[g * pairs * 32..(g + 1) * pairs * 32];
+                let r0 = rows.start + g * 32;
+                let nr = (rows.end - r0).min(32);
+                // SAFETY: tile inside the problem (nt, nr clipped), buffers as required above.
+                unsafe {
+                    match nt {
+                        12 => outer_tile::<12>(p, w, pairs, r0, nr, t0, k0),
+                        11 => outer_tile::<11>(p, w, pairs, r0, nr, t0, k0),
+                        10 => outer_tile::<10>(p, w, pairs, r0, nr, t0, k0),
+                        9 => outer_tile::<9>(p, w, pairs, r0, nr, t0, k0),
+                        8 => outer_tile::<8>(p, w, pairs, r0, nr, t0, k0),
+                        7 => outer_tile::<7>(p, w, pairs, r0, nr, t0, k0),
+                        6 => outer_tile::<6>(p, w, pairs, r0, nr, t0, k0),
+                        5 => outer_tile::<5>(p, w, pairs, r0, nr, t0, k0),
+                        4 => outer_tile::<4>(p, w, pairs, r0, nr, t0, k0),
+                        3 => outer_tile::<3>(p, w, pairs, r0, nr, t0, k0),
+                        2 => outer_tile::<2>(p, w, pairs, r0, nr, t0, k0),
+                        _ => outer_tile::<1>(p, w, pairs, r0, nr, t0, k0),
+                    }
+                }
+            }
+            t0 += nt;
+        }
+    }
+
+    /// One 32-row x T-token tile over a packed k-slice of `pairs` pairs.
+    ///
+    /// # Safety
+    /// As `outer_bf16`; `w` holds `pairs * 32` packed u32; t0 + T <= tokens; nr <= 32 rows
+    /// from r0 are inside the problem.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn outer_tile<const T: usize>(
+        p: &Problem<u16>,
+        w: &[u32],
+        pairs: usize,
+        r0: usize,
+        nr: usize,
+        t0: usize,
+        k0: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; T];
+        let mut xp = [std::ptr::null::<u32>(); T];
+        for t in 0..T {
+            // The input rows start at multiples of 32 elements, so pairs are 4-byte aligned.
+            xp[t] = p.x[(t0 + t) * p.x_stride + k0..].as_ptr() as *const u32;
+        }
+        let wp = w.as_ptr();
+        for q in 0..pairs {
+            // SAFETY: q < pairs, so 32 packed u32 at q * 32 and one input pair per token
+            // (k0 + 2q < the padded row length) are readable. The transmutes reinterpret
+            // 64 plain bytes.
+            unsafe {
+                let w0: __m512bh = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                    wp.add(q * 32) as *const __m512i,
+                ));
+                let w1: __m512bh = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                    wp.add(q * 32 + 16) as *const __m512i,
+                ));
+                for t in 0..T {
+                    let xb: __m512bh = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
+                        *xp[t].add(q) as i32,
+                    ));
+                    acc[t][0] = _mm512_dpbf16_ps(acc[t][0], w0, xb);
+                    acc[t][1] = _mm512_dpbf16_ps(acc[t][1], w1, xb);
+                }
+            }
+        }
+        let first = k0 == 0;
+        for t in 0..T {
+            for h in 0..2 {
+                let c0 = h * 16;
+                if c0 >= nr {
+                    break;
+                }
+                let n = (nr - c0).min(16);
+                let mask: __mmask16 = if n == 16 {
+                    0xffff
+                } else {
+                    ((1u32 << n) - 1) as __mmask16
+                };
+                // SAFETY: lanes c0..c0+n of row t0+t are inside y (and bias), only those are
+                // touched (masked), and this task owns these rows.
+                unsafe {
+                    let dst = p.y.0.add((t0 + t) * p.n_out + r0 + c0);
+                    let base = if first {
+                        match p.bias {
+                            Some(b) => _mm512_maskz_loadu_ps(mask, b.as_ptr().add(r0 + c0)),
+                            None => _mm512_setzero_ps(),
+                        }
+                    } else {
+                        _mm512_maskz_loadu_ps(mask, dst)
+                    };
+                    _mm512_mask_storeu_ps(dst, mask, _mm512_add_ps(base, acc[t][h]));
+                }
+            }
         }
     }
 }

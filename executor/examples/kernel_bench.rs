@@ -1,0 +1,152 @@
+//! Times the executor's `linear` kernel over a whole OPT layer stack at the real shapes, so the
+//! kernels can be judged (GB/s against DRAM bandwidth, GFLOP/s against peak) without a model.
+//!
+//! Every layer gets its own weights, as in the model, so nothing stays in cache between layers:
+//! q, k, v, out (h x h), fc1 (ffn x h), fc2 (h x ffn), and the tied LM head (vocab x h) once
+//! (for at most 16 tokens: prefill only needs the last position's logits).
+//!
+//! `cargo run --release --example kernel_bench -- [model] [dtype] [tokens,...] [layers] [reps]`
+//! e.g. `kernel_bench opt-1.3b bf16 1,16 24 7`; layers defaults to the model's, reps to 5.
+
+use executor::kernels::{linear, Matrix, WeightData};
+use half::{bf16, f16};
+use rayon::prelude::*;
+use std::time::Instant;
+
+/// Owned weights of one linear layer in the benchmarked dtype.
+enum Weights {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    Bf16(Vec<bf16>),
+}
+
+impl Weights {
+    fn random(dtype: &str, n: usize, seed: u64) -> Weights {
+        // Cheap deterministic values in [-0.05, 0.05): the kernel's speed does not depend on them.
+        let value = |i: usize| {
+            let h = (i as u64 ^ seed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            ((h >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+        };
+        match dtype {
+            "f32" => Weights::F32((0..n).into_par_iter().map(value).collect()),
+            "f16" => Weights::F16(
+                (0..n)
+                    .into_par_iter()
+                    .map(|i| f16::from_f32(value(i)))
+                    .collect(),
+            ),
+            "bf16" => Weights::Bf16(
+                (0..n)
+                    .into_par_iter()
+                    .map(|i| bf16::from_f32(value(i)))
+                    .collect(),
+            ),
+            other => panic!("dtype must be f32, f16 or bf16, not {other}"),
+        }
+    }
+
+    fn matrix(&self, out_features: usize, in_features: usize) -> Matrix<'_> {
+        let data = match self {
+            Weights::F32(d) => WeightData::F32(d),
+            Weights::F16(d) => WeightData::F16(d),
+            Weights::Bf16(d) => WeightData::Bf16(d),
+        };
+        Matrix {
+            data,
+            out_features,
+            in_features,
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Weights::F32(d) => d.len() * 4,
+            Weights::F16(d) => d.len() * 2,
+            Weights::Bf16(d) => d.len() * 2,
+        }
+    }
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let model = args.next().unwrap_or_else(|| "opt-1.3b".into());
+    let dtype = args.next().unwrap_or_else(|| "bf16".into());
+    let tokens: Vec<usize> = args
+        .next()
+        .unwrap_or_else(|| "1,16".into())
+        .split(',')
+        .map(|t| t.parse().expect("token counts"))
+        .collect();
+    let (all_layers, h) = match model.as_str() {
+        "opt-125m" => (12, 768),
+        "opt-350m" => (24, 1024),
+        "opt-1.3b" => (24, 2048),
+        "opt-2.7b" => (32, 2560),
+        "opt-6.7b" => (32, 4096),
+        other => panic!("unknown model {other}"),
+    };
+    let layers: usize = args
+        .next()
+        .map_or(all_layers, |a| a.parse().expect("layers"));
+    let reps: usize = args.next().map_or(5, |a| a.parse().expect("reps"));
+    let (ffn, vocab) = (4 * h, 50272);
+    // (out, in) of each product in one layer.
+    let shapes = [(h, h), (h, h), (h, h), (h, h), (ffn, h), (h, ffn)];
+    let stack: Vec<Vec<Weights>> = (0..layers)
+        .map(|l| {
+            shapes
+                .iter()
+                .enumerate()
+                .map(|(i, &(o, n))| Weights::random(&dtype, o * n, (l * 8 + i) as u64))
+                .collect()
+        })
+        .collect();
+    let head = Weights::random(&dtype, vocab * h, 1 << 20);
+    let bias = vec![0.01f32; ffn.max(vocab)];
+    let layer_bytes: usize = stack.iter().flatten().map(Weights::bytes).sum();
+    let bytes = layer_bytes + head.bytes();
+    let macs_per_token = layers * (4 * h * h + 2 * h * ffn) + vocab * h;
+    println!(
+        "{model} {dtype}, {layers} layers + LM head: {:.1} MB of weights, {} threads",
+        bytes as f64 / 1e6,
+        rayon::current_num_threads()
+    );
+    println!("tokens  median_ms  min_ms  weight_GB/s  GFLOP/s");
+    for &t in &tokens {
+        let x = vec![0.1f32; t * ffn];
+        let mut y = vec![0.0f32; t * ffn.max(vocab)];
+        let mut times = Vec::new();
+        for _ in 0..reps {
+            let start = Instant::now();
+            for layer in &stack {
+                for (w, &(o, n)) in layer.iter().zip(&shapes) {
+                    linear(
+                        &x[..t * n],
+                        t,
+                        &w.matrix(o, n),
+                        Some(&bias[..o]),
+                        &mut y[..t * o],
+                    );
+                }
+            }
+            linear(
+                &x[..t * h],
+                t,
+                &head.matrix(vocab, h),
+                None,
+                &mut y[..t * vocab],
+            );
+            times.push(start.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        let med = times[reps / 2];
+        println!(
+            "{t:6}  {:9.2}  {:6.2}  {:11.2}  {:7.1}",
+            med * 1e3,
+            times[0] * 1e3,
+            bytes as f64 / med / 1e9,
+            2.0 * (macs_per_token - vocab * h) as f64 * t as f64 / med / 1e9
+                + 2.0 * (vocab * h) as f64 * if t > 64 { 16.0 } else { t as f64 } / med / 1e9
+        );
+    }
+}
