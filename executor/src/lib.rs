@@ -1,2 +1,19 @@
 //! Strata executor library: runs a model exactly as a planner policy says.
+//!
+//! Layout: [`weights`] (where tensors come from: a memory-mapped checkpoint or random weights),
+//! [`models`] (one file per model family, written against [`backend::Backend`]), [`kernels`] (the
+//! CPU backend's arithmetic), [`generate`] (batching, KV cache, sampling), [`run`] (policy checks and
+//! the end-to-end run the command line drives), [`report`] (what a run measured).
+
+pub mod backend;
+pub mod error;
+pub mod generate;
 pub mod kernels;
+pub mod models;
+pub mod report;
+pub mod rng;
+pub mod run;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{ExecError, Result};

@@ -1,5 +1,265 @@
 //! `executor --policy p.toml`: run a model as the policy says and report what was measured.
 
+use anyhow::{bail, Context};
+use clap::{Parser, ValueEnum};
+use executor::backend::{Backend, CpuBackend};
+use executor::generate::{generate, GenerationConfig, Sampling};
+use executor::models::opt::OptConfig;
+use executor::run::{self, ModelSource, Prompt};
+use executor::weights::ElementType;
+use planner::policy::Policy;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+const EXAMPLES: &str = "\
+Examples:
+  # Greedy continuation of two text prompts with a Hugging Face OPT checkpoint
+  executor --model ~/models/opt-125m --prompt 'The capital of France is' --prompt 'Hello' \\
+           --max-new-tokens 32
+
+  # Token-id prompts, sampling, JSON report
+  executor --model ~/models/opt-1.3b --prompt-ids 2,100,200 --temperature 0.8 --top-p 0.9 \\
+           --seed 7 --report run.json
+
+  # Benchmark a model size without a checkpoint: random bf16 OPT-1.3B, 16 random prompts of
+  # 128 tokens, 32 new tokens each (EOS ignored so every run does the same work)
+  executor --random-weights --model-name opt-1.3b --dtype bf16 --batch-size 16 \\
+           --prompt-len 128 --max-new-tokens 32 --ignore-eos --report bench.json
+
+  # Run a policy written by `planner solve` (only all-CPU policies run so far)
+  executor --policy policies/opt-1.3b-cpu.toml --random-weights";
+
+/// Run an OPT model on the CPU, as a planner policy says, and report prefill and decode speed.
+#[derive(Debug, Parser)]
+#[command(name = "executor", version, after_help = EXAMPLES)]
+struct Cli {
+    /// Policy file written by `planner solve`. Without it, everything stays in CPU memory. Its
+    /// workload (prompt_len, gen_len) and block size are the defaults for random prompts.
+    #[arg(long, value_name = "FILE")]
+    policy: Option<PathBuf>,
+
+    /// Hugging Face OPT directory: config.json, model.safetensors (or shards with
+    /// model.safetensors.index.json), and optionally tokenizer.json or vocab.json + merges.txt.
+    /// With --random-weights, only its config.json is read.
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
+
+    /// Use seeded random weights instead of a checkpoint (for benchmarking model sizes).
+    #[arg(long)]
+    random_weights: bool,
+
+    /// Built-in configuration for --random-weights (opt-125m ... opt-175b); defaults to the
+    /// policy's model.
+    #[arg(long, value_name = "NAME")]
+    model_name: Option<String>,
+
+    /// Element type of random weights (default: the configuration's, f16 for built-ins).
+    #[arg(long, value_enum)]
+    dtype: Option<DtypeArg>,
+
+    /// Seed for random weights and random prompts.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+
+    /// A text prompt (needs the model's tokenizer); repeat for a batch.
+    #[arg(long, value_name = "TEXT")]
+    prompt: Vec<String>,
+
+    /// A file with one text prompt per line.
+    #[arg(long, value_name = "FILE")]
+    prompt_file: Option<PathBuf>,
+
+    /// A prompt as comma-separated token ids, e.g. "2,100,200"; repeat for a batch.
+    #[arg(long, value_name = "IDS")]
+    prompt_ids: Vec<String>,
+
+    /// With no prompts given: how many random prompts (default: the policy's block size, else 1).
+    #[arg(long, value_name = "N")]
+    batch_size: Option<usize>,
+
+    /// With no prompts given: tokens per random prompt (default: the policy's prompt_len, else 8).
+    #[arg(long, value_name = "N")]
+    prompt_len: Option<usize>,
+
+    /// Tokens to generate per sequence (default: the policy's gen_len, else 32).
+    #[arg(long, value_name = "N")]
+    max_new_tokens: Option<usize>,
+
+    /// Sample with this temperature instead of greedy decoding (0 means greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+
+    /// Sample only among the k most likely tokens (implies sampling at temperature 1 unless
+    /// --temperature is given).
+    #[arg(long, value_name = "K")]
+    top_k: Option<usize>,
+
+    /// Sample only among the most likely tokens whose probability adds up to p (nucleus).
+    #[arg(long, value_name = "P")]
+    top_p: Option<f32>,
+
+    /// Seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    sample_seed: u64,
+
+    /// Do not stop at the EOS token: always generate --max-new-tokens (for benchmarks).
+    #[arg(long)]
+    ignore_eos: bool,
+
+    /// Worker threads for the CPU kernels (default: all cores).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+
+    /// Write the report as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+
+    /// Print only the generated text/ids and the report table, no progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
 fn main() -> anyhow::Result<()> {
-    anyhow::bail!("executor: not implemented yet")
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("cannot configure the thread pool")?;
+    }
+
+    let policy = match &cli.policy {
+        Some(path) => {
+            let policy = Policy::load(path)?;
+            run::check_policy(&policy, &path.display().to_string())?;
+            Some(policy)
+        }
+        None => None,
+    };
+
+    let source = if cli.random_weights {
+        let config = match (&cli.model, &cli.model_name, &policy) {
+            (Some(dir), _, _) => OptConfig::from_file(&dir.join("config.json"))?,
+            (None, Some(name), _) => OptConfig::builtin(name)?,
+            (None, None, Some(p)) => OptConfig::builtin(&p.model.name)?,
+            (None, None, None) => {
+                bail!(
+                    "--random-weights needs --model-name (e.g. opt-1.3b), --model DIR or --policy"
+                )
+            }
+        };
+        let dtype = match cli.dtype {
+            Some(DtypeArg::F32) => ElementType::F32,
+            Some(DtypeArg::F16) => ElementType::F16,
+            Some(DtypeArg::Bf16) => ElementType::Bf16,
+            None => config.spec.dtype.into(),
+        };
+        ModelSource::Random {
+            config,
+            dtype,
+            seed: cli.seed,
+        }
+    } else {
+        match &cli.model {
+            Some(dir) => ModelSource::Checkpoint(dir.clone()),
+            None => bail!("give --model DIR (a Hugging Face OPT directory) or --random-weights"),
+        }
+    };
+    if cli.model_name.is_some() && !cli.random_weights {
+        bail!("--model-name only applies with --random-weights");
+    }
+    let loaded = run::load(&source, !cli.quiet)?;
+
+    let mut prompts: Vec<Prompt> = cli.prompt.iter().cloned().map(Prompt::Text).collect();
+    if let Some(file) = &cli.prompt_file {
+        prompts.extend(run::read_prompt_file(file)?);
+    }
+    for ids in &cli.prompt_ids {
+        prompts.push(Prompt::Ids(run::parse_prompt_ids(ids)?));
+    }
+    let workload = policy.as_ref().map(|p| p.workload);
+    let prompt_ids = if prompts.is_empty() {
+        let batch = cli
+            .batch_size
+            .or(policy.as_ref().map(|p| p.batch.block_size() as usize))
+            .unwrap_or(1);
+        let len = cli
+            .prompt_len
+            .or(workload.map(|w| w.prompt_len as usize))
+            .unwrap_or(8);
+        if batch == 0 || len == 0 {
+            bail!("--batch-size and --prompt-len must be at least 1");
+        }
+        let spec = &loaded.model.config().spec;
+        run::random_prompts(
+            batch,
+            len,
+            spec.vocab_size as usize,
+            spec.bos_token_id,
+            cli.seed,
+        )
+    } else {
+        if cli.batch_size.is_some() || cli.prompt_len.is_some() {
+            bail!("--batch-size and --prompt-len only apply when no prompts are given");
+        }
+        run::tokenize_prompts(&prompts, loaded.tokenizer.as_ref())?
+    };
+
+    let max_new_tokens = cli
+        .max_new_tokens
+        .or(workload.map(|w| w.gen_len as usize))
+        .unwrap_or(32);
+    let sampling = if cli.temperature > 0.0 || cli.top_k.is_some() || cli.top_p.is_some() {
+        Sampling::Sample {
+            temperature: if cli.temperature > 0.0 {
+                cli.temperature
+            } else {
+                1.0
+            },
+            top_k: cli.top_k,
+            top_p: cli.top_p,
+            seed: cli.sample_seed,
+        }
+    } else if cli.temperature < 0.0 {
+        bail!(
+            "--temperature is {}; expected 0 (greedy) or more",
+            cli.temperature
+        );
+    } else {
+        Sampling::Greedy
+    };
+    let config = GenerationConfig {
+        max_new_tokens,
+        sampling,
+        stop_at_eos: !cli.ignore_eos,
+    };
+
+    let backend = CpuBackend;
+    let out = generate(&loaded.model, &backend, &prompt_ids, &config)?;
+
+    for (i, (prompt, new)) in prompt_ids.iter().zip(&out.tokens).enumerate() {
+        let ids: Vec<String> = new.iter().map(u32::to_string).collect();
+        println!(
+            "[{i}] prompt: {} tokens; new ids: {}",
+            prompt.len(),
+            ids.join(",")
+        );
+        if let Some(t) = &loaded.tokenizer {
+            println!("[{i}] text: {:?}", t.decode(prompt)? + &t.decode(new)?);
+        }
+    }
+    let report = run::report(&loaded, &out, backend.name());
+    eprint!("{}", report.table());
+    if let Some(path) = &cli.report {
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, json + "\n")
+            .with_context(|| format!("cannot write report {}", path.display()))?;
+    }
+    Ok(())
 }

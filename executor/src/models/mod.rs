@@ -1,0 +1,109 @@
+//! Model families. Each family is one file implementing [`CausalLm`]; the generation loop in
+//! `generate.rs` drives any of them. OPT is the only family so far; a Llama-family model (RoPE,
+//! RMSNorm, SwiGLU, grouped-query attention) is one more file with its own workspace and a KV cache
+//! of `num_kv_heads * head_dim` values per position.
+
+pub mod opt;
+
+use crate::backend::Backend;
+
+/// One forward step over a batch whose sequences are left-padded to a common length, so that every
+/// sequence's new tokens occupy the same cache positions `start .. start + new_tokens`.
+pub struct Step<'a> {
+    /// Sequences in the batch.
+    pub batch: usize,
+    /// New tokens per sequence in this step (the padded prompt length in prefill, 1 in decode).
+    pub new_tokens: usize,
+    /// Token ids, `[batch, new_tokens]`.
+    pub tokens: &'a [u32],
+    /// Position in the sequence of each new token, counting only real (non-padding) tokens from 0,
+    /// `[batch, new_tokens]`. Padding tokens carry 0 and are marked invalid in `key_valid`.
+    pub positions: &'a [u32],
+    /// Cache position of the first new token.
+    pub start: usize,
+    /// Whether each cache position holds a real token (false: left padding), `[batch, max_len]`.
+    pub key_valid: &'a [bool],
+}
+
+/// Keys and values of every layer for a batch of sequences, preallocated for the whole generation.
+///
+/// Layout per layer: `[batch, max_len, width]`, so one sequence's cache rows are contiguous and the
+/// attention kernel reads them in place.
+pub struct KvCache {
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    /// Sequences.
+    pub batch: usize,
+    /// Positions per sequence.
+    pub max_len: usize,
+    /// Values per position per layer (K or V alone).
+    pub width: usize,
+}
+
+impl KvCache {
+    /// Zeroed cache for `layers` layers.
+    pub fn new(layers: usize, batch: usize, max_len: usize, width: usize) -> KvCache {
+        let len = batch * max_len * width;
+        KvCache {
+            keys: (0..layers).map(|_| vec![0.0; len]).collect(),
+            values: (0..layers).map(|_| vec![0.0; len]).collect(),
+            batch,
+            max_len,
+            width,
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        (self.keys.len() * 2 * self.batch * self.max_len * self.width * 4) as u64
+    }
+
+    /// Writes `rows` consecutive positions of sequence `seq`, starting at `start`, of one layer.
+    pub fn write(&mut self, layer: usize, seq: usize, start: usize, keys: &[f32], values: &[f32]) {
+        let at = (seq * self.max_len + start) * self.width;
+        self.keys[layer][at..at + keys.len()].copy_from_slice(keys);
+        self.values[layer][at..at + values.len()].copy_from_slice(values);
+    }
+
+    /// The first `len` key and value rows of sequence `seq` in one layer.
+    pub fn sequence(&self, layer: usize, seq: usize, len: usize) -> (&[f32], &[f32]) {
+        let at = seq * self.max_len * self.width;
+        let end = at + len * self.width;
+        (&self.keys[layer][at..end], &self.values[layer][at..end])
+    }
+}
+
+/// A decoder-only language model the generation loop can drive.
+pub trait CausalLm: Send + Sync {
+    /// Buffers one forward pass needs, allocated once per generation.
+    type Workspace;
+
+    /// Vocabulary size (rows of the logits).
+    fn vocab_size(&self) -> usize;
+    /// Longest sequence the model's positions allow.
+    fn max_positions(&self) -> usize;
+    /// Decoder layers.
+    fn num_layers(&self) -> usize;
+    /// KV-cache values per position per layer (K or V alone).
+    fn kv_width(&self) -> usize;
+    /// Token that ends a sequence.
+    fn eos_token_id(&self) -> u32;
+    /// Token fed in place of real tokens (left padding, finished sequences).
+    fn pad_token_id(&self) -> u32;
+    /// Bytes of weights the model reads per forward pass (every matrix once).
+    fn weight_bytes(&self) -> u64;
+
+    /// Buffers for steps of up to `batch * max_new_tokens` tokens over a cache of `max_len`.
+    fn workspace(&self, batch: usize, max_new_tokens: usize, max_len: usize) -> Self::Workspace;
+
+    /// Runs `step`, appends its keys and values to `kv`, and writes the logits of each sequence's
+    /// last new token to `logits` (`[batch, vocab]`). Allocates nothing.
+    fn forward(
+        &self,
+        backend: &dyn Backend,
+        step: &Step,
+        kv: &mut KvCache,
+        ws: &mut Self::Workspace,
+        logits: &mut [f32],
+    );
+}

@@ -1,0 +1,665 @@
+//! Meta's OPT family, matching Hugging Face transformers' `OPTForCausalLM` (modeling_opt.py).
+//!
+//! - Learned positions with an offset of 2; a token's position counts only the real tokens before
+//!   it (transformers: `cumsum(mask) * mask - 1`), so left padding does not shift positions, and
+//!   padding tokens use row 1.
+//! - Pre-LayerNorm layers (every OPT but opt-350m), or post-LayerNorm (opt-350m) with
+//!   `project_in` / `project_out` between a narrower embedding and the hidden size.
+//! - The final LayerNorm exists only in pre-LN models (and not with `_remove_final_layer_norm`).
+//! - ReLU FFN, queries scaled by `head_dim^-0.5`, LM head tied to the token embedding.
+
+use super::{CausalLm, KvCache, Step};
+use crate::backend::{attention_scratch_len, Backend};
+use crate::error::{ExecError, Result};
+use crate::kernels::Matrix;
+use crate::weights::{add_row, to_f32_vec, ElementType, Init, RandomTensor, TensorId, WeightStore};
+use planner::model::{ModelSpec, OPT_POSITION_OFFSET};
+use std::path::Path;
+
+/// LayerNorm epsilon of every OPT (torch's `nn.LayerNorm` default; OPT's config has no field).
+pub const LAYER_NORM_EPS: f32 = 1e-5;
+
+/// Everything about an OPT model's structure: the planner's [`ModelSpec`] plus the config fields
+/// that only change how the executor computes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptConfig {
+    pub spec: ModelSpec,
+    /// Linear layers have biases (`enable_bias`, true in every released OPT).
+    pub enable_bias: bool,
+    /// LayerNorms have weight and bias (`layer_norm_elementwise_affine`).
+    pub layer_norm_affine: bool,
+    /// The decoder ends with a LayerNorm (pre-LN models without `_remove_final_layer_norm`).
+    pub final_layer_norm: bool,
+    /// The LM head is the token embedding (`tie_word_embeddings`).
+    pub tied_lm_head: bool,
+}
+
+impl OptConfig {
+    /// A built-in configuration (`opt-125m` ... `opt-175b`).
+    pub fn builtin(name: &str) -> Result<OptConfig> {
+        Ok(Self::from_spec(ModelSpec::builtin(name)?))
+    }
+
+    /// The structure every released OPT checkpoint has, for a given spec.
+    pub fn from_spec(spec: ModelSpec) -> OptConfig {
+        OptConfig {
+            final_layer_norm: spec.layer_norm_before,
+            spec,
+            enable_bias: true,
+            layer_norm_affine: true,
+            tied_lm_head: true,
+        }
+    }
+
+    /// Reads a Hugging Face `config.json`.
+    pub fn from_file(path: &Path) -> Result<OptConfig> {
+        let spec = ModelSpec::from_hf_config(path)?;
+        let text = std::fs::read_to_string(path).map_err(|e| ExecError::io(path, e))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ExecError::ConfigField {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        let flag = |field: &str, default: bool| -> Result<bool> {
+            match json.get(field) {
+                None | Some(serde_json::Value::Null) => Ok(default),
+                Some(serde_json::Value::Bool(b)) => Ok(*b),
+                Some(other) => Err(ExecError::ConfigField {
+                    path: path.to_path_buf(),
+                    message: format!("field '{field}' is {other}; expected true or false"),
+                }),
+            }
+        };
+        let remove_final = flag("_remove_final_layer_norm", false)?;
+        Ok(OptConfig {
+            final_layer_norm: spec.layer_norm_before && !remove_final,
+            enable_bias: flag("enable_bias", true)?,
+            layer_norm_affine: flag("layer_norm_elementwise_affine", true)?,
+            tied_lm_head: flag("tie_word_embeddings", true)?,
+            spec,
+        })
+    }
+
+    fn dims(&self) -> Dims {
+        let s = &self.spec;
+        Dims {
+            hidden: s.hidden_size as usize,
+            ffn: s.ffn_dim as usize,
+            heads: s.num_heads as usize,
+            head_dim: s.head_dim() as usize,
+            vocab: s.vocab_size as usize,
+            embed: s.word_embed_proj_dim as usize,
+            layers: s.num_layers as usize,
+            max_positions: s.max_positions as usize,
+        }
+    }
+
+    /// Names, shapes and initialisations of every tensor, for [`crate::weights::RandomStore`].
+    ///
+    /// Scales keep activations and logits in a realistic range: matrices ~ 1/sqrt(fan_in) so each
+    /// sublayer's output is O(1), embeddings 0.02 (OPT's init_std), LayerNorms at identity.
+    pub fn random_layout(&self) -> Vec<RandomTensor> {
+        let d = self.dims();
+        let p = PREFIXES[0];
+        let mut v = Vec::new();
+        let mut push = |name: String, shape: Vec<usize>, init: Init| {
+            v.push(RandomTensor { name, shape, init })
+        };
+        let linear = |fan_in: usize| Init::Uniform {
+            std: 1.0 / (fan_in as f32).sqrt(),
+        };
+        let small = Init::Uniform { std: 0.02 };
+        push(
+            format!("{p}embed_tokens.weight"),
+            vec![d.vocab, d.embed],
+            small,
+        );
+        push(
+            format!("{p}embed_positions.weight"),
+            vec![d.max_positions + OPT_POSITION_OFFSET as usize, d.hidden],
+            small,
+        );
+        if d.embed != d.hidden {
+            push(
+                format!("{p}project_in.weight"),
+                vec![d.hidden, d.embed],
+                linear(d.embed),
+            );
+            push(
+                format!("{p}project_out.weight"),
+                vec![d.embed, d.hidden],
+                linear(d.hidden),
+            );
+        }
+        let norm = |push: &mut dyn FnMut(String, Vec<usize>, Init), name: String| {
+            if self.layer_norm_affine {
+                push(
+                    format!("{name}.weight"),
+                    vec![d.hidden],
+                    Init::Constant(1.0),
+                );
+                push(format!("{name}.bias"), vec![d.hidden], Init::Constant(0.0));
+            }
+        };
+        if self.final_layer_norm {
+            norm(&mut push, format!("{p}final_layer_norm"));
+        }
+        for l in 0..d.layers {
+            let lp = format!("{p}layers.{l}.");
+            for (name, out, inp) in [
+                ("self_attn.q_proj", d.hidden, d.hidden),
+                ("self_attn.k_proj", d.hidden, d.hidden),
+                ("self_attn.v_proj", d.hidden, d.hidden),
+                ("self_attn.out_proj", d.hidden, d.hidden),
+                ("fc1", d.ffn, d.hidden),
+                ("fc2", d.hidden, d.ffn),
+            ] {
+                push(format!("{lp}{name}.weight"), vec![out, inp], linear(inp));
+                if self.enable_bias {
+                    push(format!("{lp}{name}.bias"), vec![out], small);
+                }
+            }
+            norm(&mut push, format!("{lp}self_attn_layer_norm"));
+            norm(&mut push, format!("{lp}final_layer_norm"));
+        }
+        if !self.tied_lm_head {
+            push("lm_head.weight".into(), vec![d.vocab, d.embed], small);
+        }
+        v
+    }
+}
+
+/// Tensor name prefixes seen in OPT checkpoints: transformers' `OPTForCausalLM`, and Meta's
+/// original uploads (`OPTModel` layout).
+const PREFIXES: [&str; 2] = ["model.decoder.", "decoder."];
+
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    hidden: usize,
+    ffn: usize,
+    heads: usize,
+    head_dim: usize,
+    vocab: usize,
+    embed: usize,
+    layers: usize,
+    max_positions: usize,
+}
+
+/// A LayerNorm's parameters, widened to f32 at load.
+struct Norm {
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+}
+
+/// A linear layer: its matrix stays in the store, its bias is widened to f32 at load.
+struct Linear {
+    weight: TensorId,
+    bias: Option<Vec<f32>>,
+}
+
+struct Layer {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    attn_norm: Norm,
+    fc1: Linear,
+    fc2: Linear,
+    ffn_norm: Norm,
+}
+
+/// An OPT model whose weights live in a [`WeightStore`].
+pub struct OptModel {
+    config: OptConfig,
+    dims: Dims,
+    store: Box<dyn WeightStore>,
+    embed_tokens: TensorId,
+    embed_positions: TensorId,
+    project_in: Option<TensorId>,
+    project_out: Option<TensorId>,
+    final_norm: Option<Norm>,
+    lm_head: TensorId,
+    layers: Vec<Layer>,
+}
+
+/// Resolves tensors by name and checks their shapes against the config.
+struct Resolver<'a> {
+    store: &'a dyn WeightStore,
+    prefix: &'static str,
+}
+
+impl Resolver<'_> {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<TensorId> {
+        let full = if name.starts_with("lm_head") {
+            name.to_string()
+        } else {
+            format!("{}{name}", self.prefix)
+        };
+        let id = self.store.find(&full)?;
+        let meta = self.store.meta(id);
+        if meta.shape != shape {
+            return Err(ExecError::TensorShape {
+                name: full,
+                file: meta.origin.clone(),
+                expected: shape.to_vec(),
+                found: meta.shape.clone(),
+            });
+        }
+        Ok(id)
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        let id = self.tensor(name, &[len])?;
+        Ok(to_f32_vec(&self.store.data(id)))
+    }
+
+    fn linear(&self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        Ok(Linear {
+            weight: self.tensor(&format!("{name}.weight"), &[out, inp])?,
+            bias: if bias {
+                Some(self.vector(&format!("{name}.bias"), out)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn norm(&self, name: &str, width: usize, affine: bool) -> Result<Norm> {
+        if !affine {
+            return Ok(Norm {
+                gamma: vec![1.0; width],
+                beta: vec![0.0; width],
+            });
+        }
+        Ok(Norm {
+            gamma: self.vector(&format!("{name}.weight"), width)?,
+            beta: self.vector(&format!("{name}.bias"), width)?,
+        })
+    }
+}
+
+impl OptModel {
+    /// Builds the model from a store, checking every tensor's presence, dtype and shape.
+    pub fn load(config: OptConfig, store: Box<dyn WeightStore>) -> Result<OptModel> {
+        let d = config.dims();
+        // Pick the naming scheme from the token embedding; report the transformers name if absent.
+        let prefix = PREFIXES
+            .iter()
+            .find(|p| store.find(&format!("{p}embed_tokens.weight")).is_ok())
+            .copied()
+            .unwrap_or(PREFIXES[0]);
+        let r = Resolver {
+            store: store.as_ref(),
+            prefix,
+        };
+        let bias = config.enable_bias;
+        let affine = config.layer_norm_affine;
+        let embed_tokens = r.tensor("embed_tokens.weight", &[d.vocab, d.embed])?;
+        let embed_positions = r.tensor(
+            "embed_positions.weight",
+            &[d.max_positions + OPT_POSITION_OFFSET as usize, d.hidden],
+        )?;
+        let (project_in, project_out) = if d.embed != d.hidden {
+            (
+                Some(r.tensor("project_in.weight", &[d.hidden, d.embed])?),
+                Some(r.tensor("project_out.weight", &[d.embed, d.hidden])?),
+            )
+        } else {
+            (None, None)
+        };
+        let final_norm = if config.final_layer_norm {
+            Some(r.norm("final_layer_norm", d.hidden, affine)?)
+        } else {
+            None
+        };
+        let lm_head = if config.tied_lm_head {
+            embed_tokens
+        } else {
+            r.tensor("lm_head.weight", &[d.vocab, d.embed])?
+        };
+        let mut layers = Vec::with_capacity(d.layers);
+        for l in 0..d.layers {
+            let p = format!("layers.{l}.");
+            let h = d.hidden;
+            layers.push(Layer {
+                q: r.linear(&format!("{p}self_attn.q_proj"), h, h, bias)?,
+                k: r.linear(&format!("{p}self_attn.k_proj"), h, h, bias)?,
+                v: r.linear(&format!("{p}self_attn.v_proj"), h, h, bias)?,
+                out: r.linear(&format!("{p}self_attn.out_proj"), h, h, bias)?,
+                attn_norm: r.norm(&format!("{p}self_attn_layer_norm"), h, affine)?,
+                fc1: r.linear(&format!("{p}fc1"), d.ffn, h, bias)?,
+                fc2: r.linear(&format!("{p}fc2"), h, d.ffn, bias)?,
+                ffn_norm: r.norm(&format!("{p}final_layer_norm"), h, affine)?,
+            });
+        }
+        Ok(OptModel {
+            config,
+            dims: d,
+            store,
+            embed_tokens,
+            embed_positions,
+            project_in,
+            project_out,
+            final_norm,
+            lm_head,
+            layers,
+        })
+    }
+
+    /// The configuration the model was built from.
+    pub fn config(&self) -> &OptConfig {
+        &self.config
+    }
+
+    /// The store the weights come from.
+    pub fn store(&self) -> &dyn WeightStore {
+        self.store.as_ref()
+    }
+
+    /// Element type of the weight matrices (the LM head's; checkpoints use one type throughout).
+    pub fn matrix_dtype(&self) -> ElementType {
+        self.store.meta(self.lm_head).dtype
+    }
+
+    fn matrix(&self, id: TensorId) -> Matrix<'_> {
+        let meta = self.store.meta(id);
+        Matrix {
+            data: self.store.data(id),
+            out_features: meta.shape[0],
+            in_features: meta.shape[1],
+        }
+    }
+
+    fn matrix_bytes(&self, id: TensorId) -> u64 {
+        let m = self.store.meta(id);
+        (m.shape.iter().product::<usize>() * m.dtype.size()) as u64
+    }
+}
+
+/// Buffers of one OPT forward pass, sized for the largest step (the prefill).
+pub struct OptWorkspace {
+    hidden: Vec<f32>,
+    normed: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    sublayer_out: Vec<f32>,
+    ffn: Vec<f32>,
+    embed: Vec<f32>,
+    last: Vec<f32>,
+    last_normed: Vec<f32>,
+    last_projected: Vec<f32>,
+    scratch: Vec<f32>,
+}
+
+impl CausalLm for OptModel {
+    type Workspace = OptWorkspace;
+
+    fn vocab_size(&self) -> usize {
+        self.dims.vocab
+    }
+
+    fn max_positions(&self) -> usize {
+        self.dims.max_positions
+    }
+
+    fn num_layers(&self) -> usize {
+        self.dims.layers
+    }
+
+    fn kv_width(&self) -> usize {
+        self.dims.hidden
+    }
+
+    fn eos_token_id(&self) -> u32 {
+        self.config.spec.eos_token_id
+    }
+
+    fn pad_token_id(&self) -> u32 {
+        self.config.spec.pad_token_id
+    }
+
+    fn weight_bytes(&self) -> u64 {
+        let mut bytes = self.matrix_bytes(self.lm_head);
+        for id in [self.project_in, self.project_out].into_iter().flatten() {
+            bytes += self.matrix_bytes(id);
+        }
+        for l in &self.layers {
+            for lin in [&l.q, &l.k, &l.v, &l.out, &l.fc1, &l.fc2] {
+                bytes += self.matrix_bytes(lin.weight);
+                bytes += lin.bias.as_ref().map_or(0, |b| b.len() as u64 * 4);
+            }
+            bytes += 4 * 4 * self.dims.hidden as u64;
+        }
+        bytes
+    }
+
+    fn workspace(&self, batch: usize, max_new_tokens: usize, max_len: usize) -> OptWorkspace {
+        let d = &self.dims;
+        let rows = batch * max_new_tokens;
+        let has_projection = d.embed != d.hidden;
+        OptWorkspace {
+            hidden: vec![0.0; rows * d.hidden],
+            normed: vec![0.0; rows * d.hidden],
+            q: vec![0.0; rows * d.hidden],
+            k: vec![0.0; rows * d.hidden],
+            v: vec![0.0; rows * d.hidden],
+            attn: vec![0.0; rows * d.hidden],
+            sublayer_out: vec![0.0; rows * d.hidden],
+            ffn: vec![0.0; rows * d.ffn],
+            embed: vec![0.0; if has_projection { rows * d.embed } else { 0 }],
+            last: vec![0.0; batch * d.hidden],
+            last_normed: vec![0.0; batch * d.hidden],
+            last_projected: vec![0.0; batch * d.embed],
+            scratch: vec![0.0; attention_scratch_len(max_len, d.heads)],
+        }
+    }
+
+    fn forward(
+        &self,
+        be: &dyn Backend,
+        step: &Step,
+        kv: &mut KvCache,
+        ws: &mut OptWorkspace,
+        logits: &mut [f32],
+    ) {
+        let d = &self.dims;
+        let (h, t_new, batch) = (d.hidden, step.new_tokens, step.batch);
+        let rows = batch * t_new;
+        let pre_ln = self.config.spec.layer_norm_before;
+        let kv_len = step.start + t_new;
+        let scale = (d.head_dim as f32).powf(-0.5);
+
+        // Token embeddings (projected up in opt-350m-style models), then learned positions.
+        let tokens = self.store.data(self.embed_tokens);
+        if let Some(project_in) = self.project_in {
+            let e = d.embed;
+            let embed = &mut ws.embed[..rows * e];
+            embed.fill(0.0);
+            for (r, row) in embed.chunks_exact_mut(e).enumerate() {
+                add_row(&tokens, step.tokens[r] as usize, e, row);
+            }
+            be.linear(
+                embed,
+                rows,
+                &self.matrix(project_in),
+                None,
+                &mut ws.hidden[..rows * h],
+            );
+        } else {
+            let hidden = &mut ws.hidden[..rows * h];
+            hidden.fill(0.0);
+            for (r, row) in hidden.chunks_exact_mut(h).enumerate() {
+                add_row(&tokens, step.tokens[r] as usize, h, row);
+            }
+        }
+        let positions = self.store.data(self.embed_positions);
+        for (r, row) in ws.hidden[..rows * h].chunks_exact_mut(h).enumerate() {
+            let (b, t) = (r / t_new, r % t_new);
+            let valid = step.key_valid[b * kv.max_len + step.start + t];
+            // transformers: position = cumsum(mask) * mask - 1, plus the offset 2; padding -> 1.
+            let row_index = if valid {
+                step.positions[r] as usize + OPT_POSITION_OFFSET as usize
+            } else {
+                OPT_POSITION_OFFSET as usize - 1
+            };
+            add_row(&positions, row_index, h, row);
+        }
+
+        for (l, layer) in self.layers.iter().enumerate() {
+            // Self-attention.
+            let x: &[f32] = if pre_ln {
+                let n = &layer.attn_norm;
+                be.layer_norm(
+                    &ws.hidden[..rows * h],
+                    h,
+                    &n.gamma,
+                    &n.beta,
+                    LAYER_NORM_EPS,
+                    &mut ws.normed[..rows * h],
+                );
+                &ws.normed[..rows * h]
+            } else {
+                &ws.hidden[..rows * h]
+            };
+            for (lin, out) in [
+                (&layer.q, &mut ws.q),
+                (&layer.k, &mut ws.k),
+                (&layer.v, &mut ws.v),
+            ] {
+                be.linear(
+                    x,
+                    rows,
+                    &self.matrix(lin.weight),
+                    lin.bias.as_deref(),
+                    &mut out[..rows * h],
+                );
+            }
+            // As transformers: q_proj(x) * head_dim^-0.5, then unscaled scores.
+            be.scale_inplace(&mut ws.q[..rows * h], scale);
+            let seq_rows = t_new * h;
+            for b in 0..batch {
+                let span = b * seq_rows..(b + 1) * seq_rows;
+                kv.write(l, b, step.start, &ws.k[span.clone()], &ws.v[span]);
+            }
+            for b in 0..batch {
+                let (keys, values) = kv.sequence(l, b, kv_len);
+                let valid = &step.key_valid[b * kv.max_len..b * kv.max_len + kv_len];
+                be.attention(
+                    &ws.q[b * seq_rows..(b + 1) * seq_rows],
+                    t_new,
+                    keys,
+                    values,
+                    kv_len,
+                    valid,
+                    d.heads,
+                    d.head_dim,
+                    1.0,
+                    &mut ws.attn[b * seq_rows..(b + 1) * seq_rows],
+                    &mut ws.scratch,
+                );
+            }
+            be.linear(
+                &ws.attn[..rows * h],
+                rows,
+                &self.matrix(layer.out.weight),
+                layer.out.bias.as_deref(),
+                &mut ws.sublayer_out[..rows * h],
+            );
+            be.add_inplace(&mut ws.hidden[..rows * h], &ws.sublayer_out[..rows * h]);
+            if !pre_ln {
+                let n = &layer.attn_norm;
+                be.layer_norm(
+                    &ws.hidden[..rows * h],
+                    h,
+                    &n.gamma,
+                    &n.beta,
+                    LAYER_NORM_EPS,
+                    &mut ws.normed[..rows * h],
+                );
+                std::mem::swap(&mut ws.hidden, &mut ws.normed);
+            }
+
+            // Feed-forward.
+            let x: &[f32] = if pre_ln {
+                let n = &layer.ffn_norm;
+                be.layer_norm(
+                    &ws.hidden[..rows * h],
+                    h,
+                    &n.gamma,
+                    &n.beta,
+                    LAYER_NORM_EPS,
+                    &mut ws.normed[..rows * h],
+                );
+                &ws.normed[..rows * h]
+            } else {
+                &ws.hidden[..rows * h]
+            };
+            let ffn = &mut ws.ffn[..rows * d.ffn];
+            be.linear(
+                x,
+                rows,
+                &self.matrix(layer.fc1.weight),
+                layer.fc1.bias.as_deref(),
+                ffn,
+            );
+            be.relu_inplace(ffn);
+            be.linear(
+                ffn,
+                rows,
+                &self.matrix(layer.fc2.weight),
+                layer.fc2.bias.as_deref(),
+                &mut ws.sublayer_out[..rows * h],
+            );
+            be.add_inplace(&mut ws.hidden[..rows * h], &ws.sublayer_out[..rows * h]);
+            if !pre_ln {
+                let n = &layer.ffn_norm;
+                be.layer_norm(
+                    &ws.hidden[..rows * h],
+                    h,
+                    &n.gamma,
+                    &n.beta,
+                    LAYER_NORM_EPS,
+                    &mut ws.normed[..rows * h],
+                );
+                std::mem::swap(&mut ws.hidden, &mut ws.normed);
+            }
+        }
+
+        // Only each sequence's last token needs logits.
+        for b in 0..batch {
+            let row = (b * t_new + t_new - 1) * h;
+            ws.last[b * h..(b + 1) * h].copy_from_slice(&ws.hidden[row..row + h]);
+        }
+        let mut x: &[f32] = &ws.last[..batch * h];
+        if let Some(n) = &self.final_norm {
+            be.layer_norm(
+                x,
+                h,
+                &n.gamma,
+                &n.beta,
+                LAYER_NORM_EPS,
+                &mut ws.last_normed[..batch * h],
+            );
+            x = &ws.last_normed[..batch * h];
+        }
+        if let Some(project_out) = self.project_out {
+            be.linear(
+                x,
+                batch,
+                &self.matrix(project_out),
+                None,
+                &mut ws.last_projected[..batch * d.embed],
+            );
+            x = &ws.last_projected[..batch * d.embed];
+        }
+        be.linear(
+            x,
+            batch,
+            &self.matrix(self.lm_head),
+            None,
+            &mut logits[..batch * d.vocab],
+        );
+    }
+}

@@ -1,0 +1,645 @@
+//! Weight stores: where a model's tensors come from.
+//!
+//! Layers never own their big matrices. They hold a [`TensorId`] and ask a [`WeightStore`] for the
+//! elements when they compute. Today a store is either a checkpoint memory-mapped in place
+//! ([`SafetensorsStore`]) or seeded random tensors in memory ([`RandomStore`]); the offloading
+//! engine (issue 4) adds stores whose tensors live on other tiers (GPU, disk) and are staged on
+//! demand, without the model code changing.
+
+use crate::error::{ExecError, Result};
+use crate::kernels::WeightData;
+use half::{bf16, f16};
+use memmap2::Mmap;
+use rayon::prelude::*;
+use safetensors::{Dtype, SafeTensors};
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// Element types the executor computes with (f32 accumulation in every case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ElementType {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl ElementType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            ElementType::F32 => 4,
+            ElementType::F16 | ElementType::Bf16 => 2,
+        }
+    }
+}
+
+impl From<planner::model::DType> for ElementType {
+    fn from(d: planner::model::DType) -> Self {
+        match d {
+            planner::model::DType::F32 => ElementType::F32,
+            planner::model::DType::F16 => ElementType::F16,
+            planner::model::DType::Bf16 => ElementType::Bf16,
+        }
+    }
+}
+
+/// Handle of a tensor inside one store; cheap to copy and to look up (no hashing, no allocation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TensorId(usize);
+
+/// What a store knows about a tensor without touching its elements.
+#[derive(Debug, Clone)]
+pub struct TensorMeta {
+    pub name: String,
+    pub dtype: ElementType,
+    pub shape: Vec<usize>,
+    /// The file it is stored in (or a description of the source), for error messages.
+    pub origin: String,
+}
+
+/// A source of named weight tensors.
+pub trait WeightStore: Send + Sync {
+    /// Where the tensors come from, for messages ("checkpoint DIR", "random weights, seed 7").
+    fn origin(&self) -> &str;
+    /// Resolves a tensor name once, at load time. Fails when the tensor is absent or stored in an
+    /// element type the kernels cannot read.
+    fn find(&self, name: &str) -> Result<TensorId>;
+    /// Shape, dtype and origin of a resolved tensor.
+    fn meta(&self, id: TensorId) -> &TensorMeta;
+    /// The elements of a resolved tensor, borrowed from the store (no copy).
+    fn data(&self, id: TensorId) -> WeightData<'_>;
+    /// Bytes of all tensors the store holds.
+    fn total_bytes(&self) -> u64;
+    /// Brings the tensors into memory ahead of use (so that the first forward pass does not time
+    /// page faults), reporting progress in bytes through `progress`.
+    fn preload(&self, progress: &(dyn Fn(u64) + Sync)) {
+        let _ = progress;
+    }
+}
+
+/// Tensor elements held in memory in their element type.
+enum OwnedData {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    Bf16(Vec<bf16>),
+}
+
+impl OwnedData {
+    fn view(&self) -> WeightData<'_> {
+        match self {
+            OwnedData::F32(v) => WeightData::F32(v),
+            OwnedData::F16(v) => WeightData::F16(v),
+            OwnedData::Bf16(v) => WeightData::Bf16(v),
+        }
+    }
+
+    fn from_bytes(dtype: ElementType, bytes: &[u8]) -> OwnedData {
+        // Copy into a Vec of the element type, which is aligned whatever `bytes` is.
+        fn collect<T: bytemuck::Pod + Default>(bytes: &[u8]) -> Vec<T> {
+            let mut v = vec![T::default(); bytes.len() / std::mem::size_of::<T>()];
+            bytemuck::cast_slice_mut::<T, u8>(&mut v).copy_from_slice(bytes);
+            v
+        }
+        match dtype {
+            ElementType::F32 => OwnedData::F32(collect(bytes)),
+            ElementType::F16 => OwnedData::F16(collect(bytes)),
+            ElementType::Bf16 => OwnedData::Bf16(collect(bytes)),
+        }
+    }
+}
+
+/// Where one checkpoint tensor's elements are.
+enum Backing {
+    /// In a memory map, at an offset aligned for its element type.
+    Mapped {
+        file: usize,
+        start: usize,
+        end: usize,
+    },
+    /// Copied out, because its offset in the file was not aligned for its element type.
+    Copied(OwnedData),
+}
+
+/// A Hugging Face checkpoint (`model.safetensors`, or shards listed in
+/// `model.safetensors.index.json`) memory-mapped in place.
+pub struct SafetensorsStore {
+    origin: String,
+    files: Vec<(PathBuf, Mmap)>,
+    metas: Vec<TensorMeta>,
+    backing: Vec<Backing>,
+    by_name: HashMap<String, TensorId>,
+    /// Tensors present but stored in a dtype the kernels cannot read: name -> (dtype, file).
+    unusable: HashMap<String, (String, String)>,
+}
+
+/// Name of the single-file checkpoint.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// Name of the shard index of a sharded checkpoint.
+pub const SHARD_INDEX: &str = "model.safetensors.index.json";
+
+impl SafetensorsStore {
+    /// Opens the checkpoint in a model directory: the shard index if there is one, else
+    /// `model.safetensors`.
+    pub fn open_dir(dir: &Path) -> Result<SafetensorsStore> {
+        let index = dir.join(SHARD_INDEX);
+        let single = dir.join(SINGLE_FILE);
+        let origin = format!("checkpoint {}", dir.display());
+        if index.is_file() {
+            let files = read_shard_index(&index)?;
+            let store = Self::open_files(&files, origin)?;
+            store.check_index(&index)?;
+            Ok(store)
+        } else if single.is_file() {
+            Self::open_files(&[(single, None)], origin)
+        } else {
+            Err(ExecError::MissingFile {
+                what: format!("weights ({SINGLE_FILE} or {SHARD_INDEX})"),
+                path: single,
+            })
+        }
+    }
+
+    /// Opens one or more safetensors files as one store. `files` pairs each file with the tensor
+    /// names the shard index assigns to it (None: take whatever the file holds).
+    fn open_files(
+        files: &[(PathBuf, Option<Vec<String>>)],
+        origin: String,
+    ) -> Result<SafetensorsStore> {
+        let mut store = SafetensorsStore {
+            origin,
+            files: Vec::new(),
+            metas: Vec::new(),
+            backing: Vec::new(),
+            by_name: HashMap::new(),
+            unusable: HashMap::new(),
+        };
+        for (path, _) in files {
+            let file = File::open(path).map_err(|e| ExecError::io(path, e))?;
+            // SAFETY: the map is read-only; the checkpoint must not be truncated while the executor
+            // runs (the same contract every mmap-based loader has).
+            let map = unsafe { Mmap::map(&file) }.map_err(|e| ExecError::io(path, e))?;
+            store.add_file(path.clone(), map)?;
+        }
+        Ok(store)
+    }
+
+    fn add_file(&mut self, path: PathBuf, map: Mmap) -> Result<()> {
+        let file_index = self.files.len();
+        let shown = path.display().to_string();
+        let corrupt = |message: String| ExecError::Safetensors {
+            path: path.clone(),
+            message,
+        };
+        let (header_len, metadata) =
+            SafeTensors::read_metadata(&map).map_err(|e| corrupt(e.to_string()))?;
+        let data_start = 8 + header_len;
+        let mut names: Vec<_> = metadata.tensors().into_iter().collect();
+        names.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, info) in names {
+            if self.by_name.contains_key(&name) || self.unusable.contains_key(&name) {
+                return Err(corrupt(format!(
+                    "tensor '{name}' appears in more than one file"
+                )));
+            }
+            let dtype = match info.dtype {
+                Dtype::F32 => ElementType::F32,
+                Dtype::F16 => ElementType::F16,
+                Dtype::BF16 => ElementType::Bf16,
+                other => {
+                    self.unusable
+                        .insert(name, (format!("{other:?}"), shown.clone()));
+                    continue;
+                }
+            };
+            let start = data_start + info.data_offsets.0;
+            let end = data_start + info.data_offsets.1;
+            let bytes = &map[start..end];
+            let backing = if (bytes.as_ptr() as usize) % dtype.size() == 0 {
+                Backing::Mapped {
+                    file: file_index,
+                    start,
+                    end,
+                }
+            } else {
+                Backing::Copied(OwnedData::from_bytes(dtype, bytes))
+            };
+            let id = TensorId(self.metas.len());
+            self.metas.push(TensorMeta {
+                name: name.clone(),
+                dtype,
+                shape: info.shape.clone(),
+                origin: shown.clone(),
+            });
+            self.backing.push(backing);
+            self.by_name.insert(name, id);
+        }
+        self.files.push((path, map));
+        Ok(())
+    }
+
+    /// Every tensor the index promises must be in the file it names.
+    fn check_index(&self, index: &Path) -> Result<()> {
+        let files = read_shard_index(index)?;
+        for (path, names) in files {
+            for name in names.unwrap_or_default() {
+                let found_in = self
+                    .by_name
+                    .get(&name)
+                    .map(|id| self.metas[id.0].origin.clone())
+                    .or_else(|| self.unusable.get(&name).map(|u| u.1.clone()));
+                match found_in {
+                    Some(f) if f == path.display().to_string() => {}
+                    Some(f) => {
+                        return Err(ExecError::ShardIndex {
+                            path: index.to_path_buf(),
+                            message: format!(
+                                "tensor '{name}' is listed in {} but stored in {f}",
+                                path.display()
+                            ),
+                        })
+                    }
+                    None => {
+                        return Err(ExecError::ShardIndex {
+                            path: index.to_path_buf(),
+                            message: format!(
+                                "tensor '{name}' is listed in {} but that file does not hold it",
+                                path.display()
+                            ),
+                        })
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Names of all usable tensors, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.metas.iter().map(|m| m.name.as_str()).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Whether a tensor of that name is present (usable or not).
+    pub fn contains(&self, name: &str) -> bool {
+        self.by_name.contains_key(name) || self.unusable.contains_key(name)
+    }
+
+    /// How many tensors had to be copied out of the map because of misalignment.
+    pub fn copied_tensors(&self) -> usize {
+        self.backing
+            .iter()
+            .filter(|b| matches!(b, Backing::Copied(_)))
+            .count()
+    }
+}
+
+/// Reads `model.safetensors.index.json`: the shard files, each with the tensor names it holds.
+fn read_shard_index(index: &Path) -> Result<Vec<(PathBuf, Option<Vec<String>>)>> {
+    let bad = |message: String| ExecError::ShardIndex {
+        path: index.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(index).map_err(|e| ExecError::io(index, e))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("no \"weight_map\" object".into()))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<(PathBuf, Option<Vec<String>>)> = Vec::new();
+    for (name, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| bad(format!("entry for '{name}' is not a file name")))?;
+        if file.contains('/') || file.contains('\\') || file.starts_with('.') {
+            return Err(bad(format!(
+                "entry for '{name}' names '{file}', which is not a plain file name"
+            )));
+        }
+        let path = dir.join(file);
+        match files.iter_mut().find(|(p, _)| *p == path) {
+            Some((_, names)) => names.get_or_insert_with(Vec::new).push(name.clone()),
+            None => files.push((path, Some(vec![name.clone()]))),
+        }
+    }
+    if files.is_empty() {
+        return Err(bad("\"weight_map\" is empty".into()));
+    }
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    for (path, _) in &files {
+        if !path.is_file() {
+            return Err(ExecError::MissingFile {
+                what: format!("shard listed in {}", index.display()),
+                path: path.clone(),
+            });
+        }
+    }
+    Ok(files)
+}
+
+impl WeightStore for SafetensorsStore {
+    fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    fn find(&self, name: &str) -> Result<TensorId> {
+        if let Some(id) = self.by_name.get(name) {
+            return Ok(*id);
+        }
+        if let Some((dtype, file)) = self.unusable.get(name) {
+            return Err(ExecError::TensorDType {
+                name: name.to_string(),
+                file: file.clone(),
+                found: dtype.clone(),
+            });
+        }
+        Err(ExecError::MissingTensor {
+            name: name.to_string(),
+            origin: self.origin.clone(),
+        })
+    }
+
+    fn meta(&self, id: TensorId) -> &TensorMeta {
+        &self.metas[id.0]
+    }
+
+    fn data(&self, id: TensorId) -> WeightData<'_> {
+        match &self.backing[id.0] {
+            Backing::Copied(owned) => owned.view(),
+            Backing::Mapped { file, start, end } => {
+                let bytes = &self.files[*file].1[*start..*end];
+                // Alignment was checked when the file was opened.
+                match self.metas[id.0].dtype {
+                    ElementType::F32 => WeightData::F32(bytemuck::cast_slice(bytes)),
+                    ElementType::F16 => WeightData::F16(bytemuck::cast_slice(bytes)),
+                    ElementType::Bf16 => WeightData::Bf16(bytemuck::cast_slice(bytes)),
+                }
+            }
+        }
+    }
+
+    fn total_bytes(&self) -> u64 {
+        self.metas
+            .iter()
+            .map(|m| (m.shape.iter().product::<usize>() * m.dtype.size()) as u64)
+            .sum()
+    }
+
+    fn preload(&self, progress: &(dyn Fn(u64) + Sync)) {
+        const CHUNK: usize = 4 << 20;
+        const PAGE: usize = 4096;
+        for (_, map) in &self.files {
+            let _ = map.advise(memmap2::Advice::WillNeed);
+            map.par_chunks(CHUNK).for_each(|chunk| {
+                // Touch one byte per page so the kernel faults the page in now.
+                let mut sum = 0u8;
+                for i in (0..chunk.len()).step_by(PAGE) {
+                    sum = sum.wrapping_add(chunk[i]);
+                }
+                std::hint::black_box(sum);
+                progress(chunk.len() as u64);
+            });
+        }
+    }
+}
+
+/// How a random tensor is filled.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Init {
+    /// Uniform with mean 0 and this standard deviation.
+    Uniform { std: f32 },
+    /// Every element equal to this value.
+    Constant(f32),
+}
+
+/// Name, shape and fill of one random tensor.
+#[derive(Debug, Clone)]
+pub struct RandomTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub init: Init,
+}
+
+/// Seeded random weights in memory, for benchmarking model sizes without a checkpoint.
+///
+/// Each tensor is filled in parallel in fixed-size chunks whose generator is seeded from (seed,
+/// tensor, chunk), so the weights depend on the seed only, not on the number of threads.
+pub struct RandomStore {
+    origin: String,
+    metas: Vec<TensorMeta>,
+    data: Vec<OwnedData>,
+    by_name: HashMap<String, TensorId>,
+}
+
+const RANDOM_CHUNK: usize = 1 << 16;
+
+impl RandomStore {
+    /// Generates every tensor of `layout` in `dtype`. `progress` receives bytes generated.
+    pub fn generate(
+        layout: &[RandomTensor],
+        dtype: ElementType,
+        seed: u64,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> RandomStore {
+        let origin = format!("random weights (seed {seed})");
+        let mut store = RandomStore {
+            origin: origin.clone(),
+            metas: Vec::with_capacity(layout.len()),
+            data: Vec::with_capacity(layout.len()),
+            by_name: HashMap::new(),
+        };
+        for (t_index, t) in layout.iter().enumerate() {
+            let len: usize = t.shape.iter().product();
+            let tensor_seed = crate::rng::mix(seed, t_index as u64);
+            let data = match dtype {
+                ElementType::F32 => {
+                    OwnedData::F32(fill(len, t.init, tensor_seed, progress, 4, |x| x))
+                }
+                ElementType::F16 => {
+                    OwnedData::F16(fill(len, t.init, tensor_seed, progress, 2, f16::from_f32))
+                }
+                ElementType::Bf16 => {
+                    OwnedData::Bf16(fill(len, t.init, tensor_seed, progress, 2, bf16::from_f32))
+                }
+            };
+            store
+                .by_name
+                .insert(t.name.clone(), TensorId(store.metas.len()));
+            store.metas.push(TensorMeta {
+                name: t.name.clone(),
+                dtype,
+                shape: t.shape.clone(),
+                origin: origin.clone(),
+            });
+            store.data.push(data);
+        }
+        store
+    }
+}
+
+fn fill<T: Copy + Default + Send>(
+    len: usize,
+    init: Init,
+    seed: u64,
+    progress: &(dyn Fn(u64) + Sync),
+    elem_bytes: u64,
+    convert: impl Fn(f32) -> T + Sync,
+) -> Vec<T> {
+    let mut v = vec![T::default(); len];
+    match init {
+        Init::Constant(c) => v.fill(convert(c)),
+        Init::Uniform { std } => {
+            // Uniform on [-a, a] has standard deviation a / sqrt(3).
+            let a = std * 3f32.sqrt();
+            v.par_chunks_mut(RANDOM_CHUNK)
+                .enumerate()
+                .for_each(|(chunk_index, chunk)| {
+                    let mut rng = crate::rng::Rng::new(crate::rng::mix(seed, chunk_index as u64));
+                    for x in chunk.iter_mut() {
+                        *x = convert(a * (2.0 * rng.next_f32() - 1.0));
+                    }
+                    progress(chunk.len() as u64 * elem_bytes);
+                });
+        }
+    }
+    v
+}
+
+impl WeightStore for RandomStore {
+    fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    fn find(&self, name: &str) -> Result<TensorId> {
+        self.by_name
+            .get(name)
+            .copied()
+            .ok_or_else(|| ExecError::MissingTensor {
+                name: name.to_string(),
+                origin: self.origin.clone(),
+            })
+    }
+
+    fn meta(&self, id: TensorId) -> &TensorMeta {
+        &self.metas[id.0]
+    }
+
+    fn data(&self, id: TensorId) -> WeightData<'_> {
+        self.data[id.0].view()
+    }
+
+    fn total_bytes(&self) -> u64 {
+        self.metas
+            .iter()
+            .map(|m| (m.shape.iter().product::<usize>() * m.dtype.size()) as u64)
+            .sum()
+    }
+}
+
+/// Widens a 1-D tensor (a bias or a LayerNorm parameter) to f32.
+pub fn to_f32_vec(data: &WeightData<'_>) -> Vec<f32> {
+    match data {
+        WeightData::F32(v) => v.to_vec(),
+        WeightData::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+        WeightData::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
+    }
+}
+
+/// Adds row `row` of a `[rows, width]` tensor to `out` (widening to f32): used for embedding
+/// lookups, which read one row per token and so need no matrix kernel.
+pub fn add_row(data: &WeightData<'_>, row: usize, width: usize, out: &mut [f32]) {
+    let range = row * width..(row + 1) * width;
+    match data {
+        WeightData::F32(v) => out.iter_mut().zip(&v[range]).for_each(|(o, x)| *o += x),
+        WeightData::F16(v) => out
+            .iter_mut()
+            .zip(&v[range])
+            .for_each(|(o, x)| *o += x.to_f32()),
+        WeightData::Bf16(v) => out
+            .iter_mut()
+            .zip(&v[range])
+            .for_each(|(o, x)| *o += x.to_f32()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds a safetensors file by hand so that tensor offsets can be deliberately misaligned
+    /// (the official writers always align them).
+    fn handmade_file(dir: &Path) -> PathBuf {
+        let a: [u16; 1] = [f16::from_f32(1.5).to_bits()];
+        let b: [f32; 3] = [1.0, -2.0, 3.25];
+        let header = r#"{"a":{"dtype":"F16","shape":[1],"data_offsets":[0,2]},"b":{"dtype":"F32","shape":[3],"data_offsets":[2,14]}}"#;
+        // Pad the header to 8 bytes so the data section starts aligned; "b" then sits at offset 2.
+        let mut header = header.to_string();
+        while header.len() % 8 != 0 {
+            header.push(' ');
+        }
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(bytemuck::cast_slice(&a));
+        bytes.extend_from_slice(bytemuck::cast_slice(&b));
+        let path = dir.join(SINGLE_FILE);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    #[test]
+    fn misaligned_tensor_is_copied_and_reads_back_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        handmade_file(dir.path());
+        let store = SafetensorsStore::open_dir(dir.path()).unwrap();
+        assert_eq!(store.copied_tensors(), 1, "only 'b' is misaligned");
+        let b = store.find("b").unwrap();
+        match store.data(b) {
+            WeightData::F32(v) => assert_eq!(v, &[1.0, -2.0, 3.25]),
+            _ => panic!("b should be f32"),
+        }
+        let a = store.find("a").unwrap();
+        match store.data(a) {
+            WeightData::F16(v) => assert_eq!(v[0].to_f32(), 1.5),
+            _ => panic!("a should be f16"),
+        }
+        assert_eq!(store.total_bytes(), 14);
+    }
+
+    #[test]
+    fn random_store_is_seeded_and_has_the_requested_spread() {
+        let layout = vec![
+            RandomTensor {
+                name: "w".into(),
+                shape: vec![300, 1000],
+                init: Init::Uniform { std: 0.5 },
+            },
+            RandomTensor {
+                name: "g".into(),
+                shape: vec![10],
+                init: Init::Constant(1.0),
+            },
+        ];
+        let one = RandomStore::generate(&layout, ElementType::F32, 9, &|_| {});
+        let two = RandomStore::generate(&layout, ElementType::F32, 9, &|_| {});
+        let other = RandomStore::generate(&layout, ElementType::F32, 10, &|_| {});
+        let w = one.find("w").unwrap();
+        let values = to_f32_vec(&one.data(w));
+        assert_eq!(values, to_f32_vec(&two.data(w)));
+        assert_ne!(values, to_f32_vec(&other.data(w)));
+        let n = values.len() as f64;
+        let mean = values.iter().map(|&x| x as f64).sum::<f64>() / n;
+        let var = values
+            .iter()
+            .map(|&x| (x as f64 - mean).powi(2))
+            .sum::<f64>()
+            / n;
+        assert!(mean.abs() < 0.01, "mean {mean}");
+        assert!((var.sqrt() - 0.5).abs() < 0.01, "std {}", var.sqrt());
+        assert_eq!(to_f32_vec(&one.data(one.find("g").unwrap())), vec![1.0; 10]);
+        let bf = RandomStore::generate(&layout, ElementType::Bf16, 9, &|_| {});
+        assert_eq!(bf.total_bytes(), (300 * 1000 + 10) * 2);
+    }
+}
