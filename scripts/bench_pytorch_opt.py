@@ -1,0 +1,222 @@
+#!/usr/bin/env python3
+"""PyTorch + transformers side of scripts/bench-cpu-vs-pytorch.sh, and the report it prints.
+
+Subcommands:
+  prompts  --batch B --prompt-len L --seed S      one line of comma-separated token ids per prompt
+  torch    --model NAME --dtype D --prompts FILE --new-tokens N --reps R --out FILE.json
+  report   --dram FILE --results DIR --out FILE.md  the comparison table (stdout and markdown)
+
+The torch run builds a random-weight OPT with transformers' own initialisation (the speed of a
+dense model does not depend on the values), generates greedily with exactly N new tokens
+(min_new_tokens = max_new_tokens, so EOS cannot end a sequence early), and times prefill (a
+generate of one token) and the whole generate separately, reporting medians of R runs.
+"""
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import sys
+import time
+
+# Built-in OPT shapes (design notes, section 7), so no download is needed.
+OPT_SHAPES = {
+    "opt-125m": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, ffn_dim=3072),
+    "opt-350m": dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, ffn_dim=4096),
+    "opt-1.3b": dict(num_hidden_layers=24, hidden_size=2048, num_attention_heads=32, ffn_dim=8192),
+    "opt-2.7b": dict(num_hidden_layers=32, hidden_size=2560, num_attention_heads=32, ffn_dim=10240),
+}
+
+
+def cmd_prompts(args):
+    rng = random.Random(args.seed)
+    for _ in range(args.batch):
+        # Token 2 is OPT's BOS, which its tokenizer puts first; the rest avoid special ids.
+        ids = [2] + [rng.randrange(4, 50000) for _ in range(args.prompt_len - 1)]
+        print(",".join(map(str, ids)))
+
+
+def cmd_torch(args):
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.set_num_threads(args.threads or os.cpu_count())
+    dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[args.dtype]
+    shape = OPT_SHAPES[args.model]
+    config = OPTConfig(
+        vocab_size=50272,
+        max_position_embeddings=2048,
+        word_embed_proj_dim=shape["hidden_size"],
+        do_layer_norm_before=True,
+        **shape,
+    )
+    torch.manual_seed(args.seed)
+    t = time.perf_counter()
+    model = OPTForCausalLM._from_config(config, dtype=dtype).eval()
+    load_s = time.perf_counter() - t
+    with open(args.prompts) as f:
+        prompts = [[int(v) for v in line.split(",")] for line in f if line.strip()]
+    input_ids = torch.tensor(prompts, dtype=torch.long)
+    attention_mask = torch.ones_like(input_ids)
+
+    def generate(n):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=1,
+            )
+        elapsed = time.perf_counter() - start
+        assert out.shape[1] == input_ids.shape[1] + n, "generate stopped early"
+        return elapsed
+
+    generate(2)  # warm-up: first-call allocations and oneDNN kernel selection
+    prefill, total = [], []
+    for _ in range(args.reps):
+        prefill.append(generate(1))
+        total.append(generate(args.new_tokens))
+    batch, new = input_ids.shape[0], args.new_tokens
+    prefill_s = statistics.median(prefill)
+    total_s = statistics.median(total)
+    decode_s = max(total_s - prefill_s, 1e-9)
+    result = dict(
+        engine="pytorch",
+        torch=torch.__version__,
+        model=args.model,
+        dtype=args.dtype,
+        threads=torch.get_num_threads(),
+        batch_size=batch,
+        prompt_len=input_ids.shape[1],
+        new_tokens=new,
+        load_s=load_s,
+        prefill_s=prefill_s,
+        decode_s=decode_s,
+        decode_tokens_per_s=batch * (new - 1) / decode_s,
+        total_tokens_per_s=batch * new / total_s,
+        runs_total_s=total,
+        runs_prefill_s=prefill,
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    )
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+def median_report(paths):
+    """Medians over several executor --report files of one configuration."""
+    runs = [json.load(open(p)) for p in paths]
+    med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+    first = runs[0]
+    return dict(
+        model=first.get("model"),
+        batch_size=first["batch_size"],
+        prefill_s=med("prefill_s"),
+        decode_s=med("decode_s"),
+        decode_tokens_per_s=med("decode_tokens_per_s"),
+        total_tokens_per_s=med("total_tokens_per_s"),
+        weight_bytes_per_step=first.get("weight_bytes_per_step", first.get("weight_bytes")),
+        decode_weight_bw=med("decode_weight_bandwidth_bytes_per_s")
+        if "decode_weight_bandwidth_bytes_per_s" in first
+        else None,
+        decode_steps=first.get("decode_steps"),
+        peak_rss_bytes=max((r.get("peak_rss_bytes") or 0) for r in runs),
+        runs_total_s=[r["prefill_s"] + r["decode_s"] for r in runs],
+    )
+
+
+def cmd_report(args):
+    dram = [float(open(p).read().split()[-1]) for p in args.dram]
+    dram_gbs = statistics.median(dram)
+    rows = []
+    for name in sorted(os.listdir(args.results)):
+        if not name.endswith(".torch.json"):
+            continue
+        key = name[: -len(".torch.json")]
+        torch_r = json.load(open(os.path.join(args.results, name)))
+        exe_paths = sorted(
+            os.path.join(args.results, f)
+            for f in os.listdir(args.results)
+            if f.startswith(key + ".executor.") and f.endswith(".json")
+        )
+        exe = median_report(exe_paths) if exe_paths else None
+        rows.append((key, torch_r, exe))
+    order = lambda r: (list(OPT_SHAPES).index(r[1]["model"]), r[1]["batch_size"])  # noqa: E731
+    rows.sort(key=order)
+
+    lines = []
+    out = lines.append
+    out(f"DRAM read bandwidth (median of {len(dram)} measurements in this run): {dram_gbs:.2f} GB/s")
+    out("")
+    out(
+        "| model | batch | PyTorch gen tok/s | executor gen tok/s | ratio "
+        "| PyTorch decode tok/s | executor decode tok/s | ratio "
+        "| PyTorch prefill s | executor prefill s |"
+    )
+    out("|---|---|---|---|---|---|---|---|---|---|")
+    for key, t, e in rows:
+        if e is None:
+            out(
+                f"| {t['model']} | {t['batch_size']} | {t['total_tokens_per_s']:.2f} | missing | - "
+                f"| {t['decode_tokens_per_s']:.2f} | missing | - | {t['prefill_s']:.2f} | missing |"
+            )
+            continue
+        out(
+            f"| {t['model']} | {t['batch_size']} | {t['total_tokens_per_s']:.2f} "
+            f"| {e['total_tokens_per_s']:.2f} | **{e['total_tokens_per_s'] / t['total_tokens_per_s']:.2f}x** "
+            f"| {t['decode_tokens_per_s']:.2f} | {e['decode_tokens_per_s']:.2f} "
+            f"| {e['decode_tokens_per_s'] / t['decode_tokens_per_s']:.2f}x "
+            f"| {t['prefill_s']:.2f} | {e['prefill_s']:.2f} |"
+        )
+    out("")
+    out("Executor batch-1 decode: weight bytes read per token / time per token, against DRAM read bandwidth:")
+    out("")
+    out("| model | weight bytes per step | time per token ms | decode bandwidth GB/s | % of DRAM |")
+    out("|---|---|---|---|---|")
+    for key, t, e in rows:
+        if e is None or e["batch_size"] != 1:
+            continue
+        steps = e["decode_steps"] or (t["new_tokens"] - 1)
+        per_token = e["decode_s"] / steps
+        bw = e["weight_bytes_per_step"] / per_token / 1e9
+        out(
+            f"| {t['model']} | {e['weight_bytes_per_step'] / 1e6:.1f} MB | {per_token * 1e3:.2f} "
+            f"| {bw:.2f} | **{100 * bw / dram_gbs:.0f}%** |"
+        )
+    text = "\n".join(lines)
+    print(text)
+    with open(args.out, "w") as f:
+        f.write(text + "\n")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("prompts")
+    a.add_argument("--batch", type=int, required=True)
+    a.add_argument("--prompt-len", type=int, required=True)
+    a.add_argument("--seed", type=int, default=1)
+    a = sub.add_parser("torch")
+    a.add_argument("--model", required=True, choices=sorted(OPT_SHAPES))
+    a.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"])
+    a.add_argument("--prompts", required=True)
+    a.add_argument("--new-tokens", type=int, default=32)
+    a.add_argument("--reps", type=int, default=3)
+    a.add_argument("--seed", type=int, default=1)
+    a.add_argument("--threads", type=int, default=0)
+    a.add_argument("--out", required=True)
+    a = sub.add_parser("report")
+    a.add_argument("--dram", nargs="+", required=True, help="files holding 'dram_read_gb_s <value>'")
+    a.add_argument("--results", required=True)
+    a.add_argument("--out", required=True)
+    args = p.parse_args()
+    {"prompts": cmd_prompts, "torch": cmd_torch, "report": cmd_report}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
