@@ -57,8 +57,8 @@ pub fn check_policy(path: &Path) -> CheckReport {
 
 fn check_into(path: &Path, report: &mut CheckReport) -> Result<(), String> {
     let policy = Policy::load(path).map_err(|e| e.to_string())?;
-    let profile = paths::load_policy_profile(path, &policy.provenance.profile)
-        .map_err(|e| e.to_string())?;
+    let profile =
+        paths::load_policy_profile(path, &policy.provenance.profile).map_err(|e| e.to_string())?;
     let fingerprint = profile.fingerprint();
     if fingerprint != policy.provenance.profile_fingerprint {
         report.failures.push(format!(

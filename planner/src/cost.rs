@@ -222,8 +222,7 @@ pub fn gtoc_attention_inputs(ci: &CostInputs, stage: Stage, s: &Shares) -> f64 {
     if stage == Stage::Prefill || !ci.scenario.cpu_attention {
         return 0.0;
     }
-    (s.cache_cpu + s.cache_disk) * ci.bls() * 3.0 * ci.h1() * ci.elem()
-        / gpu.d2h_pinned_bytes_per_s
+    (s.cache_cpu + s.cache_disk) * ci.bls() * 3.0 * ci.h1() * ci.elem() / gpu.d2h_pinned_bytes_per_s
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -492,7 +491,10 @@ impl LayerTerms {
     }
     /// GPU -> CPU channel (the other PCIe direction, full duplex).
     pub fn gtoc(&self) -> f64 {
-        self.gtoc_cache + self.gtoc_activations + self.gtoc_split_inputs + self.gtoc_attention_inputs
+        self.gtoc_cache
+            + self.gtoc_activations
+            + self.gtoc_split_inputs
+            + self.gtoc_attention_inputs
     }
     /// Disk reads.
     pub fn dtoc(&self) -> f64 {
@@ -610,9 +612,8 @@ pub fn physical_lower_bound(ci: &CostInputs, pre: &LayerTerms, dec: &LayerTerms)
     let l = ci.model.num_layers as f64;
     let steps = ci.scenario.gen_len.saturating_sub(1) as f64;
     let total = |f: &dyn Fn(&LayerTerms) -> f64| l * f(pre) + l * steps * f(dec);
-    let comp = total(&|t| t.comp())
-        + lm_head(ci, Stage::Prefill)
-        + steps * lm_head(ci, Stage::Decode);
+    let comp =
+        total(&|t| t.comp()) + lm_head(ci, Stage::Prefill) + steps * lm_head(ci, Stage::Decode);
     comp.max(total(&|t| t.ctog()))
         .max(total(&|t| t.gtoc()))
         .max(total(&|t| t.disk()))
@@ -747,7 +748,11 @@ fn breakdown(t: &LayerTerms, has_gpu: bool) -> StageBreakdown {
 }
 
 /// Memory use of a plan against capacities from the profile and the policy's recorded overrides.
-pub fn memory_use(plan: &MemoryPlan, profile: &Profile, overrides: &CapacityOverrides) -> MemoryUse {
+pub fn memory_use(
+    plan: &MemoryPlan,
+    profile: &Profile,
+    overrides: &CapacityOverrides,
+) -> MemoryUse {
     let cap = profile.capacities(overrides);
     MemoryUse {
         gpu: TierUse {
@@ -767,7 +772,11 @@ pub fn memory_use(plan: &MemoryPlan, profile: &Profile, overrides: &CapacityOver
 
 /// Predicts what running `policy` for `model` on `profile` takes: the executor prints this next to
 /// its measurements. Capacities are the profile's, with the overrides recorded in the policy.
-pub fn evaluate(model: &ModelSpec, profile: &Profile, policy: &Policy) -> Result<Prediction, CostError> {
+pub fn evaluate(
+    model: &ModelSpec,
+    profile: &Profile,
+    policy: &Policy,
+) -> Result<Prediction, CostError> {
     if policy.needs_gpu() && !profile.has_gpu() {
         return Err(CostError::NeedsGpu {
             profile: profile.profile.name.clone(),

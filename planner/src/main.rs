@@ -8,13 +8,16 @@ use planner::memory;
 use planner::model::{builtin_names, ModelSpec};
 use planner::paths;
 use planner::policy::Policy;
-use planner::profile::{check_override, CapacityOverrides, Profile, DEFAULT_PROFILE_NAME, EMBEDDED_PREFIX};
+use planner::profile::{
+    check_override, CapacityOverrides, Profile, DEFAULT_PROFILE_NAME, EMBEDDED_PREFIX,
+};
 use planner::report;
 use planner::solve::{self, Objective, SolveRequest};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-const ABOUT: &str = "Strata planner: chooses where a model's weights, KV cache and activations live \
+const ABOUT: &str =
+    "Strata planner: chooses where a model's weights, KV cache and activations live \
 (GPU / CPU / disk), the batch shape and the CPU/GPU split of every linear layer, by solving a cost \
 model as linear programs, and writes the choice as a TOML policy for the executor.";
 
@@ -57,7 +60,11 @@ Without --profile the embedded profile t4-flexgen is used, and the output says s
 Embedded profiles can also be named as builtin:NAME (t4-flexgen, a10-hetegen, h100-pcie, cpu-2core-24gib).")]
     Solve {
         /// Built-in model: opt-125m, opt-350m, opt-1.3b, opt-2.7b, opt-6.7b, opt-13b, opt-30b, opt-66b, opt-175b.
-        #[arg(long, conflicts_with = "model_config", required_unless_present = "model_config")]
+        #[arg(
+            long,
+            conflicts_with = "model_config",
+            required_unless_present = "model_config"
+        )]
         model: Option<String>,
         /// A Hugging Face OPT config.json instead of a built-in model.
         #[arg(long, value_name = "PATH")]
@@ -224,9 +231,21 @@ fn run_solve(a: SolveArgs) -> Result<()> {
         ),
     };
     let overrides = CapacityOverrides {
-        gpu_mem_gib: a.gpu_mem.map(|v| check_override("--gpu-mem", v)).transpose().map_err(anyhow::Error::msg)?,
-        cpu_mem_gib: a.cpu_mem.map(|v| check_override("--cpu-mem", v)).transpose().map_err(anyhow::Error::msg)?,
-        disk_mem_gib: a.disk_mem.map(|v| check_override("--disk-mem", v)).transpose().map_err(anyhow::Error::msg)?,
+        gpu_mem_gib: a
+            .gpu_mem
+            .map(|v| check_override("--gpu-mem", v))
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
+        cpu_mem_gib: a
+            .cpu_mem
+            .map(|v| check_override("--cpu-mem", v))
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
+        disk_mem_gib: a
+            .disk_mem
+            .map(|v| check_override("--disk-mem", v))
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
     };
     let (profile, profile_ref, profile_desc) = load_profile(a.profile.as_deref())?;
     if overrides.gpu_mem_gib.is_some() && !profile.has_gpu() {
@@ -353,10 +372,6 @@ fn run_check(target: &Path, json: bool) -> Result<bool> {
         }
     }
     let failed = reports.iter().filter(|r| !r.ok).count();
-    println!(
-        "{} policies checked, {} failed",
-        reports.len(),
-        failed
-    );
+    println!("{} policies checked, {} failed", reports.len(), failed);
     Ok(all_ok)
 }

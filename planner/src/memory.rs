@@ -220,7 +220,8 @@ pub fn plan(model: &ModelSpec, sc: &Scenario, per_kind: &[Shares; 4]) -> MemoryP
     let gbs = sc.gpu_batch_size as f64;
     let positions = (sc.prompt_len + sc.gen_len) as f64;
     let kv_one_batch = gbs * positions * kv_pos;
-    let act_one_batch = gbs * sc.prompt_len as f64 * model.activation_bytes_per_token(model.dtype) as f64;
+    let act_one_batch =
+        gbs * sc.prompt_len as f64 * model.activation_bytes_per_token(model.dtype) as f64;
     let working = largest_intermediate_bytes(model, sc);
 
     // Bytes of one layer's weights copied to the GPU for each use, summed over linear kinds with
@@ -244,7 +245,11 @@ pub fn plan(model: &ModelSpec, sc: &Scenario, per_kind: &[Shares; 4]) -> MemoryP
         weights_home: placement.weights_gpu * layers * weights_layer,
         kv_cache_home: placement.cache_gpu * kv_total,
         activations_home: placement.activations_gpu * act_total,
-        embeddings: if sc.has_gpu { embedding_bytes(model) } else { 0.0 },
+        embeddings: if sc.has_gpu {
+            embedding_bytes(model)
+        } else {
+            0.0
+        },
         weight_buffers: 2.0 * copied_to_gpu,
         kv_cache_buffers: if sc.has_gpu && !sc.cpu_attention {
             2.0 * non_gpu_cache * kv_one_batch
@@ -262,7 +267,11 @@ pub fn plan(model: &ModelSpec, sc: &Scenario, per_kind: &[Shares; 4]) -> MemoryP
         weights_home: placement.weights_cpu() * layers * weights_layer,
         kv_cache_home: placement.cache_cpu * kv_total,
         activations_home: placement.activations_cpu * act_total,
-        embeddings: if sc.has_gpu { 0.0 } else { embedding_bytes(model) },
+        embeddings: if sc.has_gpu {
+            0.0
+        } else {
+            embedding_bytes(model)
+        },
         weight_buffers: 2.0 * placement.weights_disk() * weights_layer,
         kv_cache_buffers: 2.0 * placement.cache_disk * kv_one_batch,
         activation_buffers: 2.0 * placement.activations_disk * act_one_batch,
@@ -370,9 +379,8 @@ mod tests {
                 p.gpu.total() + 3.0 * p.cpu.total() + 7.0 * p.disk.total()
             };
             let form = AffineForm::of(f);
-            let point = Shares::from_array([
-                0.1, 0.2, 0.3, 0.15, 0.25, 0.3, 0.3, 0.4, 0.5, 0.25, 0.25,
-            ]);
+            let point =
+                Shares::from_array([0.1, 0.2, 0.3, 0.15, 0.25, 0.3, 0.3, 0.4, 0.5, 0.25, 0.25]);
             let exact = f(&point);
             assert!((form.at(&point) - exact).abs() <= 1e-9 * exact.abs());
         }

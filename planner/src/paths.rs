@@ -69,12 +69,11 @@ pub fn load_policy_profile(policy_path: &Path, recorded: &str) -> Result<Profile
     if let Some(name) = recorded.strip_prefix(EMBEDDED_PREFIX) {
         return Ok(Profile::embedded(name)?);
     }
-    let path = resolve_recorded(policy_path, recorded).ok_or_else(|| {
-        ReferenceError::ProfileMissing {
+    let path =
+        resolve_recorded(policy_path, recorded).ok_or_else(|| ReferenceError::ProfileMissing {
             policy: policy_path.display().to_string(),
             profile: recorded.to_string(),
-        }
-    })?;
+        })?;
     Ok(Profile::load(&path)?)
 }
 
@@ -87,12 +86,11 @@ pub fn load_policy_model(
     match config {
         None => Ok(ModelSpec::builtin(name)?),
         Some(c) => {
-            let path = resolve_recorded(policy_path, c).ok_or_else(|| {
-                ReferenceError::ConfigMissing {
+            let path =
+                resolve_recorded(policy_path, c).ok_or_else(|| ReferenceError::ConfigMissing {
                     policy: policy_path.display().to_string(),
                     config: c.to_string(),
-                }
-            })?;
+                })?;
             let mut model = ModelSpec::from_hf_config(&path)?;
             model.name = name.to_string();
             Ok(model)

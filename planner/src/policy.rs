@@ -299,9 +299,18 @@ impl Policy {
             ));
         }
         for (field, value) in [
-            ("gpu_mem_gib", self.provenance.capacity_overrides.gpu_mem_gib),
-            ("cpu_mem_gib", self.provenance.capacity_overrides.cpu_mem_gib),
-            ("disk_mem_gib", self.provenance.capacity_overrides.disk_mem_gib),
+            (
+                "gpu_mem_gib",
+                self.provenance.capacity_overrides.gpu_mem_gib,
+            ),
+            (
+                "cpu_mem_gib",
+                self.provenance.capacity_overrides.cpu_mem_gib,
+            ),
+            (
+                "disk_mem_gib",
+                self.provenance.capacity_overrides.disk_mem_gib,
+            ),
         ] {
             if let Some(v) = value {
                 if !(v.is_finite() && v >= 0.0) {
@@ -337,9 +346,18 @@ impl Policy {
         let mut out = String::new();
         let w = &mut out;
         let p = &self.provenance;
-        line(w, "# Strata policy: where every tensor lives, how the batch is shaped and where the");
-        line(w, "# arithmetic runs, for one model, workload and machine. Written by `planner solve`;");
-        line(w, "# read by `executor --policy` and re-verified by `planner check`.");
+        line(
+            w,
+            "# Strata policy: where every tensor lives, how the batch is shaped and where the",
+        );
+        line(
+            w,
+            "# arithmetic runs, for one model, workload and machine. Written by `planner solve`;",
+        );
+        line(
+            w,
+            "# read by `executor --policy` and re-verified by `planner check`.",
+        );
         line(w, "");
         line(w, "# Where this policy came from: the planner version, the hardware profile it was solved");
         line(w, "# for (a path relative to the repository root, or builtin:NAME for an embedded one), the");
@@ -350,7 +368,10 @@ impl Policy {
         kv_str(w, "profile_fingerprint", &p.profile_fingerprint);
         kv_str(w, "objective", &p.objective);
         if !p.allow_compression {
-            line(w, "# Solved with --no-compression: the search never considered 4-bit compression.");
+            line(
+                w,
+                "# Solved with --no-compression: the search never considered 4-bit compression.",
+            );
             kv_bool(w, "allow_compression", false);
         }
         if !p.capacity_overrides.is_empty() {
@@ -369,29 +390,45 @@ impl Policy {
             }
         }
         line(w, "");
-        line(w, "# The model: a built-in name, or the Hugging Face config.json its shapes came from.");
+        line(
+            w,
+            "# The model: a built-in name, or the Hugging Face config.json its shapes came from.",
+        );
         line(w, "[model]");
         kv_str(w, "name", &self.model.name);
         if let Some(c) = &self.model.config {
             kv_str(w, "config", c);
         }
         line(w, "");
-        line(w, "# The job: prompt length s and tokens generated per sequence n.");
+        line(
+            w,
+            "# The job: prompt length s and tokens generated per sequence n.",
+        );
         line(w, "[workload]");
         kv_int(w, "prompt_len", self.workload.prompt_len);
         kv_int(w, "gen_len", self.workload.gen_len);
         line(w, "");
         line(w, "# FlexGen's block: gpu_batch_size sequences per GPU batch, num_gpu_batches GPU batches;");
-        line(w, "# each layer runs over all of them before the next layer (zig-zag block schedule).");
+        line(
+            w,
+            "# each layer runs over all of them before the next layer (zig-zag block schedule).",
+        );
         line(w, "[batch]");
         kv_int(w, "gpu_batch_size", self.batch.gpu_batch_size);
         kv_int(w, "num_gpu_batches", self.batch.num_gpu_batches);
         line(w, "");
-        line(w, "# Share of each tensor kind on GPU / CPU / disk; each row sums to 1.");
+        line(
+            w,
+            "# Share of each tensor kind on GPU / CPU / disk; each row sums to 1.",
+        );
         for (name, row, what) in [
             ("weights", &self.placement.weights, "decoder-layer weights"),
             ("kv_cache", &self.placement.kv_cache, "KV cache"),
-            ("activations", &self.placement.activations, "hidden states between layers"),
+            (
+                "activations",
+                &self.placement.activations,
+                "hidden states between layers",
+            ),
         ] {
             line(w, &format!("# {what}"));
             line(w, &format!("[placement.{name}]"));
@@ -413,7 +450,10 @@ impl Policy {
             kv_f64(w, k, v);
         }
         line(w, "");
-        line(w, "# FlexGen's 4-bit group-wise compression (groups of 64, 4.5 bits per value).");
+        line(
+            w,
+            "# FlexGen's 4-bit group-wise compression (groups of 64, 4.5 bits per value).",
+        );
         line(w, "[compression]");
         kv_bool(w, "weights", self.compression.weights);
         kv_bool(w, "kv_cache", self.compression.kv_cache);
@@ -512,31 +552,53 @@ fn write_tier(w: &mut String, table: &str, t: &TierUse) {
 
 fn write_prediction(w: &mut String, p: &Prediction) {
     line(w, "");
-    line(w, "# What the cost model predicts for this policy (docs/cost-model.md). Times in seconds for");
-    line(w, "# the whole block: throughput = bls * n / total; decode_s_per_token is one decode step;");
-    line(w, "# lower_bound_s assumes every channel overlapped every other over the whole run.");
+    line(
+        w,
+        "# What the cost model predicts for this policy (docs/cost-model.md). Times in seconds for",
+    );
+    line(
+        w,
+        "# the whole block: throughput = bls * n / total; decode_s_per_token is one decode step;",
+    );
+    line(
+        w,
+        "# lower_bound_s assumes every channel overlapped every other over the whole run.",
+    );
     line(w, "[prediction]");
     kv_f64(w, "throughput_tok_s", p.throughput_tok_s);
     kv_f64(w, "prefill_s", p.prefill_s);
     kv_f64(w, "decode_s_per_token", p.decode_s_per_token);
     kv_f64(w, "total_s", p.total_s);
     kv_f64(w, "lower_bound_s", p.lower_bound_s);
-    kv_f64(w, "lower_bound_throughput_tok_s", p.lower_bound_throughput_tok_s);
+    kv_f64(
+        w,
+        "lower_bound_throughput_tok_s",
+        p.lower_bound_throughput_tok_s,
+    );
     line(w, "");
-    line(w, "# Per layer, whole block: time of each channel (ctog = CPU->GPU, gtoc = GPU->CPU, dtoc =");
+    line(
+        w,
+        "# Per layer, whole block: time of each channel (ctog = CPU->GPU, gtoc = GPU->CPU, dtoc =",
+    );
     line(w, "# disk->CPU, ctod = CPU->disk, comp = compute), the layer's time max(ctog, gtoc, dtoc + ctod,");
     line(w, "# comp) and the channel that binds it.");
     write_stage(w, "prediction.prefill", &p.prefill);
     line(w, "");
     write_stage(w, "prediction.decode", &p.decode);
     line(w, "");
-    line(w, "# Peak memory per tier (the executor's buffer plan) against the usable capacity, in GiB.");
+    line(
+        w,
+        "# Peak memory per tier (the executor's buffer plan) against the usable capacity, in GiB.",
+    );
     write_tier(w, "prediction.memory.gpu", &p.memory.gpu);
     write_tier(w, "prediction.memory.cpu", &p.memory.cpu);
     write_tier(w, "prediction.memory.disk", &p.memory.disk);
     if let Some(s) = &p.solver {
         line(w, "");
-        line(w, "# How the search went: LPs solved, configurations pruned, wall-clock time.");
+        line(
+            w,
+            "# How the search went: LPs solved, configurations pruned, wall-clock time.",
+        );
         line(w, "[prediction.solver]");
         kv_str(w, "status", &s.status);
         kv_f64(w, "solve_ms", s.solve_ms);

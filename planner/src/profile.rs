@@ -29,10 +29,7 @@ pub const DEFAULT_PROFILE_NAME: &str = "t4-flexgen";
 /// Profiles compiled into the binary, so `planner solve` works on a fresh clone with no files.
 /// Their text is the same as the files under `profiles/`.
 pub const EMBEDDED_PROFILES: &[(&str, &str)] = &[
-    (
-        "t4-flexgen",
-        include_str!("../../profiles/t4-flexgen.toml"),
-    ),
+    ("t4-flexgen", include_str!("../../profiles/t4-flexgen.toml")),
     (
         "a10-hetegen",
         include_str!("../../profiles/a10-hetegen.toml"),
@@ -477,14 +474,18 @@ mod tests {
         let mut p = Profile::embedded("a10-hetegen").unwrap();
         p.cpu.dram_gbps.value = -1.0;
         let e = p.validate("x.toml").unwrap_err().to_string();
-        assert!(e.contains("cpu.dram_gbps.value") && e.contains("> 0"), "{e}");
+        assert!(
+            e.contains("cpu.dram_gbps.value") && e.contains("> 0"),
+            "{e}"
+        );
     }
 
     #[test]
     fn bad_source_is_rejected() {
-        let text = EMBEDDED_PROFILES[0]
-            .1
-            .replacen("source = \"datasheet\"", "source = \"rumour\"", 1);
+        let text =
+            EMBEDDED_PROFILES[0]
+                .1
+                .replacen("source = \"datasheet\"", "source = \"rumour\"", 1);
         let e = Profile::parse(&text, "x.toml").unwrap_err().to_string();
         assert!(e.contains("rumour"), "{e}");
     }

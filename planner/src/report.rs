@@ -58,9 +58,21 @@ pub fn decisions(policy: &Policy) -> String {
     let _ = writeln!(
         w,
         "cpu attention: {}; compression: weights {}, kv_cache {}",
-        if policy.compute.cpu_attention { "on" } else { "off" },
-        if policy.compression.weights { "on" } else { "off" },
-        if policy.compression.kv_cache { "on" } else { "off" },
+        if policy.compute.cpu_attention {
+            "on"
+        } else {
+            "off"
+        },
+        if policy.compression.weights {
+            "on"
+        } else {
+            "off"
+        },
+        if policy.compression.kv_cache {
+            "on"
+        } else {
+            "off"
+        },
     );
     w
 }

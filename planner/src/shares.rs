@@ -174,7 +174,11 @@ impl Shares {
     pub fn normalized(&self) -> Shares {
         let mut a = self.to_array();
         for v in a.iter_mut() {
-            *v = if v.is_finite() { v.clamp(0.0, 1.0) } else { 0.0 };
+            *v = if v.is_finite() {
+                v.clamp(0.0, 1.0)
+            } else {
+                0.0
+            };
             if *v < 1e-12 {
                 *v = 0.0;
             }

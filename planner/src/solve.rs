@@ -4,17 +4,15 @@
 //! becomes the policy.
 //!
 //! Each program minimizes the block's total time l * t_pre + l * (n - 1) * t_dec (plus constants)
-//! subject to, for each stage: t >= ctog, t >= gtoc, t >= dtoc + ctod, t >= sum_k lin_k + attention
-//! + pointwise, lin_k >= gpu_linear_k, lin_k >= cpu_linear_k; each placement row summing to 1; and
-//! the memory plan of every tier within its capacity. All coefficients are read off the cost and
-//! memory functions themselves ([`crate::shares::AffineForm`]).
+//! subject to, for each stage: t >= ctog, t >= gtoc, t >= dtoc + ctod, t >= (sum over kinds of
+//! lin_k) + attention + pointwise, lin_k >= gpu_linear_k, lin_k >= cpu_linear_k; each placement row
+//! summing to 1; and the memory plan of every tier within its capacity. All coefficients are read
+//! off the cost and memory functions themselves ([`crate::shares::AffineForm`]).
 
 use crate::cost::{self, CostInputs, LayerTerms, Prediction, SolverInfo, Stage};
 use crate::memory::{self, MemoryPlan};
 use crate::model::ModelSpec;
-use crate::policy::{
-    Batch, Compression, Compute, ModelRef, Policy, Provenance, Split, Workload,
-};
+use crate::policy::{Batch, Compression, Compute, ModelRef, Policy, Provenance, Split, Workload};
 use crate::profile::{Capacities, CapacityOverrides, Profile, GIB};
 use crate::shares::{AffineForm, Scenario, Shares, GPU_SHARE_INDICES};
 use good_lp::{
@@ -269,7 +267,8 @@ pub fn solve_program(
             lp = lp.with(expression(&channel, &x, 1.0).leq(t));
         }
         let rest = form_of(samples, |s| s.comp_besides_linears());
-        let comp = expression(&rest, &x, 1.0) + lin.iter().fold(Expression::from(0.0), |e, v| e + *v);
+        let comp =
+            expression(&rest, &x, 1.0) + lin.iter().fold(Expression::from(0.0), |e, v| e + *v);
         lp = lp.with(comp.leq(t));
         for (k, &lin_k) in lin.iter().enumerate() {
             let gpu_half = form_of(samples, |s| s.gpu_linear[k]);
@@ -399,7 +398,9 @@ fn score(objective: Objective, sc: &Scenario, total_s: f64) -> f64 {
 pub fn solve(req: &SolveRequest) -> Result<Policy, SolveError> {
     let started = Instant::now();
     if req.prompt_len == 0 {
-        return Err(SolveError::Invalid("--prompt-len must be at least 1".into()));
+        return Err(SolveError::Invalid(
+            "--prompt-len must be at least 1".into(),
+        ));
     }
     if req.gen_len == 0 {
         return Err(SolveError::Invalid("--gen-len must be at least 1".into()));

@@ -12,7 +12,10 @@ fn planner(args: &[&str]) -> Output {
 }
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn text(o: &Output) -> String {
@@ -46,17 +49,29 @@ fn help_teaches_with_examples() {
     let o = planner(&["--help"]);
     let t = text(&o);
     assert!(o.status.success());
-    assert!(t.contains("Examples:") && t.contains("planner solve --model opt-175b"), "{t}");
+    assert!(
+        t.contains("Examples:") && t.contains("planner solve --model opt-175b"),
+        "{t}"
+    );
     let o = planner(&["solve", "--help"]);
     assert!(text(&o).contains("--objective") && text(&o).contains("--gpu-mem"));
 }
 
 #[test]
 fn too_large_a_model_cannot_fit_and_says_by_how_much() {
-    let o = planner(&["solve", "--model", "opt-175b", "--profile", &profile("cpu-2core-24gib")]);
+    let o = planner(&[
+        "solve",
+        "--model",
+        "opt-175b",
+        "--profile",
+        &profile("cpu-2core-24gib"),
+    ]);
     let t = text(&o);
     assert!(!o.status.success());
-    assert!(t.contains("cannot fit opt-175b: needs ") && t.contains("GiB, have 80.4 GiB"), "{t}");
+    assert!(
+        t.contains("cannot fit opt-175b: needs ") && t.contains("GiB, have 80.4 GiB"),
+        "{t}"
+    );
     assert!(!t.contains("panicked"), "{t}");
 }
 
@@ -75,11 +90,18 @@ fn cpu_only_profile_puts_nothing_on_the_gpu() {
     ]);
     assert!(o.status.success(), "{}", text(&o));
     let p = planner::policy::Policy::load(&out).unwrap();
-    for row in [p.placement.weights, p.placement.kv_cache, p.placement.activations] {
+    for row in [
+        p.placement.weights,
+        p.placement.kv_cache,
+        p.placement.activations,
+    ] {
         assert_eq!(row.gpu, 0.0);
     }
     assert!(!p.needs_gpu());
-    assert_eq!(p.compute.split.fc1, 1.0, "every linear layer computed on the CPU");
+    assert_eq!(
+        p.compute.split.fc1, 1.0,
+        "every linear layer computed on the CPU"
+    );
     let pred = p.prediction.unwrap();
     assert_eq!(pred.memory.gpu.peak_gib, 0.0);
     assert_eq!(pred.prefill.ctog_s + pred.decode.gtoc_s, 0.0);
@@ -103,7 +125,12 @@ fn json_output_is_json() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["policy"]["batch"]["gpu_batch_size"], 2);
     assert_eq!(v["policy"]["provenance"]["objective"], "latency");
-    assert!(v["policy"]["prediction"]["decode_s_per_token"].as_f64().unwrap() > 0.0);
+    assert!(
+        v["policy"]["prediction"]["decode_s_per_token"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
 }
 
 #[test]
@@ -114,10 +141,19 @@ fn malformed_profile_names_the_field() {
         .unwrap()
         .replace("hbm_gbps = { value = 600.0", "hbm_gbps = { value = -600.0");
     std::fs::write(&bad, text_in).unwrap();
-    let o = planner(&["solve", "--model", "opt-125m", "--profile", bad.to_str().unwrap()]);
+    let o = planner(&[
+        "solve",
+        "--model",
+        "opt-125m",
+        "--profile",
+        bad.to_str().unwrap(),
+    ]);
     let t = text(&o);
     assert!(!o.status.success());
-    assert!(t.contains("bad.toml") && t.contains("gpu.hbm_gbps.value") && t.contains("> 0"), "{t}");
+    assert!(
+        t.contains("bad.toml") && t.contains("gpu.hbm_gbps.value") && t.contains("> 0"),
+        "{t}"
+    );
 }
 
 fn solved_policy(dir: &Path, extra: &[&str]) -> PathBuf {
@@ -151,7 +187,11 @@ fn malformed_policy_names_the_field() {
     let t = text(&planner(&["explain", path.to_str().unwrap()]));
     assert!(t.contains("p.toml") && t.contains("micro_batches"), "{t}");
 
-    let broken = good.replacen("[placement.kv_cache]\ngpu = ", "[placement.kv_cache]\ngpu = 0.5 + ", 1);
+    let broken = good.replacen(
+        "[placement.kv_cache]\ngpu = ",
+        "[placement.kv_cache]\ngpu = 0.5 + ",
+        1,
+    );
     std::fs::write(&path, &broken).unwrap();
     let o = planner(&["explain", path.to_str().unwrap()]);
     assert!(!o.status.success());
@@ -160,7 +200,10 @@ fn malformed_policy_names_the_field() {
     p.placement.activations.cpu += 0.25;
     std::fs::write(&path, p.to_toml()).unwrap();
     let t = text(&planner(&["explain", path.to_str().unwrap()]));
-    assert!(t.contains("placement.activations") && t.contains("sum to 1"), "{t}");
+    assert!(
+        t.contains("placement.activations") && t.contains("sum to 1"),
+        "{t}"
+    );
 }
 
 #[test]
@@ -170,7 +213,18 @@ fn explain_shows_channels_binding_and_memory() {
     let o = planner(&["explain", path.to_str().unwrap()]);
     let t = text(&o);
     assert!(o.status.success(), "{t}");
-    for needle in ["ctog", "gtoc", "dtoc", "ctod", "comp", "binding", "prefill", "decode", "capacity GiB", "fingerprint matches"] {
+    for needle in [
+        "ctog",
+        "gtoc",
+        "dtoc",
+        "ctod",
+        "comp",
+        "binding",
+        "prefill",
+        "decode",
+        "capacity GiB",
+        "fingerprint matches",
+    ] {
         assert!(t.contains(needle), "missing {needle}: {t}");
     }
     let o = planner(&["explain", path.to_str().unwrap(), "--json"]);
@@ -192,16 +246,31 @@ fn check_passes_a_fresh_policy_and_fails_on_each_kind_of_drift() {
     std::fs::copy(profile("t4-flexgen"), &prof).unwrap();
     let out2 = dir.path().join("q.toml");
     let o = planner(&[
-        "solve", "--model", "opt-125m", "--profile", prof.to_str().unwrap(), "--prompt-len", "128",
-        "--gen-len", "8", "-o", out2.to_str().unwrap(),
+        "solve",
+        "--model",
+        "opt-125m",
+        "--profile",
+        prof.to_str().unwrap(),
+        "--prompt-len",
+        "128",
+        "--gen-len",
+        "8",
+        "-o",
+        out2.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", text(&o));
-    let edited = std::fs::read_to_string(&prof).unwrap().replace("value = 320.0", "value = 300.0");
+    let edited = std::fs::read_to_string(&prof)
+        .unwrap()
+        .replace("value = 320.0", "value = 300.0");
     std::fs::write(&prof, edited).unwrap();
     let o = planner(&["check", out2.to_str().unwrap()]);
     let t = text(&o);
     assert!(!o.status.success());
-    assert!(t.contains("changed: policy was solved for fingerprint sha256:") && t.contains("the profile's is now sha256:"), "{t}");
+    assert!(
+        t.contains("changed: policy was solved for fingerprint sha256:")
+            && t.contains("the profile's is now sha256:"),
+        "{t}"
+    );
 
     // A fresh solve is better: a valid policy with a much smaller block, its prediction its own.
     let worse = dir.path().join("worse.toml");
@@ -215,7 +284,10 @@ fn check_passes_a_fresh_policy_and_fails_on_each_kind_of_drift() {
     let o = planner(&["check", worse.to_str().unwrap()]);
     let t = text(&o);
     assert!(!o.status.success());
-    assert!(t.contains("a fresh solve is more than 2% better") && t.contains("against the stored"), "{t}");
+    assert!(
+        t.contains("a fresh solve is more than 2% better") && t.contains("against the stored"),
+        "{t}"
+    );
 
     // A stale prediction: the stored numbers are not what the cost model gives.
     let mut stale = policy.clone();
@@ -228,7 +300,9 @@ fn check_passes_a_fresh_policy_and_fails_on_each_kind_of_drift() {
 
     // No longer fits: same policy, but the GPU override shrinks below what it uses.
     let fits = solved_policy(dir.path(), &["--gpu-mem", "1"]);
-    let shrunk = std::fs::read_to_string(&fits).unwrap().replace("gpu_mem_gib = 1.0", "gpu_mem_gib = 0.05");
+    let shrunk = std::fs::read_to_string(&fits)
+        .unwrap()
+        .replace("gpu_mem_gib = 1.0", "gpu_mem_gib = 0.05");
     std::fs::write(&fits, shrunk).unwrap();
     let o = planner(&["check", fits.to_str().unwrap(), "--json"]);
     assert!(!o.status.success());

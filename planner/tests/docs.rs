@@ -49,7 +49,13 @@ fn cost_model_doc_and_code_name_the_same_terms() {
     let doc = documented_terms(&read("docs/cost-model.md"));
     let missing: Vec<_> = code.difference(&doc).collect();
     let unknown: Vec<_> = doc.difference(&code).collect();
-    assert!(missing.is_empty(), "terms in the code but not in docs/cost-model.md: {missing:?}");
-    assert!(unknown.is_empty(), "terms in docs/cost-model.md but not in the code: {unknown:?}");
+    assert!(
+        missing.is_empty(),
+        "terms in the code but not in docs/cost-model.md: {missing:?}"
+    );
+    assert!(
+        unknown.is_empty(),
+        "terms in docs/cost-model.md but not in the code: {unknown:?}"
+    );
     assert!(code.len() > 40, "{code:?}");
 }

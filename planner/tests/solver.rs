@@ -188,7 +188,14 @@ fn lp_matches_a_five_percent_grid_on_gpu_and_cpu() {
                 })
             })
         });
-        compare_lp_with_grid(&model, &profile, overrides, sc, &[0, 1, 2, 5, 6, 8, 9], grid);
+        compare_lp_with_grid(
+            &model,
+            &profile,
+            overrides,
+            sc,
+            &[0, 1, 2, 5, 6, 8, 9],
+            grid,
+        );
     }
 }
 
@@ -256,7 +263,8 @@ fn solved_prediction_is_the_cost_model_of_the_written_policy() {
     assert!(again.memory.fits());
 }
 
-fn request_strategy() -> impl Strategy<Value = (usize, Option<f64>, f64, f64, bool, u64, u64, u64)> {
+fn request_strategy() -> impl Strategy<Value = (usize, Option<f64>, f64, f64, bool, u64, u64, u64)>
+{
     (
         0usize..3,
         prop_oneof![Just(None), (0.2f64..4.0).prop_map(Some)],
@@ -346,7 +354,12 @@ fn a_model_larger_than_every_tier_cannot_fit() {
     // 175B parameters at 4.5 bits are about 92 GiB; the box has 20.4 + 60 GiB.
     assert!(e.starts_with("cannot fit opt-175b: needs "), "{e}");
     assert!(e.contains("GiB, have 80.4 GiB"), "{e}");
-    let needs: f64 = e["cannot fit opt-175b: needs ".len()..].split(' ').next().unwrap().parse().unwrap();
+    let needs: f64 = e["cannot fit opt-175b: needs ".len()..]
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((90.0..100.0).contains(&needs), "{e}");
     let _ = GIB;
 }
