@@ -105,7 +105,9 @@ pub fn kv_cache_total_bytes(model: &ModelSpec, sc: &Scenario) -> f64 {
 /// Hidden states of a whole block at one layer boundary in the prefill stage (the larger stage):
 /// bls x s tokens.
 pub fn activations_total_bytes(model: &ModelSpec, sc: &Scenario) -> f64 {
-    (sc.block_size() * sc.prompt_len * model.activation_bytes_per_token(model.dtype)) as f64
+    sc.block_size() as f64
+        * sc.prompt_len as f64
+        * model.activation_bytes_per_token(model.dtype) as f64
 }
 
 /// Weights outside the decoder layers (token and position embeddings, final LayerNorm, the tied LM

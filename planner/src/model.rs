@@ -102,6 +102,13 @@ pub struct ModelSpec {
     pub pad_token_id: u32,
 }
 
+/// Largest hidden, FFN or head count accepted from a config (2^20; OPT-175B uses 49152).
+pub const MAX_WIDTH: u64 = 1 << 20;
+/// Largest number of layers accepted from a config.
+pub const MAX_LAYERS: u64 = 1 << 12;
+/// Largest vocabulary or position table accepted from a config.
+pub const MAX_VOCAB: u64 = 1 << 24;
+
 /// OPT's learned position embedding has 2 extra rows at the start (a fairseq legacy).
 pub const OPT_POSITION_OFFSET: u64 = 2;
 
@@ -209,8 +216,17 @@ impl ModelSpec {
                     .ok_or_else(|| bad(field, format!("is {x}; expected a non-negative integer"))),
             }
         };
-        let hidden_size = uint("hidden_size")?;
-        let num_heads = uint("num_attention_heads")?;
+        // Upper bounds far above any real model keep every size computation well inside u64.
+        let bounded = |field: &'static str, max: u64| -> Result<u64, ModelError> {
+            let n = uint(field)?;
+            if n > max {
+                Err(bad(field, format!("is {n}; expected at most {max}")))
+            } else {
+                Ok(n)
+            }
+        };
+        let hidden_size = bounded("hidden_size", MAX_WIDTH)?;
+        let num_heads = bounded("num_attention_heads", MAX_WIDTH)?;
         if hidden_size % num_heads != 0 {
             return Err(bad(
                 "num_attention_heads",
@@ -249,13 +265,22 @@ impl ModelSpec {
         Ok(ModelSpec {
             name: name.to_string(),
             family: Family::Opt,
-            num_layers: uint("num_hidden_layers")?,
+            num_layers: bounded("num_hidden_layers", MAX_LAYERS)?,
             hidden_size,
-            ffn_dim: uint("ffn_dim")?,
+            ffn_dim: bounded("ffn_dim", MAX_WIDTH)?,
             num_heads,
-            vocab_size: uint("vocab_size")?,
-            max_positions: uint("max_position_embeddings")?,
-            word_embed_proj_dim: opt_uint("word_embed_proj_dim", hidden_size)?,
+            vocab_size: bounded("vocab_size", MAX_VOCAB)?,
+            max_positions: bounded("max_position_embeddings", MAX_VOCAB)?,
+            word_embed_proj_dim: {
+                let w = opt_uint("word_embed_proj_dim", hidden_size)?;
+                if w == 0 || w > MAX_WIDTH {
+                    return Err(bad(
+                        "word_embed_proj_dim",
+                        format!("is {w}; expected 1 to {MAX_WIDTH}"),
+                    ));
+                }
+                w
+            },
             layer_norm_before: v
                 .get("do_layer_norm_before")
                 .and_then(|b| b.as_bool())
@@ -427,6 +452,14 @@ mod tests {
         let llama = r#"{"model_type":"llama","hidden_size":64}"#;
         let e = ModelSpec::from_hf_config_str(llama, "x/config.json", "t").unwrap_err();
         assert!(e.to_string().contains("model_type is 'llama'"), "{e}");
+
+        let huge = cfg.replace("\"hidden_size\":64", "\"hidden_size\":1099511627776");
+        let e = ModelSpec::from_hf_config_str(&huge, "x/config.json", "t").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("'hidden_size' is 1099511627776; expected at most"),
+            "{e}"
+        );
 
         let missing = r#"{"model_type":"opt","hidden_size":64}"#;
         let e = ModelSpec::from_hf_config_str(missing, "x/config.json", "t").unwrap_err();

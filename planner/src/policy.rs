@@ -13,6 +13,12 @@ use std::fmt::Write as _;
 use std::path::Path;
 use thiserror::Error;
 
+/// Longest prompt plus generation a policy may ask for (keeps every size computation far inside
+/// u64 and f64 precision).
+pub const MAX_SEQUENCE_TOKENS: u64 = 1 << 20;
+/// Largest GPU batch size or number of GPU batches a policy may ask for.
+pub const MAX_BATCH: u64 = 1 << 16;
+
 /// Tolerance for a placement row to count as summing to 1.
 pub const ROW_SUM_TOLERANCE: f64 = 1e-6;
 
@@ -287,6 +293,27 @@ impl Policy {
             return Err(invalid(
                 "workload.prompt_len".into(),
                 "is 0; expected at least 1".into(),
+            ));
+        }
+        for (field, value) in [
+            ("batch.gpu_batch_size", self.batch.gpu_batch_size),
+            ("batch.num_gpu_batches", self.batch.num_gpu_batches),
+        ] {
+            if value > MAX_BATCH {
+                return Err(invalid(
+                    field.into(),
+                    format!("is {value}; expected at most {MAX_BATCH}"),
+                ));
+            }
+        }
+        let tokens = self
+            .workload
+            .prompt_len
+            .saturating_add(self.workload.gen_len);
+        if tokens > MAX_SEQUENCE_TOKENS {
+            return Err(invalid(
+                "workload".into(),
+                format!("prompt_len + gen_len is {tokens}; expected at most {MAX_SEQUENCE_TOKENS}"),
             ));
         }
         if !matches!(self.provenance.objective.as_str(), "throughput" | "latency") {

@@ -12,7 +12,10 @@
 use crate::cost::{self, CostInputs, LayerTerms, Prediction, SolverInfo, Stage};
 use crate::memory::{self, MemoryPlan};
 use crate::model::ModelSpec;
-use crate::policy::{Batch, Compression, Compute, ModelRef, Policy, Provenance, Split, Workload};
+use crate::policy::{
+    Batch, Compression, Compute, ModelRef, Policy, Provenance, Split, Workload, MAX_BATCH,
+    MAX_SEQUENCE_TOKENS,
+};
 use crate::profile::{Capacities, CapacityOverrides, Profile, GIB};
 use crate::shares::{AffineForm, Scenario, Shares, GPU_SHARE_INDICES};
 use good_lp::{
@@ -408,6 +411,18 @@ pub fn solve(req: &SolveRequest) -> Result<Policy, SolveError> {
     if req.objective == Objective::Latency && req.latency_batch == 0 {
         return Err(SolveError::Invalid("--batch must be at least 1".into()));
     }
+    if req.prompt_len.saturating_add(req.gen_len) > MAX_SEQUENCE_TOKENS {
+        return Err(SolveError::Invalid(format!(
+            "--prompt-len + --gen-len is {}; at most {MAX_SEQUENCE_TOKENS} tokens are supported",
+            req.prompt_len.saturating_add(req.gen_len)
+        )));
+    }
+    if req.latency_batch > MAX_BATCH {
+        return Err(SolveError::Invalid(format!(
+            "--batch is {}; at most {MAX_BATCH}",
+            req.latency_batch
+        )));
+    }
     let caps = req.profile.capacities(&req.overrides);
     let have = caps.gpu_bytes + caps.cpu_bytes + caps.disk_bytes;
     let mut all = scenarios(req);
@@ -513,5 +528,104 @@ fn cannot_fit(req: &SolveRequest, caps: &Capacities, any: Option<Scenario>) -> S
         needs_gib: needs / GIB,
         have_gib: have / GIB,
         detail: "no placement fits every tier's capacity with its staging buffers".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request<'a>(
+        model: &'a ModelSpec,
+        profile: &'a Profile,
+        objective: Objective,
+    ) -> SolveRequest<'a> {
+        SolveRequest {
+            model,
+            model_config: None,
+            profile,
+            profile_ref: "builtin:test".into(),
+            objective,
+            latency_batch: 4,
+            prompt_len: 64,
+            gen_len: 8,
+            overrides: CapacityOverrides {
+                gpu_mem_gib: Some(0.4),
+                cpu_mem_gib: Some(2.0),
+                disk_mem_gib: Some(20.0),
+            },
+            allow_compression: true,
+        }
+    }
+
+    /// Pruning (homes over capacity, compute-only lower bound) never discards the best scenario:
+    /// the pruned search finds the same optimum as solving every program.
+    #[test]
+    fn pruned_search_finds_the_exhaustive_optimum() {
+        let model = ModelSpec::builtin("opt-125m").unwrap();
+        for profile_name in ["t4-flexgen", "cpu-2core-24gib"] {
+            let profile = Profile::embedded(profile_name).unwrap();
+            for objective in [Objective::Throughput, Objective::Latency] {
+                let mut req = request(&model, &profile, objective);
+                if !profile.has_gpu() {
+                    req.overrides.gpu_mem_gib = None;
+                }
+                let caps = profile.capacities(&req.overrides);
+                let mut best = f64::NEG_INFINITY;
+                for sc in scenarios(&req) {
+                    if let Some(opt) = solve_program(&model, &profile, &caps, &sc).unwrap() {
+                        best = best.max(score(objective, &sc, opt.total_s));
+                    }
+                }
+                let policy = solve(&req).unwrap();
+                let pred = policy.prediction.unwrap();
+                let found = match objective {
+                    Objective::Throughput => pred.throughput_tok_s,
+                    Objective::Latency => -pred.total_s,
+                };
+                assert!(
+                    (found - best).abs() <= 1e-6 * best.abs(),
+                    "{profile_name} {objective:?}: pruned {found}, exhaustive {best}"
+                );
+                let info = pred.solver.unwrap();
+                if objective == Objective::Throughput {
+                    assert!(info.programs_pruned > 0, "pruning never triggered");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn enumerated_sets_are_bounded_and_documented_sizes() {
+        let model = ModelSpec::builtin("opt-125m").unwrap();
+        let gpu = Profile::embedded("t4-flexgen").unwrap();
+        let cpu = Profile::embedded("cpu-2core-24gib").unwrap();
+        assert_eq!(
+            scenarios(&request(&model, &gpu, Objective::Throughput)).len(),
+            14 * 10 * 4 * 2
+        );
+        assert_eq!(
+            scenarios(&request(&model, &cpu, Objective::Throughput)).len(),
+            14 * 10 * 4
+        );
+        let mut no_compression = request(&model, &gpu, Objective::Latency);
+        no_compression.allow_compression = false;
+        let latency = scenarios(&no_compression);
+        assert_eq!(latency.len(), 2);
+        assert!(latency
+            .iter()
+            .all(|s| s.gpu_batch_size == 4 && s.num_gpu_batches == 1));
+    }
+
+    #[test]
+    fn invalid_requests_are_errors_not_panics() {
+        let model = ModelSpec::builtin("opt-125m").unwrap();
+        let profile = Profile::embedded("t4-flexgen").unwrap();
+        let mut req = request(&model, &profile, Objective::Latency);
+        req.latency_batch = 0;
+        assert!(matches!(solve(&req), Err(SolveError::Invalid(_))));
+        req.latency_batch = 1;
+        req.prompt_len = u64::MAX;
+        assert!(matches!(solve(&req), Err(SolveError::Invalid(_))));
     }
 }

@@ -318,3 +318,47 @@ fn checked_in_policies_pass() {
     assert!(o.status.success(), "{t}");
     assert!(t.contains("5 policies checked, 0 failed"), "{t}");
 }
+
+#[test]
+fn model_config_is_recorded_and_resolved_by_explain() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("tiny-opt");
+    std::fs::create_dir(&model_dir).unwrap();
+    let cfg = model_dir.join("config.json");
+    std::fs::write(
+        &cfg,
+        r#"{"model_type":"opt","hidden_size":256,"ffn_dim":1024,"num_hidden_layers":4,
+            "num_attention_heads":4,"vocab_size":1000,"max_position_embeddings":512}"#,
+    )
+    .unwrap();
+    let out = dir.path().join("p.toml");
+    let o = planner(&[
+        "solve",
+        "--model-config",
+        cfg.to_str().unwrap(),
+        "--profile",
+        "profiles/a10-hetegen.toml",
+        "--objective",
+        "latency",
+        "--prompt-len",
+        "64",
+        "--gen-len",
+        "8",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let p = planner::policy::Policy::load(&out).unwrap();
+    assert_eq!(p.model.name, "tiny-opt");
+    assert!(p
+        .model
+        .config
+        .as_deref()
+        .unwrap()
+        .ends_with("tiny-opt/config.json"));
+    assert_eq!(p.provenance.profile, "profiles/a10-hetegen.toml");
+    let o = planner(&["explain", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = planner(&["check", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+}
