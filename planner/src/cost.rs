@@ -985,6 +985,34 @@ mod tests {
     }
 
     #[test]
+    fn compressed_terms_match_hand_values() {
+        let (m, p) = (tiny(), machine());
+        let sc = Scenario {
+            compression: Compression {
+                weights: true,
+                kv_cache: true,
+            },
+            ..scenario(true, true)
+        };
+        let ci = CostInputs::new(&m, &p, sc);
+        // fc1: 16384 values in 256 groups of 36 B = 9216 B + 256 biases * 2 B = 9728 B stored;
+        // dequantized 16640 values * 2 B written and read = 66560 B; rows 16 * 320 * 2 = 10240 B.
+        // 86528 B / 100 GB/s = 8.6528e-7 s per GPU batch (memory-bound), times 3.
+        let s = with(|s| s.weights_gpu = 1.0);
+        close(
+            gpu_linear(&ci, Stage::Prefill, LinearKind::Fc1, &s[0]),
+            2.59584e-6,
+        );
+        // KV: 128 values per position = 2 groups * 36 B = 72 B. 6 * 10 * 72 B / 1 GB/s.
+        let s = with(|s| s.cache_disk = 1.0);
+        close(dtoc_cache(&ci, Stage::Decode, &s[0]), 4.32e-6);
+        // Weights read from disk: 4 compressed matrices (12288 + 4096 + 16384 + 16384 values =
+        // 768 groups * 36 B = 27648 B) + 16-bit biases and norms (576 + 256 values * 2 B = 1664 B).
+        let s = with(|s| s.weights_disk_computed_on_gpu = 1.0);
+        close(dtoc_weights(&ci, Stage::Decode, &s[0]), 29312e-9);
+    }
+
+    #[test]
     fn cpu_host_runs_everything_on_the_cpu() {
         let (m, mut p) = (tiny(), machine());
         p.gpu = None;
