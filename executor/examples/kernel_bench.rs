@@ -6,7 +6,8 @@
 //! (for at most 16 tokens: prefill only needs the last position's logits).
 //!
 //! `cargo run --release --example kernel_bench -- [model] [dtype] [tokens,...] [layers] [reps]`
-//! e.g. `kernel_bench opt-1.3b bf16 1,16 24 7`; layers defaults to the model's, reps to 5.
+//! e.g. `kernel_bench opt-1.3b bf16 1,16 24 7`; layers defaults to the model's, reps to 5;
+//! a sixth argument `nohead` leaves the LM head out.
 
 use executor::kernels::{linear, Matrix, WeightData};
 use half::{bf16, f16};
@@ -89,6 +90,8 @@ fn main() {
         .next()
         .map_or(all_layers, |a| a.parse().expect("layers"));
     let reps: usize = args.next().map_or(5, |a| a.parse().expect("reps"));
+    // "nohead" leaves the LM head out, to time the layers' products alone.
+    let with_head = args.next().as_deref() != Some("nohead");
     let (ffn, vocab) = (4 * h, 50272);
     // (out, in) of each product in one layer.
     let shapes = [(h, h), (h, h), (h, h), (h, h), (ffn, h), (h, ffn)];
@@ -104,19 +107,29 @@ fn main() {
     let head = Weights::random(&dtype, vocab * h, 1 << 20);
     let bias = vec![0.01f32; ffn.max(vocab)];
     let layer_bytes: usize = stack.iter().flatten().map(Weights::bytes).sum();
-    let bytes = layer_bytes + head.bytes();
+    let bytes = layer_bytes + if with_head { head.bytes() } else { 0 };
     let macs_per_token = layers * (4 * h * h + 2 * h * ffn) + vocab * h;
     println!(
-        "{model} {dtype}, {layers} layers + LM head: {:.1} MB of weights, {} threads",
+        "{model} {dtype}, {layers} layers{}: {:.1} MB of weights, {} threads",
+        if with_head { " + LM head" } else { "" },
         bytes as f64 / 1e6,
         rayon::current_num_threads()
     );
-    println!("tokens  median_ms  min_ms  weight_GB/s  GFLOP/s");
+    // On a shared machine wall time includes time the threads waited for a core; CPU time does
+    // not, so the rates are also given per second of CPU time per thread ("cpu" columns).
+    println!("tokens  median_ms  min_ms  weight_GB/s  GFLOP/s  cpu_ms  cpu_GB/s  cpu_GFLOP/s");
     for &t in &tokens {
+        let head_tokens = match (with_head, t > 64) {
+            (false, _) => 0,
+            (true, true) => 16,
+            (true, false) => t,
+        };
         let x = vec![0.1f32; t * ffn];
         let mut y = vec![0.0f32; t * ffn.max(vocab)];
         let mut times = Vec::new();
+        let mut cpu_times = Vec::new();
         for _ in 0..reps {
+            let cpu_start = cpu_seconds();
             let start = Instant::now();
             for layer in &stack {
                 for (w, &(o, n)) in layer.iter().zip(&shapes) {
@@ -129,24 +142,45 @@ fn main() {
                     );
                 }
             }
+            // Prefill needs logits for the last position of each sequence only, so at prefill
+            // sizes the head sees one token per sequence (a batch of 16 prompts).
             linear(
-                &x[..t * h],
-                t,
+                &x[..head_tokens * h],
+                head_tokens,
                 &head.matrix(vocab, h),
                 None,
-                &mut y[..t * vocab],
+                &mut y[..head_tokens * vocab],
             );
             times.push(start.elapsed().as_secs_f64());
+            cpu_times.push((cpu_seconds() - cpu_start) / rayon::current_num_threads() as f64);
         }
         times.sort_by(f64::total_cmp);
+        cpu_times.sort_by(f64::total_cmp);
         let med = times[reps / 2];
+        let cpu = cpu_times[reps / 2];
+        let flops = 2.0 * (macs_per_token - vocab * h) as f64 * t as f64
+            + 2.0 * (vocab * h * head_tokens) as f64;
         println!(
-            "{t:6}  {:9.2}  {:6.2}  {:11.2}  {:7.1}",
+            "{t:6}  {:9.2}  {:6.2}  {:11.2}  {:7.1}  {:6.1}  {:8.2}  {:11.1}",
             med * 1e3,
             times[0] * 1e3,
             bytes as f64 / med / 1e9,
-            2.0 * (macs_per_token - vocab * h) as f64 * t as f64 / med / 1e9
-                + 2.0 * (vocab * h) as f64 * if t > 64 { 16.0 } else { t as f64 } / med / 1e9
+            flops / med / 1e9,
+            cpu * 1e3,
+            bytes as f64 / cpu / 1e9,
+            flops / cpu / 1e9,
         );
     }
+}
+
+/// CPU time of all this process's threads so far, in seconds (Linux; 0 elsewhere).
+fn cpu_seconds() -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .sum::<f64>()
+        / 1e9
 }

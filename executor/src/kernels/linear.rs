@@ -173,8 +173,10 @@ pub(crate) fn linear_on(
     let y = OutPtr(y.as_mut_ptr());
     match (&w.data, isa) {
         (WeightData::Bf16(wd), Isa::Avx512Bf16) => {
-            // Rows padded to a multiple of 32 with zeros, so the kernel's tail reads whole vectors.
-            let stride = n_in.div_ceil(32) * 32;
+            // Rows padded with zeros to a multiple of 32, so the kernel's tail reads whole vectors,
+            // plus 32 more: rows 4 KiB apart would all map to the same L1 sets, and the
+            // kernels read 6 or 12 rows at once.
+            let stride = n_in.div_ceil(32) * 32 + 32;
             with_buffer(&INPUT_BF16, tokens * stride, |buf| {
                 round_rows_to_bf16(isa, x, n_in, buf, stride);
                 let p = Problem {

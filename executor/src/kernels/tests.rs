@@ -121,7 +121,7 @@ fn linear_matches_reference_on_every_path_dtype_and_odd_shape() {
         (7, 129, 11),
         (13, 250, 70),
         (16, 768, 67),
-        (20, 2100, 9), // more than one k-slice for many tokens
+        (20, 2100, 9),   // more than one k-slice for many tokens
         (30, 1031, 261), // several row tasks, row and k tails, uneven token tiles
     ];
     for isa in Isa::available() {
