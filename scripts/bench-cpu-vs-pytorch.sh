@@ -49,8 +49,6 @@ mkdir -p "$out"
 log "Machine"
 { lscpu | grep -E 'Model name|^CPU\(s\)|Thread|L3'; grep MemTotal /proc/meminfo; uptime; } | tee "$out/machine.txt"
 
-log "DRAM read bandwidth (before)"
-"$dram_bw" 1024 9 | tee "$out/dram-before.txt"
 
 for model in $models; do
     for batch in $batches; do
@@ -59,6 +57,12 @@ for model in $models; do
         "$venv/bin/python" "$helper" prompts --batch "$batch" --prompt-len "$prompt_len" --seed 1 >"$prompts"
         prompt_args=()
         while IFS= read -r ids; do prompt_args+=(--prompt-ids "$ids"); done <"$prompts"
+
+        if [ "$batch" = 1 ]; then
+            # Right before the runs it is compared with, so both see the same machine load.
+            log "$key: DRAM read bandwidth"
+            "$dram_bw" 1024 9 | tee "$out/$key.dram.txt"
+        fi
 
         log "$key: executor, $reps runs"
         for rep in $(seq 1 "$reps"); do
@@ -74,11 +78,8 @@ for model in $models; do
     done
 done
 
-log "DRAM read bandwidth (after)"
-"$dram_bw" 1024 9 | tee "$out/dram-after.txt"
 
 log "Results (medians of $reps runs; gen tok/s = batch x $new_tokens / (prefill + decode))"
-"$venv/bin/python" "$helper" report --dram "$out/dram-before.txt" "$out/dram-after.txt" \
-    --results "$out" --out "$out/results.md"
+"$venv/bin/python" "$helper" report --results "$out" --out "$out/results.md"
 echo
 echo "Raw JSON and logs: $out"
