@@ -8,7 +8,9 @@ use executor::models::opt::OptConfig;
 use executor::run::{self, ModelSource, Prompt};
 use executor::weights::ElementType;
 use planner::policy::Policy;
+use std::io::Write;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum DtypeArg {
@@ -125,8 +127,29 @@ struct Cli {
     quiet: bool,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    match run_cli(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Library errors already quote their cause; print a cause only when it adds text.
+            let mut message = String::new();
+            for cause in e.chain() {
+                let text = cause.to_string();
+                if !message.contains(&text) {
+                    if !message.is_empty() {
+                        message.push_str(": ");
+                    }
+                    message.push_str(&text);
+                }
+            }
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_cli(cli: Cli) -> anyhow::Result<()> {
     if let Some(n) = cli.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
@@ -215,6 +238,12 @@ fn main() -> anyhow::Result<()> {
         .max_new_tokens
         .or(workload.map(|w| w.gen_len as usize))
         .unwrap_or(32);
+    if cli.temperature < 0.0 || cli.temperature.is_nan() {
+        bail!(
+            "--temperature is {}; expected 0 (greedy) or more",
+            cli.temperature
+        );
+    }
     let sampling = if cli.temperature > 0.0 || cli.top_k.is_some() || cli.top_p.is_some() {
         Sampling::Sample {
             temperature: if cli.temperature > 0.0 {
@@ -226,11 +255,6 @@ fn main() -> anyhow::Result<()> {
             top_p: cli.top_p,
             seed: cli.sample_seed,
         }
-    } else if cli.temperature < 0.0 {
-        bail!(
-            "--temperature is {}; expected 0 (greedy) or more",
-            cli.temperature
-        );
     } else {
         Sampling::Greedy
     };
@@ -243,19 +267,28 @@ fn main() -> anyhow::Result<()> {
     let backend = CpuBackend;
     let out = generate(&loaded.model, &backend, &prompt_ids, &config)?;
 
+    // Write through a handle so that a closed pipe (`executor ... | head`) is an error, not a panic.
+    let mut stdout = std::io::stdout().lock();
     for (i, (prompt, new)) in prompt_ids.iter().zip(&out.tokens).enumerate() {
         let ids: Vec<String> = new.iter().map(u32::to_string).collect();
-        println!(
+        writeln!(
+            stdout,
             "[{i}] prompt: {} tokens; new ids: {}",
             prompt.len(),
             ids.join(",")
-        );
+        )
+        .context("cannot write to stdout")?;
         if let Some(t) = &loaded.tokenizer {
-            println!("[{i}] text: {:?}", t.decode(prompt)? + &t.decode(new)?);
+            let all: Vec<u32> = prompt.iter().chain(new).copied().collect();
+            writeln!(stdout, "[{i}] text: {:?}", t.decode(&all)?)
+                .context("cannot write to stdout")?;
         }
     }
+    stdout.flush().context("cannot write to stdout")?;
+    drop(stdout);
     let report = run::report(&loaded, &out, backend.name());
-    eprint!("{}", report.table());
+    // A closed stderr is not worth failing a finished run for.
+    let _ = std::io::stderr().write_all(report.table().as_bytes());
     if let Some(path) = &cli.report {
         let json = serde_json::to_string_pretty(&report)?;
         std::fs::write(path, json + "\n")

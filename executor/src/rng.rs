@@ -58,7 +58,7 @@ impl Rng {
     /// Uniform integer in [lo, hi).
     pub fn range_u32(&mut self, lo: u32, hi: u32) -> u32 {
         debug_assert!(lo < hi);
-        lo + ((self.next_u64() >> 32) * (hi - lo) as u64 >> 32) as u32
+        lo + (((self.next_u64() >> 32) * (hi - lo) as u64) >> 32) as u32
     }
 }
 

@@ -215,7 +215,7 @@ impl SafetensorsStore {
             let start = data_start + info.data_offsets.0;
             let end = data_start + info.data_offsets.1;
             let bytes = &map[start..end];
-            let backing = if (bytes.as_ptr() as usize) % dtype.size() == 0 {
+            let backing = if (bytes.as_ptr() as usize).is_multiple_of(dtype.size()) {
                 Backing::Mapped {
                     file: file_index,
                     start,
@@ -498,8 +498,14 @@ fn fill<T: Copy + Default + Send>(
                 .enumerate()
                 .for_each(|(chunk_index, chunk)| {
                     let mut rng = crate::rng::Rng::new(crate::rng::mix(seed, chunk_index as u64));
-                    for x in chunk.iter_mut() {
-                        *x = convert(a * (2.0 * rng.next_f32() - 1.0));
+                    // Two 24-bit uniforms per 64 random bits: generation is bound by the RNG.
+                    let to_unit =
+                        |bits: u64| (bits & 0xFF_FFFF) as f32 * (1.0 / (1u32 << 24) as f32);
+                    for pair in chunk.chunks_mut(2) {
+                        let bits = rng.next_u64();
+                        for (x, half_bits) in pair.iter_mut().zip([bits, bits >> 32]) {
+                            *x = convert(a * (2.0 * to_unit(half_bits) - 1.0));
+                        }
                     }
                     progress(chunk.len() as u64 * elem_bytes);
                 });
@@ -577,7 +583,7 @@ mod tests {
         let header = r#"{"a":{"dtype":"F16","shape":[1],"data_offsets":[0,2]},"b":{"dtype":"F32","shape":[3],"data_offsets":[2,14]}}"#;
         // Pad the header to 8 bytes so the data section starts aligned; "b" then sits at offset 2.
         let mut header = header.to_string();
-        while header.len() % 8 != 0 {
+        while !header.len().is_multiple_of(8) {
             header.push(' ');
         }
         let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
