@@ -27,11 +27,7 @@ pub(crate) fn attention_impl(a: &Attn, out: &mut [f32], scratch: &mut [f32], sim
     if a.q_len == 0 || d == 0 {
         return;
     }
-    let slots = if a.kv_len == 0 {
-        1
-    } else {
-        scratch.len() / a.kv_len
-    };
+    let slots = scratch.len().checked_div(a.kv_len).unwrap_or(1);
     let work = a.q_len * a.kv_len * d;
     if slots >= 2 && a.q_len >= 2 && work >= 1 << 16 {
         // Several groups per thread, so work stealing evens out causal rows (later rows see

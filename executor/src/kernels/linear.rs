@@ -219,7 +219,7 @@ pub(crate) fn linear_on(
                     bias,
                     y,
                 };
-                dispatch_f32_input(isa, &p, *wd);
+                dispatch_f32_input(isa, &p, wd);
             });
         }
         (WeightData::F16(wd), _) => {
@@ -232,7 +232,7 @@ pub(crate) fn linear_on(
                 bias,
                 y,
             };
-            dispatch_f32_input(isa, &p, *wd);
+            dispatch_f32_input(isa, &p, wd);
         }
         (WeightData::F32(wd), _) => {
             let p = Problem {
@@ -244,7 +244,7 @@ pub(crate) fn linear_on(
                 bias,
                 y,
             };
-            dispatch_f32_input(isa, &p, *wd);
+            dispatch_f32_input(isa, &p, wd);
         }
     }
 }
@@ -772,7 +772,10 @@ mod avx512 {
             // SAFETY: both chunks hold exactly 16 elements; __m256bh is 32 plain bytes.
             unsafe {
                 let v = _mm512_cvtneps_pbh(_mm512_loadu_ps(sc.as_ptr()));
-                _mm256_storeu_si256(dc.as_mut_ptr() as *mut __m256i, std::mem::transmute(v));
+                _mm256_storeu_si256(
+                    dc.as_mut_ptr() as *mut __m256i,
+                    std::mem::transmute::<__m256bh, __m256i>(v),
+                );
             }
         }
         for (sv, dv) in s.remainder().iter().zip(d.into_remainder()) {
@@ -938,9 +941,9 @@ mod avx512 {
     ) {
         let mut acc = [[_mm512_setzero_ps(); 2]; T];
         let mut xp = [std::ptr::null::<u32>(); T];
-        for t in 0..T {
+        for (t, ptr) in xp.iter_mut().enumerate() {
             // The input rows start at multiples of 32 elements, so pairs are 4-byte aligned.
-            xp[t] = p.x[(t0 + t) * p.x_stride + k0..].as_ptr() as *const u32;
+            *ptr = p.x[(t0 + t) * p.x_stride + k0..].as_ptr() as *const u32;
         }
         let wp = w.as_ptr();
         for q in 0..pairs {
@@ -964,8 +967,8 @@ mod avx512 {
             }
         }
         let first = k0 == 0;
-        for t in 0..T {
-            for h in 0..2 {
+        for (t, tile_row) in acc.iter().enumerate() {
+            for (h, sums) in tile_row.iter().enumerate() {
                 let c0 = h * 16;
                 if c0 >= nr {
                     break;
@@ -988,7 +991,7 @@ mod avx512 {
                     } else {
                         _mm512_maskz_loadu_ps(mask, dst)
                     };
-                    _mm512_mask_storeu_ps(dst, mask, _mm512_add_ps(base, acc[t][h]));
+                    _mm512_mask_storeu_ps(dst, mask, _mm512_add_ps(base, *sums));
                 }
             }
         }

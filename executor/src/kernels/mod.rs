@@ -51,7 +51,7 @@ pub fn linear(x: &[f32], tokens: usize, w: &Matrix, bias: Option<&[f32]>, y: &mu
 /// Statistics are computed in f32 with the biased variance, as torch.nn.LayerNorm does.
 pub fn layer_norm(x: &[f32], width: usize, gamma: &[f32], beta: &[f32], eps: f32, y: &mut [f32]) {
     assert!(
-        width > 0 && x.len() % width == 0,
+        width > 0 && x.len().is_multiple_of(width),
         "layer_norm: x.len() must be a multiple of width"
     );
     assert_eq!(y.len(), x.len(), "layer_norm: y must have the length of x");
