@@ -140,6 +140,18 @@ pub fn generate<M: CausalLm>(
     cfg: &GenerationConfig,
 ) -> Result<GenerationOutput> {
     validate(model, prompts, cfg)?;
+    // Run the loop on a rayon worker thread. Parallel kernels called from outside the pool inject
+    // each job through rayon's global queue, which allocates a block every 63 jobs and wakes a
+    // sleeping worker per call; from a worker, jobs go onto its own deque.
+    rayon::scope(|_| generate_in_pool(model, backend, prompts, cfg))
+}
+
+fn generate_in_pool<M: CausalLm>(
+    model: &M,
+    backend: &dyn Backend,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+) -> Result<GenerationOutput> {
     let batch = prompts.len();
     let vocab = model.vocab_size();
     let padded = prompts.iter().map(Vec::len).max().unwrap_or(0);
