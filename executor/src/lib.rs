@@ -10,9 +10,11 @@ pub mod error;
 pub mod generate;
 pub mod kernels;
 pub mod models;
+pub mod quant;
 pub mod report;
 pub mod rng;
 pub mod run;
+pub mod storage;
 pub mod tokenizer;
 pub mod weights;
 

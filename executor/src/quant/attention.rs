@@ -1,0 +1,222 @@
+//! `attention_q4`: causal multi-head attention for one sequence over a compressed KV cache.
+//!
+//! Same semantics as [`crate::kernels::attention`]. Work is split by head (rayon tasks); within a
+//! head, keys are taken in tiles of `KEY_TILE` positions whose head slice is dequantized into a
+//! small per-thread buffer and then used by every query row, so each cached value is dequantized
+//! once per call (decode: one query row) and the full cache is never widened.
+
+use super::QuantizedKv;
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Positions per dequantized tile: 32 x head_dim floats (16 KiB at head_dim 128) stays in L1.
+const KEY_TILE: usize = 32;
+
+#[derive(Default)]
+struct Scratch {
+    scores: Vec<f32>,
+    tile: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Output pointer shared by head tasks, which write disjoint columns.
+struct SendPtr(*mut f32);
+// SAFETY: task h writes only out[i, h*hd..(h+1)*hd]; heads are disjoint.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
+
+/// Causal multi-head attention over a compressed cache.
+///
+/// q: [q_len, nh*hd], the last q_len of the kv_len cached positions; k, v: compressed caches of
+/// width nh*hd holding at least kv_len positions; key_valid[j] false masks key j. Query i attends
+/// the valid keys 0..=kv_len-q_len+i; a query with no valid key outputs zeros. Scores are
+/// q·k * scale. out: [q_len, nh*hd]. Scratch is per thread and reused across calls.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_q4(
+    q: &[f32],
+    q_len: usize,
+    k: &QuantizedKv,
+    v: &QuantizedKv,
+    kv_len: usize,
+    key_valid: &[bool],
+    num_heads: usize,
+    head_dim: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let d = num_heads * head_dim;
+    assert!(
+        q_len <= kv_len,
+        "attention_q4: q_len ({q_len}) must not exceed kv_len ({kv_len})"
+    );
+    assert_eq!(
+        q.len(),
+        q_len * d,
+        "attention_q4: q must be [q_len, num_heads*head_dim]"
+    );
+    assert!(
+        k.width() == d && v.width() == d && k.len() >= kv_len && v.len() >= kv_len,
+        "attention_q4: k and v must hold kv_len positions of num_heads*head_dim"
+    );
+    assert!(
+        key_valid.len() >= kv_len,
+        "attention_q4: key_valid shorter than kv_len"
+    );
+    assert_eq!(
+        out.len(),
+        q_len * d,
+        "attention_q4: out must be [q_len, num_heads*head_dim]"
+    );
+    if q_len == 0 || d == 0 {
+        return;
+    }
+    let a = Args {
+        q,
+        q_len,
+        k,
+        v,
+        kv_len,
+        key_valid,
+        num_heads,
+        head_dim,
+        scale,
+    };
+    let op = SendPtr(out.as_mut_ptr());
+    let op = &op;
+    let simd = simd_available();
+    let run = |h: usize| {
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            let Scratch { scores, tile } = &mut *s;
+            scores.resize(q_len * kv_len.max(1), 0.0);
+            tile.resize(KEY_TILE * head_dim, 0.0);
+            head(&a, h, scores, tile, op.0, simd);
+        })
+    };
+    if num_heads > 1 && q_len * kv_len * d >= 1 << 15 {
+        (0..num_heads).into_par_iter().for_each(run);
+    } else {
+        (0..num_heads).for_each(run);
+    }
+}
+
+struct Args<'a> {
+    q: &'a [f32],
+    q_len: usize,
+    k: &'a QuantizedKv,
+    v: &'a QuantizedKv,
+    kv_len: usize,
+    key_valid: &'a [bool],
+    num_heads: usize,
+    head_dim: usize,
+    scale: f32,
+}
+
+fn simd_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+fn head(a: &Args, h: usize, scores: &mut [f32], tile: &mut [f32], out: *mut f32, simd: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: simd is set only when the CPU has AVX-512 F and FMA; `out` contract as below.
+        unsafe { head_avx512(a, h, scores, tile, out) };
+        return;
+    }
+    let _ = simd;
+    head_body(a, h, scores, tile, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+unsafe fn head_avx512(a: &Args, h: usize, scores: &mut [f32], tile: &mut [f32], out: *mut f32) {
+    head_body(a, h, scores, tile, out)
+}
+
+/// One head, all query rows: scores tile by tile, softmax per row, then the weighted sum of values
+/// tile by tile. `out` points to the [q_len, nh*hd] output, of which only head h's columns are
+/// written.
+#[inline(always)]
+fn head_body(a: &Args, h: usize, scores: &mut [f32], tile: &mut [f32], out: *mut f32) {
+    let (hd, d, kv) = (a.head_dim, a.num_heads * a.head_dim, a.kv_len);
+    let off = h * hd;
+    let last_key = |i: usize| kv - a.q_len + i; // inclusive causal limit of query i
+                                                // Scores.
+    let mut j0 = 0;
+    while j0 < kv {
+        let j1 = (j0 + KEY_TILE).min(kv);
+        for j in j0..j1 {
+            a.k.dequantize_range(j, off, &mut tile[(j - j0) * hd..][..hd]);
+        }
+        for i in 0..a.q_len {
+            let qi = &a.q[i * d + off..][..hd];
+            let row = &mut scores[i * kv..][..kv];
+            for j in j0..j1 {
+                row[j] = if j <= last_key(i) && a.key_valid[j] {
+                    let kt = &tile[(j - j0) * hd..][..hd];
+                    qi.iter().zip(kt).map(|(x, y)| x * y).sum::<f32>() * a.scale
+                } else {
+                    f32::NEG_INFINITY
+                };
+            }
+        }
+        j0 = j1;
+    }
+    // Softmax per query row (a row with no valid key gets all-zero weights).
+    for i in 0..a.q_len {
+        let row = &mut scores[i * kv..][..kv];
+        let m = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        if m == f32::NEG_INFINITY {
+            row.fill(0.0);
+            continue;
+        }
+        let mut sum = 0.0;
+        for x in row.iter_mut() {
+            *x = (*x - m).exp();
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        for x in row.iter_mut() {
+            *x *= inv;
+        }
+    }
+    // Weighted values.
+    for i in 0..a.q_len {
+        // SAFETY: i*d + off + hd <= q_len*d = out.len(); only this head writes these columns.
+        let o = unsafe { std::slice::from_raw_parts_mut(out.add(i * d + off), hd) };
+        o.fill(0.0);
+    }
+    let mut j0 = 0;
+    while j0 < kv {
+        let j1 = (j0 + KEY_TILE).min(kv);
+        // Skip tiles no query row gives weight to (masked or beyond every causal limit).
+        let used = (0..a.q_len).any(|i| scores[i * kv + j0..i * kv + j1].iter().any(|&p| p != 0.0));
+        if used {
+            for j in j0..j1 {
+                a.v.dequantize_range(j, off, &mut tile[(j - j0) * hd..][..hd]);
+            }
+            for i in 0..a.q_len {
+                // SAFETY: as above.
+                let o = unsafe { std::slice::from_raw_parts_mut(out.add(i * d + off), hd) };
+                for j in j0..j1 {
+                    let p = scores[i * kv + j];
+                    if p != 0.0 {
+                        for (ov, vv) in o.iter_mut().zip(&tile[(j - j0) * hd..][..hd]) {
+                            *ov += p * vv;
+                        }
+                    }
+                }
+            }
+        }
+        j0 = j1;
+    }
+}

@@ -1,0 +1,300 @@
+//! `linear_q4`: y = x W^T + b with W compressed (groups of 64 along the output dimension).
+//!
+//! For a block of 64 output rows the scale `s[c]` and minimum `m[c]` depend only on the column c,
+//! so for token t and row r of the block:
+//!
+//! ```text
+//! y[t, r] = sum_c x[t, c] * (q[r, c] * s[c] + m[c])
+//!         = sum_c (x[t, c] * s[c]) * q[r, c]  +  sum_c x[t, c] * m[c]
+//! ```
+//!
+//! The first product runs on the 4-bit codes themselves, converted to f32 in registers (a tile of
+//! 64 rows x 1 column per step, never a whole tensor); the scaled input `x * s` is computed once
+//! per row block and token, and the minimum term is one dot product per row block and token.
+//! Row blocks are the rayon tasks (each streams its own contiguous `32 * in` bytes of codes);
+//! tokens are taken 6 at a time so that 24 accumulators (6 tokens x 64 rows) stay in registers
+//! while one column's codes are unpacked once for all 6.
+
+use super::group::{dequantize_group, GROUP, GROUP_BYTES};
+use super::QuantizedMatrix;
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Tokens per microkernel pass (6 x 4 accumulators + 4 code vectors + 1 broadcast <= 32 zmm).
+const TOK_CHUNK: usize = 6;
+
+/// Per-thread scratch: the block's scales and minimums as f32, and the scaled input.
+#[derive(Default)]
+struct Scratch {
+    sf: Vec<f32>,
+    mf: Vec<f32>,
+    xs: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Output pointer shared by the row-block tasks, which write disjoint columns of y.
+struct SendPtr(*mut f32);
+// SAFETY: every task writes only y[t, rows of its own block]; the blocks are disjoint.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above; the pointer is only used for disjoint writes.
+unsafe impl Sync for SendPtr {}
+
+/// y[t, :] = x[t, :] W^T + bias for t in 0..tokens, with W compressed. x: [tokens, in],
+/// y: [tokens, out]. Same contract as [`crate::kernels::linear`]; multithreaded over blocks of 64
+/// output rows; AVX-512 when the CPU has it, portable Rust otherwise. Allocates nothing per call
+/// once each thread's scratch has grown to the layer's width.
+pub fn linear_q4(
+    x: &[f32],
+    tokens: usize,
+    w: &QuantizedMatrix,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    linear_q4_on(Isa::detect(), x, tokens, w, bias, y)
+}
+
+/// Instruction set of the microkernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    /// Plain Rust.
+    Portable,
+    /// AVX-512 F with FMA.
+    Avx512,
+}
+
+impl Isa {
+    /// The best this CPU runs.
+    pub(crate) fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+            return Isa::Avx512;
+        }
+        Isa::Portable
+    }
+}
+
+pub(crate) fn linear_q4_on(
+    isa: Isa,
+    x: &[f32],
+    tokens: usize,
+    w: &QuantizedMatrix,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    let (out, inp) = (w.out_features(), w.in_features());
+    assert_eq!(
+        x.len(),
+        tokens * inp,
+        "linear_q4: x must be [tokens, in_features]"
+    );
+    assert_eq!(
+        y.len(),
+        tokens * out,
+        "linear_q4: y must be [tokens, out_features]"
+    );
+    if let Some(b) = bias {
+        assert_eq!(
+            b.len(),
+            out,
+            "linear_q4: bias must have out_features elements"
+        );
+    }
+    if tokens == 0 || out == 0 {
+        return;
+    }
+    let yp = SendPtr(y.as_mut_ptr());
+    let yp = &yp;
+    (0..w.full_blocks()).into_par_iter().for_each(|b| {
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            let Scratch { sf, mf, xs } = &mut *s;
+            let (codes, scales, mins) = w.block(b);
+            sf.clear();
+            sf.extend(scales.iter().map(|v| v.to_f32()));
+            mf.clear();
+            mf.extend(mins.iter().map(|v| v.to_f32()));
+            xs.resize(TOK_CHUNK * inp, 0.0);
+            let mut t0 = 0;
+            while t0 < tokens {
+                let tc = TOK_CHUNK.min(tokens - t0);
+                let mut mterm = [0f32; TOK_CHUNK];
+                for t in 0..tc {
+                    let xr = &x[(t0 + t) * inp..][..inp];
+                    for ((d, &xv), &sv) in xs[t * inp..][..inp].iter_mut().zip(xr).zip(sf.iter()) {
+                        *d = xv * sv;
+                    }
+                    mterm[t] = dot(xr, mf);
+                }
+                let mut acc = [[0f32; GROUP]; TOK_CHUNK];
+                kernel(isa, tc, codes, xs, inp, &mut acc);
+                for t in 0..tc {
+                    let row0 = (t0 + t) * out + b * GROUP;
+                    for r in 0..GROUP {
+                        let bv = bias.map_or(0.0, |bb| bb[b * GROUP + r]);
+                        // SAFETY: row0 + r < tokens * out (checked lengths); only this block's
+                        // task writes rows b*64..b*64+64 of y.
+                        unsafe { *yp.0.add(row0 + r) = acc[t][r] + mterm[t] + bv };
+                    }
+                }
+                t0 += tc;
+            }
+        })
+    });
+    tail(x, tokens, w, bias, y);
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight partial sums so the compiler vectorises the reduction.
+    let mut p = [0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            p[k] += x[k] * y[k];
+        }
+    }
+    let mut s: f32 = p.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// The last `out % 64` rows: groups run column-major over the tail, so each value is
+/// dequantized once (a 64-value tile) and added into its row for every token. Serial: at most
+/// 63 rows.
+fn tail(x: &[f32], tokens: usize, w: &QuantizedMatrix, bias: Option<&[f32]>, y: &mut [f32]) {
+    let (out, inp) = (w.out_features(), w.in_features());
+    let r = out % GROUP;
+    if r == 0 {
+        return;
+    }
+    let row0 = w.full_blocks() * GROUP;
+    for t in 0..tokens {
+        for j in 0..r {
+            y[t * out + row0 + j] = bias.map_or(0.0, |b| b[row0 + j]);
+        }
+    }
+    let (codes, scales, mins) = w.tail();
+    let n = r * inp;
+    let mut vals = [0f32; GROUP];
+    for g in 0..scales.len() {
+        let cnt = (n - g * GROUP).min(GROUP);
+        dequantize_group(
+            &codes[g * GROUP_BYTES..][..GROUP_BYTES],
+            scales[g],
+            mins[g],
+            &mut vals[..cnt],
+        );
+        for (p, &wv) in vals[..cnt].iter().enumerate() {
+            let f = g * GROUP + p;
+            let (c, j) = (f / r, f % r);
+            for t in 0..tokens {
+                y[t * out + row0 + j] += x[t * inp + c] * wv;
+            }
+        }
+    }
+}
+
+/// acc[t][r] = sum_c xs[t * inp + c] * q[r, c] for t < tc, over one row block's codes.
+fn kernel(
+    isa: Isa,
+    tc: usize,
+    codes: &[u8],
+    xs: &[f32],
+    inp: usize,
+    acc: &mut [[f32; GROUP]; TOK_CHUNK],
+) {
+    debug_assert!(codes.len() == inp * GROUP_BYTES && xs.len() >= tc * inp);
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        // SAFETY: Isa::Avx512 is only chosen when the CPU has AVX-512 F and FMA; lengths checked
+        // by the debug assertion above and guaranteed by the caller.
+        unsafe {
+            match tc {
+                1 => avx512::kernel::<1>(codes, xs, inp, acc),
+                2 => avx512::kernel::<2>(codes, xs, inp, acc),
+                3 => avx512::kernel::<3>(codes, xs, inp, acc),
+                4 => avx512::kernel::<4>(codes, xs, inp, acc),
+                5 => avx512::kernel::<5>(codes, xs, inp, acc),
+                _ => avx512::kernel::<6>(codes, xs, inp, acc),
+            }
+        }
+        return;
+    }
+    let _ = isa;
+    let mut q = [0f32; GROUP];
+    for c in 0..inp {
+        let cb = &codes[c * GROUP_BYTES..][..GROUP_BYTES];
+        for k in 0..GROUP_BYTES {
+            q[k] = (cb[k] & 15) as f32;
+            q[k + GROUP_BYTES] = (cb[k] >> 4) as f32;
+        }
+        for (t, a) in acc.iter_mut().enumerate().take(tc) {
+            let s = xs[t * inp + c];
+            for (av, qv) in a.iter_mut().zip(&q) {
+                *av += s * qv;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{GROUP, GROUP_BYTES, TOK_CHUNK};
+    use std::arch::x86_64::*;
+
+    /// The microkernel for T tokens: per column, 32 bytes of codes become four vectors of 16 f32
+    /// (rows 0-15, 16-31, 32-47, 48-63) and are multiplied into 4*T accumulators.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F and FMA; `codes` must hold `inp * 32` bytes and `xs` at least
+    /// `T * inp` floats.
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn kernel<const T: usize>(
+        codes: &[u8],
+        xs: &[f32],
+        inp: usize,
+        acc: &mut [[f32; GROUP]; TOK_CHUNK],
+    ) {
+        let mut a = [[_mm512_setzero_ps(); 4]; T];
+        let mask = _mm512_set1_epi32(15);
+        let cp = codes.as_ptr();
+        let xp = xs.as_ptr();
+        for c in 0..inp {
+            // SAFETY: c * 32 + 32 <= codes.len(); unaligned 16-byte loads.
+            let (lo, hi) = unsafe {
+                let p = cp.add(c * GROUP_BYTES);
+                (
+                    _mm_loadu_si128(p as *const __m128i),
+                    _mm_loadu_si128(p.add(16) as *const __m128i),
+                )
+            };
+            let i0 = _mm512_cvtepu8_epi32(lo);
+            let i1 = _mm512_cvtepu8_epi32(hi);
+            let q = [
+                _mm512_cvtepi32_ps(_mm512_and_si512(i0, mask)),
+                _mm512_cvtepi32_ps(_mm512_and_si512(i1, mask)),
+                _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(i0)),
+                _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(i1)),
+            ];
+            for (t, at) in a.iter_mut().enumerate() {
+                // SAFETY: t * inp + c < T * inp <= xs.len().
+                let s = _mm512_set1_ps(unsafe { *xp.add(t * inp + c) });
+                for k in 0..4 {
+                    at[k] = _mm512_fmadd_ps(s, q[k], at[k]);
+                }
+            }
+        }
+        for (t, at) in a.iter().enumerate() {
+            for k in 0..4 {
+                // SAFETY: acc[t] has 64 floats; k * 16 + 16 <= 64.
+                unsafe { _mm512_storeu_ps(acc[t].as_mut_ptr().add(k * 16), at[k]) };
+            }
+        }
+    }
+}
