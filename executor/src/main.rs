@@ -27,15 +27,16 @@ Examples:
 
   # Token-id prompts, sampling, JSON report
   executor --model ~/models/opt-1.3b --prompt-ids 2,100,200 --temperature 0.8 --top-p 0.9 \\
-           --seed 7 --report run.json
+           --sample-seed 7 --report run.json
 
   # Benchmark a model size without a checkpoint: random bf16 OPT-1.3B, 16 random prompts of
   # 128 tokens, 32 new tokens each (EOS ignored so every run does the same work)
   executor --random-weights --model-name opt-1.3b --dtype bf16 --batch-size 16 \\
            --prompt-len 128 --max-new-tokens 32 --ignore-eos --report bench.json
 
-  # Run a policy written by `planner solve` (only all-CPU policies run so far)
-  executor --policy policies/opt-1.3b-cpu.toml --random-weights";
+  # Run a policy written by `planner solve` (only all-CPU policies run so far): its model,
+  # batch and workload, with random weights
+  executor --policy my-policy.toml --random-weights";
 
 /// Run an OPT model on the CPU, as a planner policy says, and report prefill and decode speed.
 #[derive(Debug, Parser)]
@@ -198,6 +199,14 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
         bail!("--model-name only applies with --random-weights");
     }
     let loaded = run::load(&source, !cli.quiet)?;
+    if let Some(p) = &policy {
+        if p.model.name != loaded.name {
+            eprintln!(
+                "warning: the policy was solved for model '{}' but the model is '{}'",
+                p.model.name, loaded.name
+            );
+        }
+    }
 
     let mut prompts: Vec<Prompt> = cli.prompt.iter().cloned().map(Prompt::Text).collect();
     if let Some(file) = &cli.prompt_file {

@@ -22,9 +22,9 @@ pub fn check_policy(policy: &Policy, shown: &str) -> Result<()> {
     if policy.needs_gpu() {
         return Err(ExecError::Unsupported(format!(
             "policy {shown} needs a GPU (it places tensors on the GPU or splits linear layers \
-             between CPU and GPU), but this executor has only the cpu backend and this machine \
-             has no usable GPU; use an all-CPU policy (gpu = 0 everywhere, compute.split = 1.0) \
-             or run without --policy"
+             between CPU and GPU), but the executor runs on the cpu backend only so far (the \
+             cuda backend is issue 6); use an all-CPU policy (gpu = 0 everywhere, compute.split \
+             = 1.0) or run without --policy"
         )));
     }
     let p = &policy.placement;
