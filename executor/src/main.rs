@@ -167,6 +167,9 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
         None => None,
     };
 
+    if cli.model.is_some() && cli.model_name.is_some() {
+        bail!("give either --model DIR or --model-name NAME, not both");
+    }
     let source = if cli.random_weights {
         let config = match (&cli.model, &cli.model_name, &policy) {
             (Some(dir), _, _) => OptConfig::from_file(&dir.join("config.json"))?,
