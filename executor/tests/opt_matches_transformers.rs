@@ -110,6 +110,13 @@ fn sharded_checkpoint_matches_transformers() {
     )
     .unwrap();
     check_against_transformers(dir.path(), "opt-tiny-preln");
+    // Both shards are read in place: safetensors writers align every tensor.
+    let store = executor::weights::SafetensorsStore::open_dir(dir.path()).unwrap();
+    assert_eq!(store.copied_tensors(), 0);
+    assert_eq!(
+        store.names().len(),
+        read_tensors(&fixture("opt-tiny-preln").join("model.safetensors")).len()
+    );
 }
 
 #[test]
