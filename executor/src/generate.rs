@@ -18,11 +18,13 @@ pub enum Sampling {
     /// A random draw after transformers' logits processors, in their order: temperature, then
     /// top-k, then top-p (nucleus).
     Sample {
+        /// Logits are divided by it: below 1 sharpens, above 1 flattens the distribution.
         temperature: f32,
         /// Keep only the k most likely tokens (None: all).
         top_k: Option<usize>,
         /// Keep the smallest set of most likely tokens whose probability reaches p (None: all).
         top_p: Option<f32>,
+        /// Seed of the draws, so that a run can be repeated exactly.
         seed: u64,
     },
 }
@@ -32,6 +34,7 @@ pub enum Sampling {
 pub struct GenerationConfig {
     /// Token budget of each sequence.
     pub max_new_tokens: usize,
+    /// Greedy or sampled.
     pub sampling: Sampling,
     /// Stop a sequence when it produces the model's EOS token (off for benchmarks that need a
     /// fixed number of tokens).

@@ -6,10 +6,15 @@ use std::fmt::Write as _;
 /// Measurements of one run. Field names carry their units; `docs/executor.md` describes each.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunReport {
+    /// Model name (checkpoint directory or built-in configuration).
     pub model: String,
+    /// Backend that computed (`cpu`).
     pub backend: String,
+    /// Element type of the weight matrices (`f32`, `f16`, `bf16`).
     pub weights_dtype: String,
+    /// Worker threads of the CPU kernels.
     pub threads: usize,
+    /// Sequences in the batch.
     pub batch_size: usize,
     /// Padded prompt length (the longest prompt).
     pub prompt_len: usize,
@@ -17,9 +22,13 @@ pub struct RunReport {
     pub new_tokens: usize,
     /// New tokens over all sequences.
     pub generated_tokens: usize,
+    /// Seconds to open, check and fault in (or generate) the weights.
     pub load_s: f64,
+    /// Seconds of the prefill pass, including choosing each sequence's first token.
     pub prefill_s: f64,
+    /// Seconds of all decode steps.
     pub decode_s: f64,
+    /// Decode steps run.
     pub decode_steps: usize,
     /// Prompt tokens (padding included, as computed) per second of prefill.
     pub prefill_tokens_per_s: f64,
@@ -34,6 +43,7 @@ pub struct RunReport {
     pub weight_bytes_per_step: u64,
     /// Weight bytes read per decode step divided by the mean decode step time.
     pub decode_weight_bandwidth_bytes_per_s: f64,
+    /// Bytes of the preallocated KV cache.
     pub kv_cache_bytes: u64,
     /// High-water mark of resident memory (VmHWM), when the OS reports it.
     pub peak_rss_bytes: Option<u64>,

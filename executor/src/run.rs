@@ -57,20 +57,26 @@ pub enum ModelSource {
     Checkpoint(PathBuf),
     /// Seeded random weights of the given structure.
     Random {
+        /// Structure of the model.
         config: OptConfig,
+        /// Element type the matrices are generated in.
         dtype: ElementType,
+        /// Seed of the weights.
         seed: u64,
     },
 }
 
 /// A model ready to run.
 pub struct Loaded {
+    /// The model, its weights checked against its config.
     pub model: OptModel,
+    /// The checkpoint's tokenizer, when it ships one.
     pub tokenizer: Option<TextTokenizer>,
     /// Name for reports (the directory name or the built-in name).
     pub name: String,
     /// Element type of the weight matrices.
     pub dtype: ElementType,
+    /// Seconds spent loading.
     pub load_s: f64,
 }
 
@@ -138,7 +144,9 @@ pub fn load(source: &ModelSource, show_progress: bool) -> Result<Loaded> {
 /// A prompt as given on the command line.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Prompt {
+    /// Text, tokenized with the model's tokenizer (BOS first).
     Text(String),
+    /// Token ids, used as given.
     Ids(Vec<u32>),
 }
 

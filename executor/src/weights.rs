@@ -19,8 +19,11 @@ use std::path::{Path, PathBuf};
 /// Element types the executor computes with (f32 accumulation in every case).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ElementType {
+    /// 32-bit IEEE float.
     F32,
+    /// 16-bit IEEE float.
     F16,
+    /// bfloat16: f32's exponent range with 8 bits of mantissa.
     Bf16,
 }
 
@@ -51,8 +54,11 @@ pub struct TensorId(usize);
 /// What a store knows about a tensor without touching its elements.
 #[derive(Debug, Clone)]
 pub struct TensorMeta {
+    /// Full tensor name as in the checkpoint.
     pub name: String,
+    /// Element type as stored.
     pub dtype: ElementType,
+    /// Shape, outermost dimension first.
     pub shape: Vec<usize>,
     /// The file it is stored in (or a description of the source), for error messages.
     pub origin: String,
@@ -410,7 +416,10 @@ impl WeightStore for SafetensorsStore {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Init {
     /// Uniform with mean 0 and this standard deviation.
-    Uniform { std: f32 },
+    Uniform {
+        /// Standard deviation.
+        std: f32,
+    },
     /// Every element equal to this value.
     Constant(f32),
 }
@@ -418,8 +427,11 @@ pub enum Init {
 /// Name, shape and fill of one random tensor.
 #[derive(Debug, Clone)]
 pub struct RandomTensor {
+    /// Tensor name, as a checkpoint would have it.
     pub name: String,
+    /// Shape, outermost dimension first.
     pub shape: Vec<usize>,
+    /// How its elements are drawn.
     pub init: Init,
 }
 

@@ -23,6 +23,7 @@ pub const LAYER_NORM_EPS: f32 = 1e-5;
 /// that only change how the executor computes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OptConfig {
+    /// Shapes, vocabulary and special tokens, shared with the planner's cost model.
     pub spec: ModelSpec,
     /// Linear layers have biases (`enable_bias`, true in every released OPT).
     pub enable_bias: bool,
