@@ -6,6 +6,7 @@
 //! the end-to-end run the command line drives), [`report`] (what a run measured).
 
 pub mod backend;
+pub mod cuda;
 pub mod error;
 pub mod generate;
 pub mod kernels;

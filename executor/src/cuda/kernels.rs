@@ -1,0 +1,226 @@
+//! The CUDA kernel sources and their compilation to PTX with NVRTC.
+//!
+//! Sources live in `.cu` files next to this one and are embedded with `include_str!`, so the
+//! binary carries them and compiles them at run time for whatever GPU it finds: no nvcc at build
+//! time, no toolkit on the build machine. NVRTC itself needs no GPU, which is what lets CI compile
+//! every kernel on a machine without one (see `scripts/nvrtc-env.sh`): a kernel that stops
+//! compiling fails the build's tests instead of failing on the first GPU machine.
+//!
+//! The sources include no CUDA header (f16/bf16 conversions are written with PTX and bit
+//! operations in `common.cuh`), so NVRTC needs no include path.
+
+use super::CudaError;
+use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
+use std::sync::Mutex;
+
+/// Device helpers shared by every module; prepended to each source before compilation.
+pub const COMMON_SOURCE: &str = include_str!("common.cuh");
+
+/// One `.cu` file: its name (for error messages and NVRTC's program name), its text, and the
+/// `extern "C"` kernels the backend loads from it.
+#[derive(Debug, Clone, Copy)]
+pub struct KernelSource {
+    /// File name under `executor/src/cuda/`.
+    pub name: &'static str,
+    /// The file's text (without [`COMMON_SOURCE`]).
+    pub source: &'static str,
+    /// Kernels the backend looks up in the compiled module; a missing one is a bug caught by the
+    /// GPU conformance tests.
+    pub functions: &'static [&'static str],
+}
+
+/// Every kernel source the backend uses. The PTX test compiles each of them.
+pub const SOURCES: &[KernelSource] = &[
+    KernelSource {
+        name: "elementwise.cu",
+        source: include_str!("elementwise.cu"),
+        functions: &[
+            "relu_f32",
+            "scale_f32",
+            "add_f32",
+            "fill_rows_f32",
+            "widen_f16_f32",
+            "widen_bf16_f32",
+            "round_f32_bf16",
+            "embedding_gather",
+        ],
+    },
+    KernelSource {
+        name: "layer_norm.cu",
+        source: include_str!("layer_norm.cu"),
+        functions: &["layer_norm_f32"],
+    },
+    KernelSource {
+        name: "attention.cu",
+        source: include_str!("attention.cu"),
+        functions: &["attention_f32"],
+    },
+];
+
+/// Environment variable naming extra NVRTC include directories (`:`-separated). The bundled
+/// kernels need none; it exists for kernels that will include CUDA headers (the PyPI package
+/// `nvidia-cuda-runtime-cu12` ships them under `nvidia/cuda_runtime/include`).
+pub const INCLUDE_PATH_VAR: &str = "STRATA_NVRTC_INCLUDE";
+
+/// Whether `libnvrtc` can be loaded. cudarc panics on the first NVRTC call when it cannot, so
+/// callers check this first.
+pub fn nvrtc_available() -> bool {
+    // SAFETY: only tries to dlopen the candidate library names and drops the handles; no symbol
+    // of the library is called.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// What to tell someone whose machine has no loadable `libnvrtc`.
+pub fn nvrtc_missing_hint() -> String {
+    "libnvrtc (CUDA's run-time compiler) could not be loaded: install the CUDA toolkit, or the \
+     PyPI package nvidia-cuda-nvrtc-cu12 (scripts/nvrtc-env.sh does it in a venv and prints the \
+     LD_LIBRARY_PATH line), and make sure libnvrtc.so.12 is on LD_LIBRARY_PATH"
+        .to_string()
+}
+
+/// Compiles one source (with [`COMMON_SOURCE`] in front) to PTX.
+///
+/// Returns [`CudaError::Unavailable`] when libnvrtc cannot be loaded and
+/// [`CudaError::Compile`] with the compiler log when the source is wrong; never panics.
+pub fn compile(name: &str, source: &str) -> Result<Ptx, CudaError> {
+    if !nvrtc_available() {
+        return Err(super::CudaUnavailable::MissingLibrary {
+            library: "libnvrtc",
+            hint: nvrtc_missing_hint(),
+        }
+        .into());
+    }
+    let text = format!("{COMMON_SOURCE}\n#line 1 \"{name}\"\n{source}");
+    if text.contains('\0') {
+        // NVRTC takes a C string; cudarc would panic on an interior NUL.
+        return Err(CudaError::Compile {
+            source_name: name.to_string(),
+            message: "source contains a NUL byte".into(),
+            log: String::new(),
+        });
+    }
+    let include_paths = std::env::var(INCLUDE_PATH_VAR)
+        .map(|v| {
+            v.split(':')
+                .filter(|p| !p.is_empty())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default();
+    let opts = CompileOptions {
+        name: Some(name.replace('\0', "")),
+        include_paths,
+        ..Default::default()
+    };
+    cudarc::nvrtc::compile_ptx_with_opts(text, opts).map_err(|e| compile_error(name, e))
+}
+
+fn compile_error(name: &str, e: CompileError) -> CudaError {
+    let (message, log) = match e {
+        CompileError::CompileError { nvrtc, log, .. } => {
+            (format!("{nvrtc:?}"), log.to_string_lossy().into_owned())
+        }
+        other => (format!("{other:?}"), String::new()),
+    };
+    CudaError::Compile {
+        source_name: name.to_string(),
+        message,
+        log,
+    }
+}
+
+/// Compiled PTX of every source in [`SOURCES`], in the same order.
+///
+/// Compiled once per process and cached (NVRTC takes tens to hundreds of milliseconds per
+/// source); failures are not cached, so a later call after fixing the environment retries.
+pub fn compile_all() -> Result<Vec<(KernelSource, Ptx)>, CudaError> {
+    static CACHE: Mutex<Option<Vec<(KernelSource, Ptx)>>> = Mutex::new(None);
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(done) = cache.as_ref() {
+        return Ok(done.clone());
+    }
+    let mut out = Vec::with_capacity(SOURCES.len());
+    for src in SOURCES {
+        out.push((*src, compile(src.name, src.source)?));
+    }
+    *cache = Some(out.clone());
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Prints why the test did nothing, visibly (run with --nocapture, or see the captured
+    /// output of a failing neighbour), and says whether to go on.
+    fn nvrtc_or_skip(test: &str) -> bool {
+        if nvrtc_available() {
+            return true;
+        }
+        eprintln!("SKIPPED: {test}: {}", nvrtc_missing_hint());
+        false
+    }
+
+    #[test]
+    fn every_kernel_source_compiles_to_ptx() {
+        if !nvrtc_or_skip("every_kernel_source_compiles_to_ptx") {
+            return;
+        }
+        for src in SOURCES {
+            let ptx = match compile(src.name, src.source) {
+                Ok(p) => p.to_src(),
+                Err(e) => panic!("{e}"),
+            };
+            for f in src.functions {
+                assert!(
+                    ptx.contains(&format!(".entry {f}(")),
+                    "{}: kernel {f} missing from the PTX",
+                    src.name
+                );
+            }
+            eprintln!(
+                "compiled {} to PTX ({} bytes, kernels {:?})",
+                src.name,
+                ptx.len(),
+                src.functions
+            );
+        }
+        assert_eq!(compile_all().map(|v| v.len()).ok(), Some(SOURCES.len()));
+    }
+
+    #[test]
+    fn a_syntax_error_is_an_err_with_the_compiler_log() {
+        if !nvrtc_or_skip("a_syntax_error_is_an_err_with_the_compiler_log") {
+            return;
+        }
+        let broken = "extern \"C\" __global__ void broken(float* x) { x[0] = 1.0f  }";
+        match compile("broken.cu", broken) {
+            Err(CudaError::Compile {
+                source_name, log, ..
+            }) => {
+                assert_eq!(source_name, "broken.cu");
+                assert!(log.contains("broken.cu"), "log names the file: {log}");
+                assert!(log.contains("error"), "log has the error: {log}");
+            }
+            other => panic!("expected a compile error, got {other:?}"),
+        }
+        let undefined = "extern \"C\" __global__ void k(float* x) { x[0] = no_such_fn(); }";
+        assert!(matches!(
+            compile("undefined.cu", undefined),
+            Err(CudaError::Compile { .. })
+        ));
+    }
+
+    #[test]
+    fn missing_nvrtc_is_an_err_not_a_panic() {
+        // On a machine with libnvrtc this checks the success path instead; either way, no panic.
+        let r = compile("tiny.cu", "extern \"C\" __global__ void k() {}");
+        if nvrtc_available() {
+            assert!(r.is_ok(), "{r:?}");
+        } else {
+            let msg = r.unwrap_err().to_string();
+            assert!(msg.contains("libnvrtc"), "{msg}");
+            assert!(msg.contains("nvidia-cuda-nvrtc-cu12"), "{msg}");
+        }
+    }
+}
