@@ -243,6 +243,16 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
         if cli.batch_size.is_some() || cli.prompt_len.is_some() {
             bail!("--batch-size and --prompt-len only apply when no prompts are given");
         }
+        if let Some(p) = &policy {
+            if prompts.len() as u64 != p.batch.block_size() {
+                eprintln!(
+                    "warning: the policy's block holds {} sequences; running the {} prompts given \
+                     as one batch",
+                    p.batch.block_size(),
+                    prompts.len()
+                );
+            }
+        }
         run::tokenize_prompts(&prompts, loaded.tokenizer.as_ref())?
     };
 
