@@ -7,6 +7,9 @@
 #   eval "$(scripts/nvrtc-env.sh DIR)"        # venv in DIR
 #   eval "$(scripts/nvrtc-env.sh DIR --with-cublas)"   # also cuBLAS, for a GPU machine
 #                                                      # without the CUDA libraries
+#   eval "$(scripts/nvrtc-env.sh DIR --with-ptxas)"    # also ptxas (nvidia-cuda-nvcc-cu12,
+#                                                      # ~95 MB), so the PTX test assembles
+#                                                      # the PTX for sm_70/80/90
 #
 # Packages: nvidia-cuda-nvrtc-cu12 (libnvrtc.so.12, ~90 MB installed) and
 # nvidia-cuda-runtime-cu12 (headers such as cuda_fp16.h; the bundled kernels need none, but
@@ -17,8 +20,14 @@
 set -euo pipefail
 
 dir="${1:-.venv-nvrtc}"
-with_cublas=no
-[ "${2:-}" = "--with-cublas" ] && with_cublas=yes
+with_cublas=no with_ptxas=no
+for opt in "${@:2}"; do
+  case "$opt" in
+    --with-cublas) with_cublas=yes ;;
+    --with-ptxas) with_ptxas=yes ;;
+    *) echo "nvrtc-env: unknown option $opt" >&2; exit 64 ;;
+  esac
+done
 version="${STRATA_NVRTC_VERSION:-12.9.86}"
 
 say() { echo "nvrtc-env: $*" >&2; }
@@ -61,6 +70,11 @@ if [ "$with_cublas" = yes ] && [ -z "$(find_one 'libcublas.so.12')" ]; then
   "$dir/bin/pip" install --quiet --disable-pip-version-check nvidia-cublas-cu12 >&2 ||
     { say "pip install nvidia-cublas-cu12 failed"; exit 1; }
 fi
+if [ "$with_ptxas" = yes ] && [ -z "$(find_one 'ptxas')" ]; then
+  say "installing nvidia-cuda-nvcc-cu12==$version for ptxas (about 10 s)"
+  "$dir/bin/pip" install --quiet --disable-pip-version-check "nvidia-cuda-nvcc-cu12==$version" >&2 ||
+    { say "pip install nvidia-cuda-nvcc-cu12 failed"; exit 1; }
+fi
 
 nvrtc_lib="$(find_one 'libnvrtc.so.12')"
 header="$(find_one 'cuda_fp16.h')"
@@ -74,3 +88,6 @@ cublas_lib="$(find_one 'libcublas.so.12')"
 say "NVRTC $("$dir/bin/pip" show nvidia-cuda-nvrtc-cu12 | sed -n 's/^Version: //p') in $libs"
 echo "export LD_LIBRARY_PATH=\"$libs\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}\""
 echo "export STRATA_NVRTC_INCLUDE=\"$(dirname "$header")\""
+ptxas="$(find "$dir" -name ptxas -type f -print -quit 2>/dev/null)"
+[ -n "$ptxas" ] && echo "export STRATA_PTXAS=\"$ptxas\""
+exit 0

@@ -62,6 +62,12 @@ pub const SOURCES: &[KernelSource] = &[
 /// `nvidia-cuda-runtime-cu12` ships them under `nvidia/cuda_runtime/include`).
 pub const INCLUDE_PATH_VAR: &str = "STRATA_NVRTC_INCLUDE";
 
+/// Environment variable naming a `ptxas` binary (the PyPI package `nvidia-cuda-nvcc-cu12` ships
+/// one; `scripts/nvrtc-env.sh DIR --with-ptxas` installs it). When set, the PTX test also
+/// assembles every module for real GPU architectures, which checks what NVRTC does not: inline
+/// PTX, register and shared-memory limits.
+pub const PTXAS_VAR: &str = "STRATA_PTXAS";
+
 /// Whether `libnvrtc` can be loaded. cudarc panics on the first NVRTC call when it cannot, so
 /// callers check this first.
 pub fn nvrtc_available() -> bool {
@@ -186,6 +192,39 @@ mod tests {
             );
         }
         assert_eq!(compile_all().map(|v| v.len()).ok(), Some(SOURCES.len()));
+        assemble_with_ptxas();
+    }
+
+    /// With `STRATA_PTXAS` set, assembles every module's PTX for Volta, Ampere and Hopper.
+    fn assemble_with_ptxas() {
+        let Ok(ptxas) = std::env::var(PTXAS_VAR) else {
+            eprintln!("note: {PTXAS_VAR} is not set, so the PTX was not assembled to SASS");
+            return;
+        };
+        let dir = tempfile::tempdir().expect("temporary directory");
+        for src in SOURCES {
+            let ptx = compile(src.name, src.source)
+                .expect("compiled above")
+                .to_src();
+            let file = dir.path().join(src.name.replace(".cu", ".ptx"));
+            std::fs::write(&file, ptx).expect("write PTX");
+            for arch in ["sm_70", "sm_80", "sm_90"] {
+                let out = std::process::Command::new(&ptxas)
+                    .arg(format!("-arch={arch}"))
+                    .arg("-o")
+                    .arg(dir.path().join("out.cubin"))
+                    .arg(&file)
+                    .output()
+                    .unwrap_or_else(|e| panic!("cannot run {ptxas}: {e}"));
+                assert!(
+                    out.status.success(),
+                    "ptxas -arch={arch} rejected {}: {}",
+                    src.name,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            eprintln!("ptxas assembled {} for sm_70, sm_80, sm_90", src.name);
+        }
     }
 
     #[test]
