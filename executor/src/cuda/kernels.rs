@@ -227,6 +227,68 @@ mod tests {
         }
     }
 
+    /// The inline-PTX line in common.cuh and its software stand-in for the CPU emulation.
+    const HALF_ASM: &str = r#"asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));"#;
+    const HALF_EMU: &str = "f = emu_half_to_float(h);";
+
+    /// Runs every kernel's logic on the CPU (emu/emu.h: threads, barriers, warp shuffles) against
+    /// straightforward references, so that reductions, masking and rounding are tested on
+    /// machines without a GPU. Needs a C++20 compiler (`c++`, or `CXX`); skipped without one.
+    #[test]
+    fn kernel_logic_on_a_cpu_emulation() {
+        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let d = dir.path();
+        let probe_src = d.join("probe.cpp");
+        std::fs::write(
+            &probe_src,
+            "#include <barrier>\nint main() { std::barrier<> b(1); }\n",
+        )
+        .expect("write probe");
+        let probe = std::process::Command::new(&cxx)
+            .args(["-std=c++20", "-pthread", "-o"])
+            .arg(d.join("probe"))
+            .arg(&probe_src)
+            .output();
+        if !matches!(&probe, Ok(o) if o.status.success()) {
+            eprintln!("SKIPPED: kernel_logic_on_a_cpu_emulation: no C++20 compiler ({cxx})");
+            return;
+        }
+        assert!(
+            COMMON_SOURCE.contains(HALF_ASM),
+            "common.cuh no longer has the inline PTX the emulation replaces; update HALF_ASM"
+        );
+        let mut kernels = String::from("#include \"emu.h\"\n");
+        kernels.push_str(&COMMON_SOURCE.replace(HALF_ASM, HALF_EMU));
+        for src in SOURCES {
+            kernels.push_str(&format!("\n// ---- {}\n{}", src.name, src.source));
+        }
+        std::fs::write(d.join("kernels.cpp"), kernels).expect("write kernels.cpp");
+        std::fs::write(d.join("emu.h"), include_str!("emu/emu.h")).expect("write emu.h");
+        std::fs::write(d.join("emu_test.cpp"), include_str!("emu/emu_test.cpp"))
+            .expect("write emu_test.cpp");
+        let build = std::process::Command::new(&cxx)
+            .args(["-std=c++20", "-O1", "-pthread", "-w", "-o"])
+            .arg(d.join("emu_test"))
+            .arg(d.join("emu_test.cpp"))
+            .output()
+            .expect("run the C++ compiler");
+        assert!(
+            build.status.success(),
+            "the kernels do not build under the CPU emulation:\n{}",
+            String::from_utf8_lossy(&build.stderr)
+        );
+        let run = std::process::Command::new(d.join("emu_test"))
+            .output()
+            .expect("run the emulation");
+        let out = String::from_utf8_lossy(&run.stdout);
+        eprintln!("{}", out.trim_end());
+        assert!(
+            run.status.success(),
+            "emulated kernels disagree with the references"
+        );
+    }
+
     #[test]
     fn a_syntax_error_is_an_err_with_the_compiler_log() {
         if !nvrtc_or_skip("a_syntax_error_is_an_err_with_the_compiler_log") {
