@@ -44,7 +44,7 @@ dir="$(cd "$dir" && pwd)"
 
 find_one() { find "$dir" -name "$1" -print -quit 2>/dev/null; }
 
-have_version="$("$dir/bin/pip" show nvidia-cuda-nvrtc-cu12 2>/dev/null | sed -n 's/^Version: //p')"
+have_version="$("$dir/bin/pip" show nvidia-cuda-nvrtc-cu12 2>/dev/null | sed -n 's/^Version: //p' || true)"
 case "$version" in
   *'*'*) want_match=no ;;  # a wildcard: accept whatever is installed if it matches the prefix
   *) want_match=yes ;;
