@@ -39,7 +39,7 @@ impl QuantizedKv {
 
     /// Compresses a [positions, width] block.
     pub fn from_rows(rows: &[f32], width: usize) -> Result<QuantizedKv, QuantError> {
-        let positions = if width == 0 { 0 } else { rows.len() / width };
+        let positions = rows.len().checked_div(width).unwrap_or(0);
         let mut kv = QuantizedKv::with_capacity(width, positions);
         kv.push_rows(rows)?;
         Ok(kv)
@@ -47,7 +47,7 @@ impl QuantizedKv {
 
     /// Appends positions (`rows` is [n, width]): the prefill block or one decode step.
     pub fn push_rows(&mut self, rows: &[f32]) -> Result<(), QuantError> {
-        if self.width == 0 || rows.len() % self.width != 0 {
+        if self.width == 0 || !rows.len().is_multiple_of(self.width) {
             return Err(QuantError::Shape {
                 what: format!("KV rows of width {}", self.width),
                 found: rows.len(),

@@ -29,6 +29,8 @@ struct Scratch {
     sf: Vec<f32>,
     mf: Vec<f32>,
     xs: Vec<f32>,
+    /// bf16 pairs (x*s for columns 2k, 2k+1) for the `vdpbf16ps` kernel.
+    xsp: Vec<u32>,
 }
 
 thread_local! {
@@ -63,6 +65,8 @@ pub(crate) enum Isa {
     Portable,
     /// AVX-512 F with FMA.
     Avx512,
+    /// As `Avx512`, plus AVX512-BW and `vdpbf16ps`: two columns' codes per 32-bit lane.
+    Avx512Bf16,
 }
 
 impl Isa {
@@ -70,6 +74,9 @@ impl Isa {
     pub(crate) fn detect() -> Isa {
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+            if is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512bf16") {
+                return Isa::Avx512Bf16;
+            }
             return Isa::Avx512;
         }
         Isa::Portable
@@ -110,26 +117,48 @@ pub(crate) fn linear_q4_on(
     (0..w.full_blocks()).into_par_iter().for_each(|b| {
         SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
-            let Scratch { sf, mf, xs } = &mut *s;
+            let Scratch { sf, mf, xs, xsp } = &mut *s;
             let (codes, scales, mins) = w.block(b);
             sf.clear();
             sf.extend(scales.iter().map(|v| v.to_f32()));
             mf.clear();
             mf.extend(mins.iter().map(|v| v.to_f32()));
             xs.resize(TOK_CHUNK * inp, 0.0);
+            let pairs = inp.div_ceil(2);
+            if isa == Isa::Avx512Bf16 {
+                xsp.resize(TOK_CHUNK * pairs, 0);
+            }
             let mut t0 = 0;
             while t0 < tokens {
                 let tc = TOK_CHUNK.min(tokens - t0);
                 let mut mterm = [0f32; TOK_CHUNK];
                 for t in 0..tc {
                     let xr = &x[(t0 + t) * inp..][..inp];
+                    // x * s rounded to bf16 on every path (see the module docs), so that results
+                    // do not depend on which kernel ran.
                     for ((d, &xv), &sv) in xs[t * inp..][..inp].iter_mut().zip(xr).zip(sf.iter()) {
-                        *d = xv * sv;
+                        *d = f32::from_bits(round_bf16(xv * sv));
                     }
                     mterm[t] = dot(xr, mf);
+                    if isa == Isa::Avx512Bf16 {
+                        let row = &xs[t * inp..][..inp];
+                        let (even, odd) = (row.chunks_exact(2), row.chunks_exact(2).remainder());
+                        let dst = &mut xsp[t * pairs..][..pairs];
+                        for (p, c) in dst.iter_mut().zip(even) {
+                            // Already bf16 values: the upper halves are the bf16 bits.
+                            *p = (c[0].to_bits() >> 16) | (c[1].to_bits() & 0xffff_0000);
+                        }
+                        if let [last] = odd {
+                            dst[pairs - 1] = last.to_bits() >> 16;
+                        }
+                    }
                 }
                 let mut acc = [[0f32; GROUP]; TOK_CHUNK];
-                kernel(isa, tc, codes, xs, inp, &mut acc);
+                if isa == Isa::Avx512Bf16 {
+                    kernel_bf16(tc, codes, xsp, inp, &mut acc);
+                } else {
+                    kernel(isa, tc, codes, xs, inp, &mut acc);
+                }
                 for t in 0..tc {
                     let row0 = (t0 + t) * out + b * GROUP;
                     for r in 0..GROUP {
@@ -144,6 +173,14 @@ pub(crate) fn linear_q4_on(
         })
     });
     tail(x, tokens, w, bias, y);
+}
+
+/// f32 bits rounded to the nearest bf16 (ties to even), low 16 bits cleared. Branch-free so the
+/// per-block loop vectorises (inputs are finite: they are activations times fp16 scales).
+#[inline(always)]
+fn round_bf16(v: f32) -> u32 {
+    let b = v.to_bits();
+    b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -211,7 +248,7 @@ fn kernel(
 ) {
     debug_assert!(codes.len() == inp * GROUP_BYTES && xs.len() >= tc * inp);
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 {
+    if isa != Isa::Portable {
         // SAFETY: Isa::Avx512 is only chosen when the CPU has AVX-512 F and FMA; lengths checked
         // by the debug assertion above and guaranteed by the caller.
         unsafe {
@@ -241,6 +278,31 @@ fn kernel(
             }
         }
     }
+}
+
+/// The `vdpbf16ps` microkernel: acc[t][r] = sum over column pairs of xsp[t] · codes.
+fn kernel_bf16(
+    tc: usize,
+    codes: &[u8],
+    xsp: &[u32],
+    inp: usize,
+    acc: &mut [[f32; GROUP]; TOK_CHUNK],
+) {
+    debug_assert!(codes.len() == inp * GROUP_BYTES && xsp.len() >= tc * inp.div_ceil(2));
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: only called with Isa::Avx512Bf16, chosen when the CPU has AVX-512 F/BW/BF16.
+    unsafe {
+        match tc {
+            1 => avx512::kernel_bf16::<1>(codes, xsp, inp, acc),
+            2 => avx512::kernel_bf16::<2>(codes, xsp, inp, acc),
+            3 => avx512::kernel_bf16::<3>(codes, xsp, inp, acc),
+            4 => avx512::kernel_bf16::<4>(codes, xsp, inp, acc),
+            5 => avx512::kernel_bf16::<5>(codes, xsp, inp, acc),
+            _ => avx512::kernel_bf16::<6>(codes, xsp, inp, acc),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("Isa::Avx512Bf16 is only detected on x86_64");
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -285,15 +347,109 @@ mod avx512 {
             for (t, at) in a.iter_mut().enumerate() {
                 // SAFETY: t * inp + c < T * inp <= xs.len().
                 let s = _mm512_set1_ps(unsafe { *xp.add(t * inp + c) });
-                for k in 0..4 {
-                    at[k] = _mm512_fmadd_ps(s, q[k], at[k]);
+                for (ak, qk) in at.iter_mut().zip(&q) {
+                    *ak = _mm512_fmadd_ps(s, *qk, *ak);
                 }
             }
         }
         for (t, at) in a.iter().enumerate() {
-            for k in 0..4 {
+            for (k, ak) in at.iter().enumerate() {
                 // SAFETY: acc[t] has 64 floats; k * 16 + 16 <= 64.
-                unsafe { _mm512_storeu_ps(acc[t].as_mut_ptr().add(k * 16), at[k]) };
+                unsafe { _mm512_storeu_ps(acc[t].as_mut_ptr().add(k * 16), *ak) };
+            }
+        }
+    }
+
+    /// bf16 value of i & 15, for i in 0..32: `vpermw` looks up 16-bit codes with their low 5 bits,
+    /// so a byte holding two codes can index it directly for its low code.
+    const fn lut() -> [u16; 32] {
+        let mut t = [0u16; 32];
+        let mut i = 0;
+        while i < 32 {
+            // Small integers are exact in bf16: the upper half of the f32 bits.
+            t[i] = ((i & 15) as f32).to_bits().wrapping_shr(16) as u16;
+            i += 1;
+        }
+        t
+    }
+    static LUT: [u16; 32] = lut();
+
+    /// The microkernel for T tokens with `vdpbf16ps`: per pair of columns (c, c+1), the two
+    /// columns' 32-byte code runs are interleaved bytewise, widened to 16 bits, and mapped to
+    /// bf16 through a 32-entry table, giving four vectors of 16 rows x (column c, column c+1)
+    /// pairs; each token's (x*s)[c], (x*s)[c+1] bf16 pair is broadcast and multiplied in.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F/BW/BF16; `codes` must hold `inp * 32` bytes and `xsp` at
+    /// least `T * ceil(inp / 2)` pairs.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2")]
+    pub(super) unsafe fn kernel_bf16<const T: usize>(
+        codes: &[u8],
+        xsp: &[u32],
+        inp: usize,
+        acc: &mut [[f32; GROUP]; TOK_CHUNK],
+    ) {
+        let pairs = inp.div_ceil(2);
+        let mut a = [[_mm512_setzero_ps(); 4]; T];
+        // SAFETY: LUT has 32 u16 = 64 bytes.
+        let lut = unsafe { _mm512_loadu_si512(LUT.as_ptr() as *const __m512i) };
+        let cp = codes.as_ptr();
+        let xp = xsp.as_ptr();
+        for k in 0..pairs {
+            let c0 = 2 * k;
+            // An odd last column pairs with itself; its partner's input is 0.
+            let c1 = if c0 + 1 < inp { c0 + 1 } else { c0 };
+            // SAFETY: c0, c1 < inp, so both 32-byte runs are inside `codes`.
+            let (a0, a1, b0, b1) = unsafe {
+                let p0 = cp.add(c0 * GROUP_BYTES);
+                let p1 = cp.add(c1 * GROUP_BYTES);
+                (
+                    _mm_loadu_si128(p0 as *const __m128i),
+                    _mm_loadu_si128(p0.add(16) as *const __m128i),
+                    _mm_loadu_si128(p1 as *const __m128i),
+                    _mm_loadu_si128(p1.add(16) as *const __m128i),
+                )
+            };
+            // Bytes 0..16 of each run: rows 0..16 (low nibbles) and 32..48 (high nibbles).
+            let lo = _mm512_cvtepu8_epi16(_mm256_set_m128i(
+                _mm_unpackhi_epi8(a0, b0),
+                _mm_unpacklo_epi8(a0, b0),
+            ));
+            let hi = _mm512_cvtepu8_epi16(_mm256_set_m128i(
+                _mm_unpackhi_epi8(a1, b1),
+                _mm_unpacklo_epi8(a1, b1),
+            ));
+            // SAFETY: __m512i and __m512bh are both 64 plain bytes (bit casts).
+            let w: [__m512bh; 4] = unsafe {
+                [
+                    std::mem::transmute::<__m512i, __m512bh>(_mm512_permutexvar_epi16(lo, lut)),
+                    std::mem::transmute::<__m512i, __m512bh>(_mm512_permutexvar_epi16(hi, lut)),
+                    std::mem::transmute::<__m512i, __m512bh>(_mm512_permutexvar_epi16(
+                        _mm512_srli_epi16::<4>(lo),
+                        lut,
+                    )),
+                    std::mem::transmute::<__m512i, __m512bh>(_mm512_permutexvar_epi16(
+                        _mm512_srli_epi16::<4>(hi),
+                        lut,
+                    )),
+                ]
+            };
+            for (t, at) in a.iter_mut().enumerate() {
+                // SAFETY: t * pairs + k < T * pairs <= xsp.len(); bit cast as above.
+                let s: __m512bh = unsafe {
+                    std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
+                        *xp.add(t * pairs + k) as i32,
+                    ))
+                };
+                for (aq, wq) in at.iter_mut().zip(&w) {
+                    *aq = _mm512_dpbf16_ps(*aq, *wq, s);
+                }
+            }
+        }
+        for (t, at) in a.iter().enumerate() {
+            for (q, aq) in at.iter().enumerate() {
+                // SAFETY: acc[t] has 64 floats; q * 16 + 16 <= 64.
+                unsafe { _mm512_storeu_ps(acc[t].as_mut_ptr().add(q * 16), *aq) };
             }
         }
     }

@@ -267,7 +267,11 @@ impl DirectFile {
         want_off: u64,
         want_len: u64,
     ) -> Result<()> {
-        debug_assert!(aoff % ALIGN as u64 == 0 && alen % ALIGN == 0 && dst as usize % ALIGN == 0);
+        debug_assert!(
+            aoff.is_multiple_of(ALIGN as u64)
+                && alen.is_multiple_of(ALIGN)
+                && (dst as usize).is_multiple_of(ALIGN)
+        );
         let mut done = 0usize;
         while done < alen {
             // SAFETY: dst..dst+alen is valid and exclusively ours per the contract.
@@ -330,9 +334,9 @@ impl DirectFile {
         if data.is_empty() {
             return Ok(());
         }
-        let aligned = offset % ALIGN as u64 == 0
-            && data.len() % ALIGN == 0
-            && data.as_ptr() as usize % ALIGN == 0;
+        let aligned = offset.is_multiple_of(ALIGN as u64)
+            && data.len().is_multiple_of(ALIGN)
+            && (data.as_ptr() as usize).is_multiple_of(ALIGN);
         if self.mode != IoMode::Direct || aligned {
             return self.pwrite_all(offset, data);
         }
