@@ -282,6 +282,11 @@ impl CudaBackend {
         // A panic while holding the lock leaves only scratch contents behind, which every
         // operation overwrites before use.
         let guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        // cuBLAS and the raw device pointers below do not make the context current themselves,
+        // and the calling thread (a rayon worker, say) may never have used it.
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| CudaError::driver("making the CUDA context current", e))?;
         self.h2d
             .synchronize()
             .map_err(|e| CudaError::driver("waiting for earlier uploads", e))?;
