@@ -63,6 +63,9 @@ if ! loadable libnvrtc.so.12 || ! loadable libcublas.so.12; then
 fi
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}"
+echo "== CUDA unit tests (PTX compile, CPU emulation of the kernels, probe, refusal)"
+cargo test --release -p executor --lib cuda:: -- --nocapture 2>&1 | grep -E "^(test |probe|compiled|ptxas|all emulated)" || true
+
 echo "== GPU conformance tests"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
