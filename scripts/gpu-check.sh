@@ -64,7 +64,12 @@ fi
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 echo "== CUDA unit tests (PTX compile, CPU emulation of the kernels, probe, refusal)"
-cargo test --release -p executor --lib cuda:: -- --nocapture 2>&1 | grep -E "^(test |probe|compiled|ptxas|all emulated)" || true
+set +o pipefail
+cargo test --release -p executor --lib cuda:: -- --nocapture 2>&1 |
+  grep -E "^(test |probe|compiled|ptxas|all emulated|SKIPPED|FAIL)"
+unit=${PIPESTATUS[0]}
+set -o pipefail
+[ "$unit" -eq 0 ] || { echo "gpu-check: CUDA unit tests FAILED"; exit 1; }
 
 echo "== GPU conformance tests"
 log="$(mktemp)"
