@@ -124,6 +124,23 @@ pub fn load(source: &ModelSource, show_progress: bool) -> Result<Loaded> {
                 .iter()
                 .map(|t| (t.shape.iter().product::<usize>() * dtype.size()) as u64)
                 .sum();
+            if let Some(available) = available_memory_bytes() {
+                if total > available {
+                    let hint = if *dtype == ElementType::F32 {
+                        "pick a smaller model or a 16-bit --dtype"
+                    } else {
+                        "pick a smaller model"
+                    };
+                    return Err(ExecError::InvalidRequest(format!(
+                        "random {} weights of {} take {:.1} GiB but only {:.1} GiB of memory is \
+                         available; {hint}",
+                        format!("{dtype:?}").to_lowercase(),
+                        config.spec.name,
+                        total as f64 / (1u64 << 30) as f64,
+                        available as f64 / (1u64 << 30) as f64
+                    )));
+                }
+            }
             let bar = progress_bar(total, "generating random weights", show_progress);
             let store = RandomStore::generate(&layout, *dtype, *seed, &|n| bar.inc(n));
             bar.finish_and_clear();
@@ -139,6 +156,14 @@ pub fn load(source: &ModelSource, show_progress: bool) -> Result<Loaded> {
         dtype,
         load_s: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Memory the OS could give this process without swapping (MemAvailable), where it says.
+fn available_memory_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// A prompt as given on the command line.

@@ -266,6 +266,15 @@ fn bad_arguments_give_clear_errors() {
     );
     let e = fails(&["--random-weights", "--model-name", "gpt-9"]);
     assert!(e.contains("unknown model 'gpt-9'"), "{e}");
+    // 175 billion random f32 parameters do not fit this (or any test) machine.
+    let e = fails(&[
+        "--random-weights",
+        "--model-name",
+        "opt-175b",
+        "--dtype",
+        "f32",
+    ]);
+    assert!(e.contains("GiB of memory is available"), "{e}");
     let e = fails(&["--prompt-ids", "2"]);
     assert!(e.contains("--model"), "{e}");
     let e = fails(&[
