@@ -167,6 +167,17 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
         None => None,
     };
 
+    // Read the prompts before loading, which can take long for a large checkpoint.
+    let mut prompts: Vec<Prompt> = cli.prompt.iter().cloned().map(Prompt::Text).collect();
+    if let Some(file) = &cli.prompt_file {
+        prompts.extend(run::read_prompt_file(file)?);
+    }
+    for ids in &cli.prompt_ids {
+        prompts.push(Prompt::Ids(run::parse_prompt_ids(ids)?));
+    }
+    if cli.model_name.is_some() && !cli.random_weights {
+        bail!("--model-name only applies with --random-weights");
+    }
     if cli.model.is_some() && cli.model_name.is_some() {
         bail!("give either --model DIR or --model-name NAME, not both");
     }
@@ -198,9 +209,6 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
             None => bail!("give --model DIR (a Hugging Face OPT directory) or --random-weights"),
         }
     };
-    if cli.model_name.is_some() && !cli.random_weights {
-        bail!("--model-name only applies with --random-weights");
-    }
     let loaded = run::load(&source, !cli.quiet)?;
     if let Some(p) = &policy {
         if p.model.name != loaded.name {
@@ -211,13 +219,6 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
         }
     }
 
-    let mut prompts: Vec<Prompt> = cli.prompt.iter().cloned().map(Prompt::Text).collect();
-    if let Some(file) = &cli.prompt_file {
-        prompts.extend(run::read_prompt_file(file)?);
-    }
-    for ids in &cli.prompt_ids {
-        prompts.push(Prompt::Ids(run::parse_prompt_ids(ids)?));
-    }
     let workload = policy.as_ref().map(|p| p.workload);
     let prompt_ids = if prompts.is_empty() {
         let batch = cli
