@@ -3,9 +3,11 @@
 //! `cargo run --release -p executor --example q4_bench -- [tokens,...] [out] [in] [reps]`
 //! (defaults: 1,16 4096 4096 21). Eight different matrices are cycled so that weights come from
 //! DRAM, as they do in a model whose layers do not fit in cache; medians over `reps` passes.
+//! Then one decode step of attention (1 query, OPT-6.7B heads: 32 x 128) over an f32 cache with
+//! `kernels::attention` and over the compressed cache with `quant::attention_q4`.
 
-use executor::kernels::{linear, Matrix, WeightData};
-use executor::quant::{linear_q4, QuantizedMatrix};
+use executor::kernels::{attention, linear, Matrix, WeightData};
+use executor::quant::{attention_q4, linear_q4, QuantizedKv, QuantizedMatrix};
 use half::bf16;
 use rayon::prelude::*;
 use std::time::Instant;
@@ -94,6 +96,55 @@ fn main() {
             wq[0].bytes() as f64 / tq / 1e9,
             flops / tq / 1e9,
             tq / tb
+        );
+    }
+    let (nh, hd) = (32usize, 128usize);
+    let d = nh * hd;
+    for kv_len in [512usize, 2048] {
+        let k: Vec<f32> = (0..kv_len * d).map(|i| value(i, 5) * 20.0).collect();
+        let v: Vec<f32> = (0..kv_len * d).map(|i| value(i, 6) * 20.0).collect();
+        let kq = QuantizedKv::from_rows(&k, d).expect("quantize k");
+        let vq = QuantizedKv::from_rows(&v, d).expect("quantize v");
+        let q: Vec<f32> = (0..d).map(|i| value(i, 7) * 20.0).collect();
+        let valid = vec![true; kv_len];
+        let mut out = vec![0f32; d];
+        let mut scratch = vec![0f32; kv_len];
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut time = |f: &mut dyn FnMut(&mut [f32])| -> f64 {
+            f(&mut out);
+            median(
+                (0..reps)
+                    .map(|_| {
+                        let s = Instant::now();
+                        f(&mut out);
+                        s.elapsed().as_secs_f64()
+                    })
+                    .collect(),
+            )
+        };
+        let tf = time(&mut |o| {
+            attention(
+                &q,
+                1,
+                &k,
+                &v,
+                kv_len,
+                &valid,
+                nh,
+                hd,
+                scale,
+                o,
+                &mut scratch,
+            )
+        });
+        let tq = time(&mut |o| attention_q4(&q, 1, &kq, &vq, kv_len, &valid, nh, hd, scale, o));
+        println!(
+            "attention, 1 query, {nh}x{hd}, kv_len {kv_len}: f32 cache {:.3} ms ({:.1} MB) | compressed cache {:.3} ms ({:.1} MB) | ratio {:.2}",
+            tf * 1e3,
+            (2 * kv_len * d * 4) as f64 / 1e6,
+            tq * 1e3,
+            (kq.bytes() + vq.bytes()) as f64 / 1e6,
+            tq / tf
         );
     }
 }

@@ -116,6 +116,24 @@ struct Args<'a> {
     scale: f32,
 }
 
+/// Dot product with 16 partial sums, so it vectorises (a plain `sum()` is a serial chain).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut p = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..16 {
+            p[k] += x[k] * y[k];
+        }
+    }
+    let mut s: f32 = p.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
 fn simd_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -163,7 +181,7 @@ fn head_body(a: &Args, h: usize, scores: &mut [f32], tile: &mut [f32], out: *mut
             for j in j0..j1 {
                 row[j] = if j <= last_key(i) && a.key_valid[j] {
                     let kt = &tile[(j - j0) * hd..][..hd];
-                    qi.iter().zip(kt).map(|(x, y)| x * y).sum::<f32>() * a.scale
+                    dot(qi, kt) * a.scale
                 } else {
                     f32::NEG_INFINITY
                 };

@@ -151,6 +151,7 @@ impl QuantizedKv {
 
     /// Writes values `start..start + out.len()` of position `pos`, reconstructed: one head's
     /// slice when `start = h * head_dim` and `out.len() = head_dim`.
+    #[inline]
     pub fn dequantize_range(&self, pos: usize, start: usize, out: &mut [f32]) {
         assert!(
             pos < self.len && start + out.len() <= self.width,

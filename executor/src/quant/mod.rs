@@ -10,7 +10,8 @@
 //!   group is 64 consecutive output rows of one input column. That makes the scale and minimum
 //!   constant along a row block's column, so [`linear_q4`] folds the scale into the input
 //!   (`x[c] * scale[c]`, once per column per 64 rows) and the minimum into one dot product per
-//!   64 rows, leaving an inner loop of 4-bit codes times f32 with no per-weight dequantization.
+//!   64 rows, leaving an inner loop of 4-bit codes times `x * scale` (rounded to bf16, so that
+//!   AVX512-BF16 `vdpbf16ps` can take two columns per lane) with no per-weight dequantization.
 //! - KV cache rows ([`QuantizedKv`]) are grouped along the head dimension: each position's
 //!   `num_heads * head_dim` values are cut into groups of 64 consecutive values (one group per 64
 //!   of a head's dimensions when `head_dim` is a multiple of 64), so a position is quantized on
