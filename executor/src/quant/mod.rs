@@ -20,6 +20,8 @@
 //!
 //! See docs/storage-and-compression.md for the layout, the error bound and measured speed.
 
+#![warn(missing_docs)]
+
 mod attention;
 mod group;
 mod kv;

@@ -14,6 +14,8 @@
 //!
 //! See docs/storage-and-compression.md for measured bandwidths.
 
+#![warn(missing_docs)]
+
 mod aligned;
 mod direct;
 mod error;
