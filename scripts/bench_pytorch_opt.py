@@ -5,6 +5,8 @@ Subcommands:
   prompts  --batch B --prompt-len L --seed S      one line of comma-separated token ids per prompt
   torch    --model NAME --dtype D --prompts FILE --new-tokens N --reps R --out FILE.json
   report   --results DIR --out FILE.md               the comparison table (stdout and markdown)
+  linear   --model NAME --dtype D --tokens 1,16,2048  PyTorch's F.linear over an OPT layer stack at
+                                                     the shapes of executor/examples/kernel_bench.rs
 
 The torch run builds a random-weight OPT with transformers' own initialisation (the speed of a
 dense model does not depend on the values), generates greedily with exactly N new tokens
@@ -106,6 +108,42 @@ def cmd_torch(args):
     )
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
+
+
+def cmd_linear(args):
+    """torch.nn.functional.linear over the same products as the executor's kernel_bench."""
+    import torch
+
+    torch.set_num_threads(args.threads or os.cpu_count())
+    dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[args.dtype]
+    shape = OPT_SHAPES[args.model]
+    h, ffn, vocab = shape["hidden_size"], shape["ffn_dim"], 50272
+    layers = args.layers or shape["num_hidden_layers"]
+    shapes = [(h, h)] * 4 + [(ffn, h), (h, ffn)]
+    stack = [[torch.randn(o, i, dtype=dtype) * 0.02 for (o, i) in shapes] for _ in range(layers)]
+    head = torch.randn(vocab, h, dtype=dtype) * 0.02 if args.head else None
+    bias = torch.full((max(ffn, vocab),), 0.01, dtype=dtype)
+    print(f"{args.model} {args.dtype}, {layers} layers{' + LM head' if args.head else ''}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("tokens  median_ms  weight_GB/s  GFLOP/s")
+    for t in [int(v) for v in args.tokens.split(",")]:
+        x = torch.full((t, ffn), 0.1, dtype=dtype)
+        head_tokens = 0 if head is None else (16 if t > 64 else t)
+        times = []
+        with torch.inference_mode():
+            for _ in range(args.reps + 1):
+                start = time.perf_counter()
+                for layer in stack:
+                    for w in layer:
+                        torch.nn.functional.linear(x[:, : w.shape[1]], w, bias[: w.shape[0]])
+                if head is not None:
+                    torch.nn.functional.linear(x[:head_tokens, :h], head)
+                times.append(time.perf_counter() - start)
+        med = statistics.median(times[1:])  # the first run is a warm-up
+        elems = sum(w.numel() for layer in stack for w in layer)
+        head_elems = 0 if head is None else head.numel()
+        nbytes = (elems + head_elems) * stack[0][0].element_size()
+        flops = 2 * (elems * t + head_elems * head_tokens)
+        print(f"{t:6}  {med * 1e3:9.2f}  {nbytes / med / 1e9:11.2f}  {flops / med / 1e9:7.1f}")
 
 
 def median_report(paths):
@@ -218,8 +256,17 @@ def main():
     a = sub.add_parser("report")
     a.add_argument("--results", required=True)
     a.add_argument("--out", required=True)
+    a = sub.add_parser("linear")
+    a.add_argument("--model", default="opt-1.3b", choices=sorted(OPT_SHAPES))
+    a.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"])
+    a.add_argument("--tokens", default="1,16")
+    a.add_argument("--layers", type=int, default=0)
+    a.add_argument("--reps", type=int, default=5)
+    a.add_argument("--threads", type=int, default=0)
+    a.add_argument("--no-head", dest="head", action="store_false")
     args = p.parse_args()
-    {"prompts": cmd_prompts, "torch": cmd_torch, "report": cmd_report}[args.cmd](args)
+    commands = {"prompts": cmd_prompts, "torch": cmd_torch, "report": cmd_report, "linear": cmd_linear}
+    commands[args.cmd](args)
 
 
 if __name__ == "__main__":
