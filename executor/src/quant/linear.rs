@@ -26,6 +26,7 @@
 
 use super::group::{dequantize_group, GROUP, GROUP_BYTES};
 use super::QuantizedMatrix;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -128,10 +129,12 @@ pub(crate) fn linear_q4_on(
             let mut s = s.borrow_mut();
             let Scratch { sf, mf, xs, xsp } = &mut *s;
             let (codes, scales, mins) = w.block(b);
-            sf.clear();
-            sf.extend(scales.iter().map(|v| v.to_f32()));
-            mf.clear();
-            mf.extend(mins.iter().map(|v| v.to_f32()));
+            // Slice conversion uses F16C when present (per-element to_f32 would dominate at
+            // batch 1: two conversions per column per row block).
+            sf.resize(inp, 0.0);
+            scales.convert_to_f32_slice(sf);
+            mf.resize(inp, 0.0);
+            mins.convert_to_f32_slice(mf);
             xs.resize(TOK_CHUNK * inp, 0.0);
             let pairs = inp.div_ceil(2);
             if isa == Isa::Avx512Bf16 {
@@ -143,24 +146,13 @@ pub(crate) fn linear_q4_on(
                 let mut mterm = [0f32; TOK_CHUNK];
                 for t in 0..tc {
                     let xr = &x[(t0 + t) * inp..][..inp];
-                    // x * s rounded to bf16 on every path (see the module docs), so that results
-                    // do not depend on which kernel ran.
-                    for ((d, &xv), &sv) in xs[t * inp..][..inp].iter_mut().zip(xr).zip(sf.iter()) {
-                        *d = f32::from_bits(round_bf16(xv * sv));
-                    }
-                    mterm[t] = dot(xr, mf);
-                    if isa == Isa::Avx512Bf16 {
-                        let row = &xs[t * inp..][..inp];
-                        let (even, odd) = (row.chunks_exact(2), row.chunks_exact(2).remainder());
-                        let dst = &mut xsp[t * pairs..][..pairs];
-                        for (p, c) in dst.iter_mut().zip(even) {
-                            // Already bf16 values: the upper halves are the bf16 bits.
-                            *p = (c[0].to_bits() >> 16) | (c[1].to_bits() & 0xffff_0000);
-                        }
-                        if let [last] = odd {
-                            dst[pairs - 1] = last.to_bits() >> 16;
-                        }
-                    }
+                    let xs_t = &mut xs[t * inp..][..inp];
+                    let xsp_t = if isa == Isa::Avx512Bf16 {
+                        &mut xsp[t * pairs..][..pairs]
+                    } else {
+                        &mut [][..]
+                    };
+                    mterm[t] = prologue(isa, xr, sf, mf, xs_t, xsp_t);
                 }
                 let mut acc = [[0f32; GROUP]; TOK_CHUNK];
                 if isa == Isa::Avx512Bf16 {
@@ -184,6 +176,62 @@ pub(crate) fn linear_q4_on(
     tail(x, tokens, w, bias, y);
 }
 
+/// Per row block and token: the scaled input `x * s` rounded to bf16 (as f32 in `xs`, or as
+/// bf16 pairs in `xsp` for the `vdpbf16ps` kernel, which then leaves `xs` alone), and returns the
+/// minimum term `x · m`. Runs once per 64 output rows per token, so it must vectorise: at batch 1
+/// a scalar version of it took longer than the product itself.
+fn prologue(isa: Isa, xr: &[f32], sf: &[f32], mf: &[f32], xs: &mut [f32], xsp: &mut [u32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if isa != Isa::Portable {
+        // SAFETY: isa is not Portable only when the CPU has AVX-512 F and FMA.
+        return unsafe { prologue_avx512(isa, xr, sf, mf, xs, xsp) };
+    }
+    prologue_body(isa, xr, sf, mf, xs, xsp)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+unsafe fn prologue_avx512(
+    isa: Isa,
+    xr: &[f32],
+    sf: &[f32],
+    mf: &[f32],
+    xs: &mut [f32],
+    xsp: &mut [u32],
+) -> f32 {
+    prologue_body(isa, xr, sf, mf, xs, xsp)
+}
+
+#[inline(always)]
+fn prologue_body(
+    isa: Isa,
+    xr: &[f32],
+    sf: &[f32],
+    mf: &[f32],
+    xs: &mut [f32],
+    xsp: &mut [u32],
+) -> f32 {
+    let n = xr.len();
+    let (sf, mf) = (&sf[..n], &mf[..n]);
+    if isa == Isa::Avx512Bf16 {
+        let half = n / 2;
+        let (xp, sp) = (&xr[..2 * half], &sf[..2 * half]);
+        for (k, d) in xsp[..half].iter_mut().enumerate() {
+            let lo = round_bf16(xp[2 * k] * sp[2 * k]) >> 16;
+            let hi = round_bf16(xp[2 * k + 1] * sp[2 * k + 1]);
+            *d = lo | hi;
+        }
+        if n % 2 == 1 {
+            xsp[half] = round_bf16(xr[n - 1] * sf[n - 1]) >> 16;
+        }
+    } else {
+        for ((d, &xv), &sv) in xs[..n].iter_mut().zip(xr).zip(sf) {
+            *d = f32::from_bits(round_bf16(xv * sv));
+        }
+    }
+    dot(xr, mf)
+}
+
 /// f32 bits rounded to the nearest bf16 (ties to even), low 16 bits cleared. Branch-free so the
 /// per-block loop vectorises (inputs are finite: they are activations times fp16 scales).
 #[inline(always)]
@@ -192,6 +240,7 @@ fn round_bf16(v: f32) -> u32 {
     b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000
 }
 
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight partial sums so the compiler vectorises the reduction.
     let mut p = [0f32; 8];
@@ -386,7 +435,8 @@ mod avx512 {
     /// The microkernel for T tokens with `vdpbf16ps`: per pair of columns (c, c+1), the two
     /// columns' 32-byte code runs are interleaved bytewise, widened to 16 bits, and mapped to
     /// bf16 through a 32-entry table, giving four vectors of 16 rows x (column c, column c+1)
-    /// pairs; each token's (x*s)[c], (x*s)[c+1] bf16 pair is broadcast and multiplied in.
+    /// pairs (12 instructions for 64 rows x 2 columns); each token's (x*s)[c], (x*s)[c+1] bf16
+    /// pair is broadcast and multiplied in.
     ///
     /// # Safety
     /// The CPU must support AVX-512 F/BW/BF16; `codes` must hold `inp * 32` bytes and `xsp` at
@@ -409,25 +459,18 @@ mod avx512 {
             // An odd last column pairs with itself; its partner's input is 0.
             let c1 = if c0 + 1 < inp { c0 + 1 } else { c0 };
             // SAFETY: c0, c1 < inp, so both 32-byte runs are inside `codes`.
-            let (a0, a1, b0, b1) = unsafe {
-                let p0 = cp.add(c0 * GROUP_BYTES);
-                let p1 = cp.add(c1 * GROUP_BYTES);
+            let (ca, cb) = unsafe {
                 (
-                    _mm_loadu_si128(p0 as *const __m128i),
-                    _mm_loadu_si128(p0.add(16) as *const __m128i),
-                    _mm_loadu_si128(p1 as *const __m128i),
-                    _mm_loadu_si128(p1.add(16) as *const __m128i),
+                    _mm256_loadu_si256(cp.add(c0 * GROUP_BYTES) as *const __m256i),
+                    _mm256_loadu_si256(cp.add(c1 * GROUP_BYTES) as *const __m256i),
                 )
             };
-            // Bytes 0..16 of each run: rows 0..16 (low nibbles) and 32..48 (high nibbles).
-            let lo = _mm512_cvtepu8_epi16(_mm256_set_m128i(
-                _mm_unpackhi_epi8(a0, b0),
-                _mm_unpacklo_epi8(a0, b0),
-            ));
-            let hi = _mm512_cvtepu8_epi16(_mm256_set_m128i(
-                _mm_unpackhi_epi8(a1, b1),
-                _mm_unpacklo_epi8(a1, b1),
-            ));
+            // Interleave the two columns bytewise. AVX2 unpacks work per 128-bit half, so `lo`
+            // holds code bytes 0..8 and 16..24 (rows 0..8 and 16..24 in the low nibbles, 32..40
+            // and 48..56 in the high ones) and `hi` bytes 8..16 and 24..32; the accumulators are
+            // put back in row order once, at the end.
+            let lo = _mm512_cvtepu8_epi16(_mm256_unpacklo_epi8(ca, cb));
+            let hi = _mm512_cvtepu8_epi16(_mm256_unpackhi_epi8(ca, cb));
             // SAFETY: __m512i and __m512bh are both 64 plain bytes (bit casts).
             let w: [__m512bh; 4] = unsafe {
                 [
@@ -456,9 +499,17 @@ mod avx512 {
             }
         }
         for (t, at) in a.iter().enumerate() {
-            for (q, aq) in at.iter().enumerate() {
+            // at[0] holds rows 0..8 and 16..24, at[1] 8..16 and 24..32, at[2] 32..40 and 48..56,
+            // at[3] 40..48 and 56..64: regroup 128-bit quarters into row order.
+            let rows = [
+                _mm512_shuffle_f32x4::<0x44>(at[0], at[1]),
+                _mm512_shuffle_f32x4::<0xEE>(at[0], at[1]),
+                _mm512_shuffle_f32x4::<0x44>(at[2], at[3]),
+                _mm512_shuffle_f32x4::<0xEE>(at[2], at[3]),
+            ];
+            for (q, rq) in rows.iter().enumerate() {
                 // SAFETY: acc[t] has 64 floats; q * 16 + 16 <= 64.
-                unsafe { _mm512_storeu_ps(acc[t].as_mut_ptr().add(q * 16), *aq) };
+                unsafe { _mm512_storeu_ps(acc[t].as_mut_ptr().add(q * 16), *rq) };
             }
         }
     }
