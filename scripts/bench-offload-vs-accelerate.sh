@@ -147,12 +147,15 @@ for batch in $batches; do
             log "$key run $rep: executor"
             prompt_args=()
             while IFS= read -r ids; do prompt_args+=(--prompt-ids "$ids"); done <"$prompts"
-            offload="$data/executor-offload"
-            mkdir -p "$offload"
+            extra=()
+            if "$executor" --help | grep -q -- '--offload-dir'; then
+                mkdir -p "$data/executor-offload"
+                extra+=(--offload-dir "$data/executor-offload")
+            fi
             drop_caches "executor-$key.run$rep"
             /usr/bin/time -v -o "$out/executor-$key.run$rep.time.txt" \
                 "$executor" --model "$ckpt" --policy "$policy" "${prompt_args[@]}" \
-                --max-new-tokens "$new_tokens" --ignore-eos --offload-dir "$offload" \
+                --max-new-tokens "$new_tokens" --ignore-eos --quiet "${extra[@]}" \
                 --report "$out/executor-$key.run$rep.json" >"$out/executor-$key.run$rep.log" 2>&1 \
                 || { echo "executor failed, see $out/executor-$key.run$rep.log" >&2; tail -5 "$out/executor-$key.run$rep.log" >&2; }
             tail -25 "$out/executor-$key.run$rep.log"
