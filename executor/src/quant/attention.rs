@@ -5,7 +5,10 @@
 //! small per-thread buffer and then used by every query row, so each cached value is dequantized
 //! once per call (decode: one query row) and the full cache is never widened.
 
+use super::group::{GROUP, GROUP_BYTES};
 use super::QuantizedKv;
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -116,6 +119,136 @@ struct Args<'a> {
     scale: f32,
 }
 
+/// Largest head_dim / 64 of the decode fast path (head_dim 256).
+const MAX_GROUPS_FAST: usize = 4;
+
+/// Decode (one query row) straight from the codes when heads are whole groups (head_dim a
+/// multiple of 64, every OPT model): with scale s and minimum m of a group,
+/// `q · k = s * (q · codes) + m * sum(q)` and `sum_j p_j v_j = sum_j (p_j s_j) codes_j +
+/// sum_j p_j m_j`, so nothing is dequantized; the fp16 scales and minimums of a tile of keys are
+/// gathered and converted together (F16C) rather than one by one.
+#[inline(always)]
+fn decode_on_codes(a: &Args, h: usize, scores: &mut [f32], out: *mut f32) {
+    let (hd, d, kv) = (a.head_dim, a.num_heads * a.head_dim, a.kv_len);
+    let (ng, g0, gpr) = (hd / GROUP, h * hd / GROUP, d.div_ceil(GROUP));
+    let q = &a.q[h * hd..][..hd];
+    let mut qsum = [0f32; MAX_GROUPS_FAST];
+    for (gi, qs) in qsum.iter_mut().enumerate().take(ng) {
+        *qs = q[gi * GROUP..][..GROUP].iter().sum();
+    }
+    let mut sm16 = [f16::ZERO; 2 * KEY_TILE * MAX_GROUPS_FAST];
+    let mut sm = [0f32; 2 * KEY_TILE * MAX_GROUPS_FAST];
+    // Gathers the scales and minimums of keys j0..j1 (this head's groups) into sm: scales first.
+    let mut load = |kvq: &QuantizedKv, j0: usize, j1: usize, sm: &mut [f32]| -> usize {
+        let (_, scales, mins) = kvq.parts();
+        let n = (j1 - j0) * ng;
+        for j in j0..j1 {
+            for gi in 0..ng {
+                let g = j * gpr + g0 + gi;
+                sm16[(j - j0) * ng + gi] = scales[g];
+                sm16[n + (j - j0) * ng + gi] = mins[g];
+            }
+        }
+        sm16[..2 * n].convert_to_f32_slice(&mut sm[..2 * n]);
+        n
+    };
+    let (kc, _, _) = a.k.parts();
+    let mut j0 = 0;
+    while j0 < kv {
+        let j1 = (j0 + KEY_TILE).min(kv);
+        let n = load(a.k, j0, j1, &mut sm);
+        for j in j0..j1 {
+            scores[j] = if a.key_valid[j] {
+                let mut sc = 0.0;
+                for gi in 0..ng {
+                    let g = j * gpr + g0 + gi;
+                    let t = (j - j0) * ng + gi;
+                    let c = &kc[g * GROUP_BYTES..][..GROUP_BYTES];
+                    sc += sm[t] * dot_codes(&q[gi * GROUP..][..GROUP], c) + sm[n + t] * qsum[gi];
+                }
+                sc * a.scale
+            } else {
+                f32::NEG_INFINITY
+            };
+        }
+        j0 = j1;
+    }
+    let mx = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    // SAFETY: the caller's contract: out has q_len * d = d floats; only head h writes these.
+    let o = unsafe { std::slice::from_raw_parts_mut(out.add(h * hd), hd) };
+    o.fill(0.0);
+    if mx == f32::NEG_INFINITY {
+        return;
+    }
+    let mut sum = 0.0;
+    for x in scores.iter_mut() {
+        *x = (*x - mx).exp();
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    let (vc, _, _) = a.v.parts();
+    let mut msum = [0f32; MAX_GROUPS_FAST];
+    let mut j0 = 0;
+    while j0 < kv {
+        let j1 = (j0 + KEY_TILE).min(kv);
+        if scores[j0..j1].iter().any(|&p| p != 0.0) {
+            let n = load(a.v, j0, j1, &mut sm);
+            for j in j0..j1 {
+                let p = scores[j] * inv;
+                if p == 0.0 {
+                    continue;
+                }
+                for gi in 0..ng {
+                    let g = j * gpr + g0 + gi;
+                    let t = (j - j0) * ng + gi;
+                    msum[gi] += p * sm[n + t];
+                    axpy_codes(
+                        &mut o[gi * GROUP..][..GROUP],
+                        p * sm[t],
+                        &vc[g * GROUP_BYTES..][..GROUP_BYTES],
+                    );
+                }
+            }
+        }
+        j0 = j1;
+    }
+    for (gi, m) in msum.iter().enumerate().take(ng) {
+        for v in &mut o[gi * GROUP..][..GROUP] {
+            *v += m;
+        }
+    }
+}
+
+/// q · codes for one group (64 values, codes as stored: value p in byte p % 32, low nibble for
+/// p < 32).
+#[inline(always)]
+fn dot_codes(q: &[f32], c: &[u8]) -> f32 {
+    let (q, c) = (&q[..GROUP], &c[..GROUP_BYTES]);
+    let mut acc = [0f32; GROUP_BYTES];
+    for k in 0..GROUP_BYTES {
+        acc[k] = q[k] * (c[k] & 15) as f32 + q[k + GROUP_BYTES] * (c[k] >> 4) as f32;
+    }
+    // Tree reduction, which vectorises (a serial sum would not).
+    let mut w = GROUP_BYTES / 2;
+    while w > 0 {
+        for k in 0..w {
+            acc[k] += acc[k + w];
+        }
+        w /= 2;
+    }
+    acc[0]
+}
+
+/// o += a * codes for one group.
+#[inline(always)]
+fn axpy_codes(o: &mut [f32], a: f32, c: &[u8]) {
+    let (lo, hi) = o[..GROUP].split_at_mut(GROUP_BYTES);
+    for (k, &b) in c[..GROUP_BYTES].iter().enumerate() {
+        lo[k] += a * (b & 15) as f32;
+        hi[k] += a * (b >> 4) as f32;
+    }
+}
+
 /// Dot product with 16 partial sums, so it vectorises (a plain `sum()` is a serial chain).
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -167,8 +300,12 @@ unsafe fn head_avx512(a: &Args, h: usize, scores: &mut [f32], tile: &mut [f32], 
 fn head_body(a: &Args, h: usize, scores: &mut [f32], tile: &mut [f32], out: *mut f32) {
     let (hd, d, kv) = (a.head_dim, a.num_heads * a.head_dim, a.kv_len);
     let off = h * hd;
-    let last_key = |i: usize| kv - a.q_len + i; // inclusive causal limit of query i
-                                                // Scores.
+    // Inclusive causal limit of query i.
+    let last_key = |i: usize| kv - a.q_len + i;
+    if a.q_len == 1 && hd % GROUP == 0 && hd / GROUP <= MAX_GROUPS_FAST {
+        return decode_on_codes(a, h, &mut scores[..kv], out);
+    }
+    // Scores.
     let mut j0 = 0;
     while j0 < kv {
         let j1 = (j0 + KEY_TILE).min(kv);

@@ -330,6 +330,9 @@ fn attention_over_compressed_cache_matches_f32_kernel_on_dequantized_data() {
         (3, 128, 33, 4, 2),
         (5, 12, 37, 1, 36),
         (1, 64, 3, 3, 3),
+        (3, 128, 50, 1, 7),
+        (1, 64, 3, 1, 3),
+        (2, 256, 33, 1, 0),
     ];
     for (k_, &(nh, hd, kv_len, q_len, pad)) in cases.iter().enumerate() {
         let d = nh * hd;
