@@ -157,8 +157,8 @@ fn decode_on_codes(a: &Args, h: usize, scores: &mut [f32], out: *mut f32) {
     while j0 < kv {
         let j1 = (j0 + KEY_TILE).min(kv);
         let n = load(a.k, j0, j1, &mut sm);
-        for j in j0..j1 {
-            scores[j] = if a.key_valid[j] {
+        for (j, sj) in scores.iter_mut().enumerate().take(j1).skip(j0) {
+            *sj = if a.key_valid[j] {
                 let mut sc = 0.0;
                 for gi in 0..ng {
                     let g = j * gpr + g0 + gi;
@@ -193,8 +193,8 @@ fn decode_on_codes(a: &Args, h: usize, scores: &mut [f32], out: *mut f32) {
         let j1 = (j0 + KEY_TILE).min(kv);
         if scores[j0..j1].iter().any(|&p| p != 0.0) {
             let n = load(a.v, j0, j1, &mut sm);
-            for j in j0..j1 {
-                let p = scores[j] * inv;
+            for (j, &pj) in scores.iter().enumerate().take(j1).skip(j0) {
+                let p = pj * inv;
                 if p == 0.0 {
                     continue;
                 }
