@@ -1,9 +1,10 @@
 //! `attention_q4`: causal multi-head attention for one sequence over a compressed KV cache.
 //!
-//! Same semantics as [`crate::kernels::attention`]. Work is split by head (rayon tasks); within a
-//! head, keys are taken in tiles of `KEY_TILE` positions whose head slice is dequantized into a
-//! small per-thread buffer and then used by every query row, so each cached value is dequantized
-//! once per call (decode: one query row) and the full cache is never widened.
+//! Same semantics as [`crate::kernels::attention`]. Work is split by head (rayon tasks). Decode
+//! (one query row) with heads made of whole groups computes from the 4-bit codes directly (see
+//! `decode_on_codes`). Otherwise, within a head, keys are taken in tiles of `KEY_TILE` positions
+//! whose head slice is dequantized into a small per-thread buffer and then used by every query
+//! row, so each cached value is dequantized once per call and the full cache is never widened.
 
 use super::group::{GROUP, GROUP_BYTES};
 use super::QuantizedKv;
