@@ -151,7 +151,18 @@ fn pool_splits_big_reads_and_reuses_buffers() {
     assert_eq!(pool.buffers().stats().oversize_allocations, 1);
     // Dropping a handle without waiting returns its buffer once the requests finish.
     drop(pool.read(&f, 0, 1000).unwrap());
+    // The buffered fallback serves the same bytes through the pool.
+    let fb = Arc::new(DirectFile::open_buffered(&p, "test").unwrap());
+    let r = pool.read(&fb, 4097, 40_000).unwrap().wait().unwrap();
+    assert!(r
+        .bytes()
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| b == pat(4097 + i as u64)));
+    // Dropping the pool with a read in flight finishes it first.
+    let h = pool.read(&f, 100, 30_000).unwrap();
     drop(pool);
+    assert_eq!(h.wait().unwrap().bytes()[0], pat(100));
 }
 
 #[test]
