@@ -128,6 +128,19 @@ pub enum ExecError {
     /// The policy asks for something this build or machine cannot do yet.
     #[error("{0}")]
     Unsupported(String),
+    /// The disk tier failed (the message names the file, offset and sizes).
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
+    /// The host has less memory available than the policy's memory plan needs.
+    #[error("the policy needs {needed_gib:.3} GiB of CPU memory ({detail}) but only {available_gib:.3} GiB is available (MemAvailable); move more weights, KV cache or activations to disk, or use a smaller block")]
+    OutOfMemory {
+        /// GiB the memory plan asks for on the CPU tier.
+        needed_gib: f64,
+        /// GiB the OS says it can give.
+        available_gib: f64,
+        /// The plan's largest items.
+        detail: String,
+    },
 }
 
 impl ExecError {

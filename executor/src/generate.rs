@@ -75,7 +75,11 @@ impl GenerationOutput {
 }
 
 /// Checks a request against the model before any buffer is allocated.
-fn validate<M: CausalLm>(model: &M, prompts: &[Vec<u32>], cfg: &GenerationConfig) -> Result<()> {
+pub fn check_request<M: CausalLm>(
+    model: &M,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+) -> Result<()> {
     if prompts.is_empty() {
         return Err(ExecError::InvalidRequest("no prompts given".into()));
     }
@@ -142,7 +146,7 @@ pub fn generate<M: CausalLm>(
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
 ) -> Result<GenerationOutput> {
-    validate(model, prompts, cfg)?;
+    check_request(model, prompts, cfg)?;
     // Run the loop on a rayon worker thread. Parallel kernels called from outside the pool inject
     // each job through rayon's global queue, which allocates a block every 63 jobs and wakes a
     // sleeping worker per call; from a worker, jobs go onto its own deque.

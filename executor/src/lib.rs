@@ -15,6 +15,7 @@ pub mod quant;
 pub mod report;
 pub mod rng;
 pub mod run;
+pub mod schedule;
 pub mod storage;
 pub mod tokenizer;
 pub mod weights;

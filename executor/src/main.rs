@@ -5,9 +5,12 @@ use clap::{Parser, ValueEnum};
 use executor::backend::{Backend, CpuBackend};
 use executor::generate::{generate, GenerationConfig, Sampling};
 use executor::models::opt::OptConfig;
+use executor::models::CausalLm;
 use executor::run::{self, ModelSource, Prompt};
+use executor::schedule::{self, BlockPlan};
 use executor::weights::ElementType;
 use planner::policy::Policy;
+use planner::profile::Profile;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,9 +37,11 @@ Examples:
   executor --random-weights --model-name opt-1.3b --dtype bf16 --batch-size 16 \\
            --prompt-len 128 --max-new-tokens 32 --ignore-eos --report bench.json
 
-  # Run a policy written by `planner solve` (only all-CPU policies run so far): its model,
-  # batch and workload, with random weights
-  executor --policy my-policy.toml --random-weights";
+  # Run a policy written by `planner solve` (CPU and disk tiers): weights partly read from the
+  # checkpoint with direct I/O, KV cache and activations in an offload directory; prints the
+  # planner's prediction next to the measurements
+  executor --model ~/models/opt-6.7b --policy my-policy.toml --offload-dir /mnt/nvme \
+           --batch-size 8 --prompt-len 128 --max-new-tokens 32 --report run.json";
 
 /// Run an OPT model on the CPU, as a planner policy says, and report prefill and decode speed.
 #[derive(Debug, Parser)]
@@ -123,6 +128,17 @@ struct Cli {
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
 
+    /// Parent directory of the offload directory for disk-resident KV cache and activations
+    /// (a fresh subdirectory is made there and removed at exit, also on Ctrl-C). Default: the
+    /// system temporary directory.
+    #[arg(long, value_name = "DIR")]
+    offload_dir: Option<PathBuf>,
+
+    /// Hardware profile for the planner's prediction printed next to the measurements (a TOML
+    /// file, or builtin:NAME). Default: builtin:cpu-2core-24gib on a host without a GPU.
+    #[arg(long, value_name = "PROFILE")]
+    profile: Option<String>,
+
     /// Print only the generated text/ids and the report table, no progress bars.
     #[arg(long)]
     quiet: bool,
@@ -162,10 +178,22 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
         Some(path) => {
             let policy = Policy::load(path)?;
             run::check_policy(&policy, &path.display().to_string())?;
+            // GPU tiers: refused with the reason on a host without a GPU.
+            let gpu = executor::cuda::require_gpu_for(&policy)?;
+            if gpu.is_some() {
+                bail!(
+                    "policy {} places work on the GPU; the block schedule runs the CPU and disk \
+                     tiers only so far (GPU tiers in the block schedule are a follow-up)",
+                    path.display()
+                );
+            }
             Some(policy)
         }
         None => None,
     };
+    if policy.is_none() && (cli.offload_dir.is_some() || cli.profile.is_some()) {
+        bail!("--offload-dir and --profile apply only with --policy");
+    }
 
     // Read the prompts before loading, which can take long for a large checkpoint.
     let mut prompts: Vec<Prompt> = cli.prompt.iter().cloned().map(Prompt::Text).collect();
@@ -209,7 +237,42 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
             None => bail!("give --model DIR (a Hugging Face OPT directory) or --random-weights"),
         }
     };
-    let loaded = run::load(&source, !cli.quiet)?;
+    // The memory plan for the run, checked before loading.
+    let spec = match &source {
+        ModelSource::Checkpoint(dir) => OptConfig::from_file(&dir.join("config.json"))?.spec,
+        ModelSource::Random { config, .. } => config.spec.clone(),
+    };
+    let max_new_tokens = cli
+        .max_new_tokens
+        .or(policy.as_ref().map(|p| p.workload.gen_len as usize))
+        .unwrap_or(32);
+    let planned_shape = policy.as_ref().map(|p| {
+        let n = if prompts.is_empty() {
+            cli.batch_size.unwrap_or(p.batch.block_size() as usize)
+        } else {
+            prompts.len()
+        };
+        let len = prompts
+            .iter()
+            .map(|pr| match pr {
+                Prompt::Ids(ids) => ids.len(),
+                Prompt::Text(_) => p.workload.prompt_len as usize,
+            })
+            .max()
+            .or(cli.prompt_len)
+            .unwrap_or(p.workload.prompt_len as usize);
+        let (gbs, nb) = run::block_shape(
+            n,
+            p.batch.gpu_batch_size as usize,
+            p.batch.num_gpu_batches as usize,
+        );
+        run::policy_for_run(p, len.max(1), max_new_tokens.max(1), gbs, nb)
+    });
+    if let Some(p) = &planned_shape {
+        run::check_memory(&spec, p)?;
+    }
+    let weights_disk = policy.as_ref().map_or(0.0, |p| p.placement.weights.disk);
+    let loaded = run::load_placed(&source, !cli.quiet, weights_disk)?;
     if let Some(p) = &policy {
         if p.model.name != loaded.name {
             eprintln!(
@@ -257,10 +320,6 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
         run::tokenize_prompts(&prompts, loaded.tokenizer.as_ref())?
     };
 
-    let max_new_tokens = cli
-        .max_new_tokens
-        .or(workload.map(|w| w.gen_len as usize))
-        .unwrap_or(32);
     if cli.temperature < 0.0 || cli.temperature.is_nan() {
         bail!(
             "--temperature is {}; expected 0 (greedy) or more",
@@ -288,7 +347,38 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
     };
 
     let backend = CpuBackend;
-    let out = generate(&loaded.model, &backend, &prompt_ids, &config)?;
+    let mut block = None;
+    let out = match &policy {
+        None => generate(&loaded.model, &backend, &prompt_ids, &config)?,
+        Some(p) => {
+            let plan = BlockPlan {
+                gpu_batch_size: p.batch.gpu_batch_size as usize,
+                num_gpu_batches: p.batch.num_gpu_batches as usize,
+                weights_disk: p.placement.weights.disk,
+                kv_cache_disk: p.placement.kv_cache.disk,
+                activations_disk: p.placement.activations.disk,
+                cpu_attention: p.compute.cpu_attention,
+                offload_parent: cli
+                    .offload_dir
+                    .clone()
+                    .unwrap_or_else(schedule::default_offload_parent),
+                offload_capacity_limit: None,
+            };
+            let (out, stats) = schedule::generate_blocks(
+                &loaded.model,
+                &backend,
+                &prompt_ids,
+                &config,
+                &plan,
+                &loaded.weights,
+            )?;
+            for note in &stats.notes {
+                eprintln!("note: {note}");
+            }
+            block = Some(stats);
+            out
+        }
+    };
 
     // Write through a handle so that a closed pipe (`executor ... | head`) is an error, not a panic.
     let mut stdout = std::io::stdout().lock();
@@ -309,7 +399,52 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
     }
     stdout.flush().context("cannot write to stdout")?;
     drop(stdout);
-    let report = run::report(&loaded, &out, backend.name());
+    let mut report = run::report(&loaded, &out, backend.name());
+    if let (Some(p), Some(stats)) = (&policy, &block) {
+        let (gbs, nb) = run::block_shape(
+            prompt_ids.len(),
+            p.batch.gpu_batch_size as usize,
+            p.batch.num_gpu_batches as usize,
+        );
+        let run_policy = run::policy_for_run(p, out.padded_prompt_len, max_new_tokens, gbs, nb);
+        let spec = &loaded.model.config().spec;
+        let planned = planner::memory::plan_for_policy(spec, &run_policy, false);
+        let (profile_name, profile) = match &cli.profile {
+            Some(name) => match name.strip_prefix("builtin:") {
+                Some(b) => (name.clone(), Profile::embedded(b)?),
+                None => (name.clone(), Profile::load(std::path::Path::new(name))?),
+            },
+            None => {
+                eprintln!(
+                    "note: predicting with the embedded profile builtin:cpu-2core-24gib (this \
+                     host has no GPU); pass --profile for another"
+                );
+                (
+                    "builtin:cpu-2core-24gib".to_string(),
+                    Profile::embedded("cpu-2core-24gib")?,
+                )
+            }
+        };
+        let prediction = match planner::cost::evaluate(spec, &profile, &run_policy) {
+            Ok(pr) => Some(pr),
+            Err(e) => {
+                eprintln!("warning: no prediction: {e}");
+                None
+            }
+        };
+        run::add_tiers(
+            &mut report,
+            &cli.policy
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            &run_policy,
+            stats,
+            &planned,
+            prediction.as_ref().map(|pr| (profile_name.as_str(), pr)),
+            loaded.model.num_layers(),
+        );
+    }
     // A closed stderr is not worth failing a finished run for.
     let _ = std::io::stderr().write_all(report.table().as_bytes());
     if let Some(path) = &cli.report {

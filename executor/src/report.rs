@@ -47,6 +47,63 @@ pub struct RunReport {
     pub kv_cache_bytes: u64,
     /// High-water mark of resident memory (VmHWM), when the OS reports it.
     pub peak_rss_bytes: Option<u64>,
+    /// Seconds per decode step (decode_s / decode_steps), the figure the planner predicts.
+    pub decode_s_per_token: f64,
+    /// Tiers, channels and the planner's prediction (policy runs only; zeros and nulls otherwise).
+    #[serde(flatten)]
+    pub tiers: TierReport,
+}
+
+/// What a policy run measured per tier and channel, next to the planner's prediction.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TierReport {
+    /// Policy file the run followed.
+    pub policy: Option<String>,
+    /// Sequences per GPU batch and GPU batches in the block, as run.
+    pub gpu_batch_size: usize,
+    /// GPU batches in the block, as run.
+    pub num_gpu_batches: usize,
+    /// The policy's CPU delegation flag.
+    pub cpu_attention: Option<bool>,
+    /// Matrix bytes read from disk per step (the policy's weight disk share, at tensor
+    /// granularity).
+    pub weights_disk_bytes_per_step: u64,
+    /// Sequences whose KV cache lived in the offload directory.
+    pub kv_disk_sequences: usize,
+    /// Bytes read from disk (weights, KV cache, activations), as transferred.
+    pub disk_read_bytes: u64,
+    /// Seconds with disk reads in flight (weights and offload pools added).
+    pub disk_read_busy_s: f64,
+    /// Bytes written to the offload directory.
+    pub disk_write_bytes: u64,
+    /// Seconds with disk writes in flight.
+    pub disk_write_busy_s: f64,
+    /// Seconds the compute thread computed (all layers, head, sampling).
+    pub cpu_compute_busy_s: f64,
+    /// Seconds the compute thread waited on I/O (what overlap did not hide).
+    pub io_wait_s: f64,
+    /// Peak bytes of the offload directory's files (disk tier, besides the checkpoint).
+    pub offload_dir_bytes: u64,
+    /// CPU bytes of the planner's memory plan for this run's policy, checked against MemAvailable.
+    pub planned_cpu_bytes: Option<f64>,
+    /// Disk bytes of the memory plan.
+    pub planned_disk_bytes: Option<f64>,
+    /// Profile the prediction used.
+    pub profile: Option<String>,
+    /// Predicted prefill seconds for the block.
+    pub predicted_prefill_s: Option<f64>,
+    /// Predicted seconds per decode step for the block.
+    pub predicted_decode_s_per_token: Option<f64>,
+    /// Predicted generation throughput (all new tokens / (prefill + decode)).
+    pub predicted_total_tokens_per_s: Option<f64>,
+    /// Predicted disk read seconds per decode step (dtoc x layers).
+    pub predicted_decode_disk_s: Option<f64>,
+    /// Measured / predicted prefill time.
+    pub ratio_prefill: Option<f64>,
+    /// Measured / predicted decode time per step.
+    pub ratio_decode_per_token: Option<f64>,
+    /// Measured / predicted throughput.
+    pub ratio_throughput: Option<f64>,
 }
 
 impl RunReport {
@@ -112,6 +169,79 @@ impl RunReport {
             ),
             ("threads", self.threads.to_string()),
         ];
+        let t = &self.tiers;
+        let mut rows = rows;
+        if let Some(policy) = &t.policy {
+            let opt =
+                |v: Option<f64>, unit: &str| v.map_or("-".into(), |v| format!("{v:.4}{unit}"));
+            rows.extend([
+                ("policy", policy.clone()),
+                (
+                    "block",
+                    format!(
+                        "{} x {} (gbs x nb), cpu_attention {}",
+                        t.gpu_batch_size,
+                        t.num_gpu_batches,
+                        t.cpu_attention.unwrap_or(false)
+                    ),
+                ),
+                (
+                    "disk read",
+                    format!(
+                        "{:.3} GiB, busy {:.3} s",
+                        gib(t.disk_read_bytes),
+                        t.disk_read_busy_s
+                    ),
+                ),
+                (
+                    "disk write",
+                    format!(
+                        "{:.3} GiB, busy {:.3} s",
+                        gib(t.disk_write_bytes),
+                        t.disk_write_busy_s
+                    ),
+                ),
+                (
+                    "cpu compute",
+                    format!(
+                        "busy {:.3} s (waited on I/O {:.3} s)",
+                        t.cpu_compute_busy_s, t.io_wait_s
+                    ),
+                ),
+                (
+                    "peak memory",
+                    format!(
+                        "cpu {} (plan {}), disk offload dir {:.3} GiB",
+                        self.peak_rss_bytes
+                            .map_or("unknown".into(), |b| format!("{:.3} GiB RSS", gib(b))),
+                        t.planned_cpu_bytes.map_or("-".into(), |b| format!(
+                            "{:.3} GiB",
+                            b / (1u64 << 30) as f64
+                        )),
+                        gib(t.offload_dir_bytes)
+                    ),
+                ),
+                (
+                    "predicted",
+                    format!(
+                        "prefill {}, decode {}/token, {} tokens/s ({})",
+                        opt(t.predicted_prefill_s, " s"),
+                        opt(t.predicted_decode_s_per_token, " s"),
+                        opt(t.predicted_total_tokens_per_s, ""),
+                        t.profile.as_deref().unwrap_or("no profile")
+                    ),
+                ),
+                (
+                    "measured/predicted",
+                    format!(
+                        "prefill {}, decode/token {}, throughput {}",
+                        opt(t.ratio_prefill, ""),
+                        opt(t.ratio_decode_per_token, ""),
+                        opt(t.ratio_throughput, "")
+                    ),
+                ),
+            ]);
+        }
         for (k, v) in rows {
             let _ = writeln!(s, "{k:>18}  {v}");
         }

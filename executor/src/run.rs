@@ -7,47 +7,85 @@ use crate::models::opt::{OptConfig, OptModel};
 use crate::models::CausalLm;
 use crate::report::{peak_rss_bytes, RunReport};
 use crate::tokenizer::TextTokenizer;
-use crate::weights::{ElementType, RandomStore, SafetensorsStore, WeightStore};
+use crate::weights::{ElementType, RandomStore, SafetensorsStore};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use planner::policy::Policy;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// Refuses policies this build cannot run on this machine, with the reason and what to do.
+/// Refuses policies this build cannot run, with the reason and what to do.
 ///
-/// The executor has only the CPU backend so far: GPU placement or a HeteGen split that sends work
-/// to a GPU needs the CUDA backend (issue 6); disk tiers and compression need the offloading engine
-/// (issue 4).
+/// GPU placement is checked separately, where the backend is chosen
+/// ([`crate::cuda::require_gpu_for`]): on a host without a GPU that refusal names the missing
+/// device. Disk placement of weights, KV cache and activations runs through the block schedule
+/// ([`crate::schedule`]); 4-bit compression is not wired into it yet.
 pub fn check_policy(policy: &Policy, shown: &str) -> Result<()> {
-    if policy.needs_gpu() {
-        return Err(ExecError::Unsupported(format!(
-            "policy {shown} needs a GPU (it places tensors on the GPU or splits linear layers \
-             between CPU and GPU), but the executor runs on the cpu backend only so far (the \
-             cuda backend is issue 6); use an all-CPU policy (gpu = 0 everywhere, compute.split \
-             = 1.0) or run without --policy"
-        )));
-    }
-    let p = &policy.placement;
-    for (row, placement) in [
-        ("weights", p.weights),
-        ("kv_cache", p.kv_cache),
-        ("activations", p.activations),
-    ] {
-        if placement.disk > 0.0 {
-            return Err(ExecError::Unsupported(format!(
-                "policy {shown}: placement.{row}.disk = {} but disk placement is not supported \
-                 yet (issue 4); keep {row} in CPU memory (cpu = 1.0)",
-                placement.disk
-            )));
-        }
-    }
     if policy.compression.weights || policy.compression.kv_cache {
         return Err(ExecError::Unsupported(format!(
-            "policy {shown}: compression is not supported yet (issue 4); set \
+            "policy {shown}: compression is not supported by the executor yet (issue 4); set \
              compression.weights and compression.kv_cache to false"
         )));
     }
     Ok(())
+}
+
+/// The policy as it applies to this run: the prompt length, generation length and block shape
+/// actually used, so that the memory plan and the prediction describe the run, not the workload the
+/// policy was solved for.
+pub fn policy_for_run(
+    policy: &Policy,
+    prompt_len: usize,
+    gen_len: usize,
+    gpu_batch_size: usize,
+    num_gpu_batches: usize,
+) -> Policy {
+    let mut p = policy.clone();
+    p.workload.prompt_len = prompt_len as u64;
+    p.workload.gen_len = gen_len as u64;
+    p.batch.gpu_batch_size = gpu_batch_size as u64;
+    p.batch.num_gpu_batches = num_gpu_batches as u64;
+    p
+}
+
+/// Block shape for `prompts` sequences under a policy's (gbs, nb): nb batches of at least gbs
+/// sequences, the last possibly partly filled.
+pub fn block_shape(
+    prompts: usize,
+    gpu_batch_size: usize,
+    num_gpu_batches: usize,
+) -> (usize, usize) {
+    let gbs = gpu_batch_size
+        .max(1)
+        .max(prompts.div_ceil(num_gpu_batches.max(1)));
+    (gbs, prompts.div_ceil(gbs).max(1))
+}
+
+/// Checks, before loading, that the host has the CPU memory the planner's memory plan gives the
+/// policy (the same plan the planner's memory constraints use: one function, in
+/// `planner::memory`). Returns the plan's CPU bytes.
+pub fn check_memory(model: &planner::model::ModelSpec, policy: &Policy) -> Result<f64> {
+    let plan = planner::memory::plan_for_policy(model, policy, false);
+    let needed = plan.cpu.total();
+    if let Some(available) = available_memory_bytes() {
+        if needed > available as f64 {
+            let gib = (1u64 << 30) as f64;
+            let mut items: Vec<(&str, f64)> =
+                plan.cpu.items().into_iter().filter(|i| i.1 > 0.0).collect();
+            items.sort_by(|a, b| b.1.total_cmp(&a.1));
+            let detail = items
+                .iter()
+                .take(4)
+                .map(|(n, b)| format!("{n} {:.3} GiB", b / gib))
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(ExecError::OutOfMemory {
+                needed_gib: needed / gib,
+                available_gib: available as f64 / gib,
+                detail,
+            });
+        }
+    }
+    Ok(needed)
 }
 
 /// Where the weights come from.
@@ -78,6 +116,8 @@ pub struct Loaded {
     pub dtype: ElementType,
     /// Seconds spent loading.
     pub load_s: f64,
+    /// Which matrices are read from disk (none unless a policy puts weights there).
+    pub weights: crate::schedule::WeightPlacement,
 }
 
 fn progress_bar(total: u64, message: &str, show: bool) -> ProgressBar {
@@ -99,20 +139,55 @@ fn progress_bar(total: u64, message: &str, show: bool) -> ProgressBar {
 /// Opens or generates the weights, checks them against the config, and loads the tokenizer.
 /// `show_progress` draws a progress bar on stderr (indicatif hides it when stderr is no terminal).
 pub fn load(source: &ModelSource, show_progress: bool) -> Result<Loaded> {
+    load_placed(source, show_progress, 0.0)
+}
+
+/// [`load`] with a share `weights_disk` of the decoder layers' matrices left on disk: those are
+/// never faulted in through the memory map (the block schedule reads them with direct I/O), the
+/// rest are. Random weights have no file to read from, so they refuse a disk share.
+pub fn load_placed(source: &ModelSource, show_progress: bool, weights_disk: f64) -> Result<Loaded> {
     let started = Instant::now();
+    if weights_disk > 0.0 {
+        if let ModelSource::Random { .. } = source {
+            return Err(ExecError::Unsupported(format!(
+                "placement.weights.disk = {weights_disk} needs a checkpoint to read the weights \
+                 from (--model DIR); random weights exist only in memory. Write the random \
+                 checkpoint once (scripts/bench-offload*.sh does) or keep weights on the CPU"
+            )));
+        }
+    }
+    let mut placement = None;
     let (model, tokenizer, name) = match source {
         ModelSource::Checkpoint(dir) => {
             let config = OptConfig::from_file(&dir.join("config.json"))?;
             let store = SafetensorsStore::open_dir(dir)?;
-            let bar = progress_bar(store.total_bytes(), "reading weights", show_progress);
-            store.preload(&|n| bar.inc(n));
+            let model = OptModel::load(config, Box::new(store))?;
+            let placed = crate::schedule::place_weights(&model, weights_disk);
+            let store = model.store();
+            let disk: std::collections::HashSet<usize> = (0..placed.on_disk.len())
+                .flat_map(|l| {
+                    model
+                        .layer_weight_ids(l)
+                        .into_iter()
+                        .zip(placed.on_disk[l])
+                        .filter(|(_, d)| *d)
+                        .map(|(id, _)| id.index())
+                })
+                .collect();
+            let bar = progress_bar(
+                store.total_bytes() - placed.disk_bytes,
+                "reading weights",
+                show_progress,
+            );
+            store.preload_only(&|id| !disk.contains(&id.index()), &|n| bar.inc(n));
             bar.finish_and_clear();
-            let tokenizer = TextTokenizer::from_dir(dir, config.spec.bos_token_id)?;
+            placement = Some(placed);
+            let tokenizer = TextTokenizer::from_dir(dir, model.config().spec.bos_token_id)?;
             let name = dir
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| dir.display().to_string());
-            (OptModel::load(config, Box::new(store))?, tokenizer, name)
+            (model, tokenizer, name)
         }
         ModelSource::Random {
             config,
@@ -149,17 +224,19 @@ pub fn load(source: &ModelSource, show_progress: bool) -> Result<Loaded> {
         }
     };
     let dtype = model.matrix_dtype();
+    let weights = placement.unwrap_or_else(|| crate::schedule::place_weights(&model, 0.0));
     Ok(Loaded {
         model,
         tokenizer,
         name,
         dtype,
         load_s: started.elapsed().as_secs_f64(),
+        weights,
     })
 }
 
 /// Memory the OS could give this process without swapping (MemAvailable), where it says.
-fn available_memory_bytes() -> Option<u64> {
+pub fn available_memory_bytes() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -288,6 +365,52 @@ pub fn report(loaded: &Loaded, out: &GenerationOutput, backend: &str) -> RunRepo
         ),
         kv_cache_bytes: out.kv_cache_bytes,
         peak_rss_bytes: peak_rss_bytes(),
+        decode_s_per_token: if out.decode_steps > 0 {
+            out.decode_s / out.decode_steps as f64
+        } else {
+            0.0
+        },
+        tiers: Default::default(),
+    }
+}
+
+/// Adds a block run's channels, memory and the planner's prediction to a report.
+pub fn add_tiers(
+    report: &mut RunReport,
+    shown: &str,
+    policy: &Policy,
+    stats: &crate::schedule::ChannelStats,
+    planned: &planner::memory::MemoryPlan,
+    prediction: Option<(&str, &planner::cost::Prediction)>,
+    layers: usize,
+) {
+    let (read_bytes, read_busy) = stats.disk_read();
+    let t = &mut report.tiers;
+    t.policy = Some(shown.to_string());
+    t.gpu_batch_size = policy.batch.gpu_batch_size as usize;
+    t.num_gpu_batches = policy.batch.num_gpu_batches as usize;
+    t.cpu_attention = Some(policy.compute.cpu_attention);
+    t.weights_disk_bytes_per_step = stats.weight_disk_bytes_per_step;
+    t.kv_disk_sequences = stats.kv_disk_sequences;
+    t.disk_read_bytes = read_bytes;
+    t.disk_read_busy_s = read_busy;
+    t.disk_write_bytes = stats.cache.write_bytes;
+    t.disk_write_busy_s = stats.cache.write_busy_s;
+    t.cpu_compute_busy_s = stats.cpu_compute_s;
+    t.io_wait_s = stats.io_wait_s;
+    t.offload_dir_bytes = stats.offload_bytes;
+    t.planned_cpu_bytes = Some(planned.cpu.total());
+    t.planned_disk_bytes = Some(planned.disk.total());
+    if let Some((name, p)) = prediction {
+        let ratio = |m: f64, p: f64| (p > 0.0 && m > 0.0).then(|| m / p);
+        t.profile = Some(name.to_string());
+        t.predicted_prefill_s = Some(p.prefill_s);
+        t.predicted_decode_s_per_token = Some(p.decode_s_per_token);
+        t.predicted_total_tokens_per_s = Some(p.throughput_tok_s);
+        t.predicted_decode_disk_s = Some((p.decode.dtoc_s + p.decode.ctod_s) * layers as f64);
+        t.ratio_prefill = ratio(report.prefill_s, p.prefill_s);
+        t.ratio_decode_per_token = ratio(report.decode_s_per_token, p.decode_s_per_token);
+        t.ratio_throughput = ratio(report.total_tokens_per_s, p.throughput_tok_s);
     }
 }
 
@@ -305,28 +428,26 @@ mod tests {
     }
 
     #[test]
-    fn policies_needing_gpu_disk_or_compression_are_refused_by_name() {
+    fn only_compression_is_refused_by_check_policy() {
         let ok = Policy::all_cpu("opt-125m", 8, 4, 2);
         check_policy(&ok, "p.toml").unwrap();
-
-        let mut gpu = ok.clone();
-        gpu.placement.weights = planner::policy::Placement::ALL_GPU;
-        let e = check_policy(&gpu, "p.toml").unwrap_err().to_string();
-        assert!(e.contains("needs a GPU") && e.contains("p.toml"), "{e}");
-
         let mut disk = ok.clone();
         disk.placement.kv_cache.cpu = 0.5;
         disk.placement.kv_cache.disk = 0.5;
-        let e = check_policy(&disk, "p.toml").unwrap_err().to_string();
-        assert!(
-            e.contains("placement.kv_cache.disk") && e.contains("issue 4"),
-            "{e}"
-        );
-
+        check_policy(&disk, "p.toml").unwrap();
         let mut compressed = ok;
         compressed.compression.weights = true;
         let e = check_policy(&compressed, "p.toml").unwrap_err().to_string();
-        assert!(e.contains("compression") && e.contains("issue 4"), "{e}");
+        assert!(e.contains("compression") && e.contains("p.toml"), "{e}");
+    }
+
+    #[test]
+    fn block_shape_covers_every_prompt() {
+        assert_eq!(block_shape(4, 2, 2), (2, 2));
+        assert_eq!(block_shape(3, 2, 2), (2, 2));
+        assert_eq!(block_shape(3, 1, 3), (1, 3));
+        assert_eq!(block_shape(5, 1, 2), (3, 2));
+        assert_eq!(block_shape(1, 4, 2), (4, 1));
     }
 
     #[test]

@@ -51,6 +51,13 @@ impl From<planner::model::DType> for ElementType {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TensorId(usize);
 
+impl TensorId {
+    /// Position of the tensor in its store (dense from 0), for sets and tables keyed by tensor.
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
 /// What a store knows about a tensor without touching its elements.
 #[derive(Debug, Clone)]
 pub struct TensorMeta {
@@ -81,6 +88,23 @@ pub trait WeightStore: Send + Sync {
     /// page faults), reporting progress in bytes through `progress`.
     fn preload(&self, progress: &(dyn Fn(u64) + Sync)) {
         let _ = progress;
+    }
+    /// Like [`WeightStore::preload`] but only for the tensors `keep` accepts, so that tensors the
+    /// policy puts on disk are never faulted in through the memory map (they are read with direct
+    /// I/O instead and must not occupy the page cache).
+    fn preload_only(
+        &self,
+        keep: &(dyn Fn(TensorId) -> bool + Sync),
+        progress: &(dyn Fn(u64) + Sync),
+    ) {
+        let _ = keep;
+        self.preload(progress)
+    }
+    /// Where a tensor's bytes are in a file (path, offset, length), for tensors that can be read
+    /// straight from the checkpoint with direct I/O; None for tensors held only in memory.
+    fn file_range(&self, id: TensorId) -> Option<(&Path, u64, usize)> {
+        let _ = id;
+        None
     }
 }
 
@@ -392,6 +416,41 @@ impl WeightStore for SafetensorsStore {
             .iter()
             .map(|m| (m.shape.iter().product::<usize>() * m.dtype.size()) as u64)
             .sum()
+    }
+
+    fn file_range(&self, id: TensorId) -> Option<(&Path, u64, usize)> {
+        match &self.backing[id.0] {
+            Backing::Mapped { file, start, end } => {
+                Some((self.files[*file].0.as_path(), *start as u64, end - start))
+            }
+            Backing::Copied(_) => None,
+        }
+    }
+
+    fn preload_only(
+        &self,
+        keep: &(dyn Fn(TensorId) -> bool + Sync),
+        progress: &(dyn Fn(u64) + Sync),
+    ) {
+        const PAGE: usize = 4096;
+        for (i, b) in self.backing.iter().enumerate() {
+            let Backing::Mapped { file, start, end } = b else {
+                continue;
+            };
+            if !keep(TensorId(i)) {
+                continue;
+            }
+            let map = &self.files[*file].1;
+            let _ = map.advise_range(memmap2::Advice::WillNeed, *start, end - start);
+            map[*start..*end].par_chunks(4 << 20).for_each(|chunk| {
+                let mut sum = 0u8;
+                for i in (0..chunk.len()).step_by(PAGE) {
+                    sum = sum.wrapping_add(chunk[i]);
+                }
+                std::hint::black_box(sum);
+                progress(chunk.len() as u64);
+            });
+        }
     }
 
     fn preload(&self, progress: &(dyn Fn(u64) + Sync)) {

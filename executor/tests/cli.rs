@@ -233,20 +233,64 @@ fn policies_this_machine_cannot_run_are_refused() {
         p.placement.weights = planner::policy::Placement::ALL_GPU;
     });
     let e = fails(&["--policy", &gpu, "--model", &model, "--prompt-ids", "2"]);
-    assert!(e.contains("needs a GPU"), "{e}");
+    assert!(e.contains("GPU") && e.contains("CPU policy"), "{e}");
 
-    let disk = write_policy(dir.path(), |p| {
-        p.placement.weights.cpu = 0.5;
-        p.placement.weights.disk = 0.5;
+    let compressed = write_policy(dir.path(), |p| {
+        p.compression.kv_cache = true;
     });
-    let e = fails(&["--policy", &disk, "--model", &model, "--prompt-ids", "2"]);
-    assert!(
-        e.contains("placement.weights.disk") && e.contains("not supported yet (issue 4)"),
-        "{e}"
-    );
+    let e = fails(&[
+        "--policy",
+        &compressed,
+        "--model",
+        &model,
+        "--prompt-ids",
+        "2",
+    ]);
+    assert!(e.contains("compression"), "{e}");
 
     let e = fails(&["--policy", "/nonexistent/p.toml", "--model", &model]);
     assert!(e.contains("/nonexistent/p.toml"), "{e}");
+}
+
+#[test]
+fn a_disk_policy_runs_reports_its_channels_and_cleans_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let offload = tempfile::tempdir().unwrap();
+    let model = fixture("opt-tiny-preln").display().to_string();
+    let disk = write_policy(dir.path(), |p| {
+        p.placement.weights.cpu = 0.5;
+        p.placement.weights.disk = 0.5;
+        p.placement.kv_cache.cpu = 0.0;
+        p.placement.kv_cache.disk = 1.0;
+        p.batch.gpu_batch_size = 1;
+        p.batch.num_gpu_batches = 2;
+    });
+    let report = dir.path().join("r.json");
+    let (_, stderr) = succeeds(&[
+        "--policy",
+        &disk,
+        "--model",
+        &model,
+        "--prompt-ids",
+        "2,100,7",
+        "--prompt-ids",
+        "2,9",
+        "--max-new-tokens",
+        "3",
+        "--offload-dir",
+        &offload.path().display().to_string(),
+        "--report",
+        &report.display().to_string(),
+    ]);
+    assert!(stderr.contains("measured/predicted"), "{stderr}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert!(json["disk_read_bytes"].as_u64().unwrap() > 0, "{json}");
+    assert!(json["disk_write_bytes"].as_u64().unwrap() > 0, "{json}");
+    assert_eq!(json["kv_disk_sequences"].as_u64(), Some(2), "{json}");
+    assert!(json["predicted_decode_s_per_token"].as_f64().unwrap() > 0.0);
+    assert!(json["ratio_throughput"].as_f64().unwrap() > 0.0);
+    assert!(std::fs::read_dir(offload.path()).unwrap().next().is_none());
 }
 
 #[test]

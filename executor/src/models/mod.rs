@@ -65,12 +65,31 @@ impl KvCache {
         self.values[layer][at..at + values.len()].copy_from_slice(values);
     }
 
+    /// All `max_len` key and value rows of sequence `seq` in one layer, writable.
+    pub fn layer_rows_mut(&mut self, layer: usize, seq: usize) -> (&mut [f32], &mut [f32]) {
+        let at = seq * self.max_len * self.width;
+        let end = at + self.max_len * self.width;
+        (
+            &mut self.keys[layer][at..end],
+            &mut self.values[layer][at..end],
+        )
+    }
+
     /// The first `len` key and value rows of sequence `seq` in one layer.
     pub fn sequence(&self, layer: usize, seq: usize, len: usize) -> (&[f32], &[f32]) {
         let at = seq * self.max_len * self.width;
         let end = at + len * self.width;
         (&self.keys[layer][at..end], &self.values[layer][at..end])
     }
+}
+
+/// One layer's KV cache of a batch, wherever each sequence's rows live: a layer computes against
+/// this so that the block schedule can hand it CPU-resident rows in place and disk-resident rows
+/// in staging buffers.
+pub trait LayerKv {
+    /// Key and value rows (`[max_len, width]` each, at least the positions attended) of sequence
+    /// `seq` of the batch; the layer writes the step's new rows and reads the first `kv_len`.
+    fn rows(&mut self, seq: usize) -> (&mut [f32], &mut [f32]);
 }
 
 /// A decoder-only language model the generation loop can drive.

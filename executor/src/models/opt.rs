@@ -8,10 +8,11 @@
 //! - The final LayerNorm exists only in pre-LN models (and not with `_remove_final_layer_norm`).
 //! - ReLU FFN, queries scaled by `head_dim^-0.5`, LM head tied to the token embedding.
 
-use super::{CausalLm, KvCache, Step};
+use super::{CausalLm, KvCache, LayerKv, Step};
 use crate::backend::{attention_scratch_len, Backend};
 use crate::error::{ExecError, Result};
 use crate::kernels::Matrix;
+use crate::kernels::WeightData;
 use crate::weights::{add_row, to_f32_vec, ElementType, Init, RandomTensor, TensorId, WeightStore};
 use planner::model::{ModelSpec, OPT_POSITION_OFFSET};
 use std::path::Path;
@@ -465,13 +466,91 @@ impl CausalLm for OptModel {
         ws: &mut OptWorkspace,
         logits: &mut [f32],
     ) {
+        self.embed(be, step, ws);
+        for l in 0..self.dims.layers {
+            let mats = self.store_matrices(l);
+            self.layer(be, l, &mats, step, &mut CacheLayer { kv, layer: l }, ws);
+        }
+        self.head(be, step, ws, logits);
+    }
+}
+
+/// One layer's slice of a [`KvCache`], as [`LayerKv`].
+struct CacheLayer<'a> {
+    kv: &'a mut KvCache,
+    layer: usize,
+}
+
+impl LayerKv for CacheLayer<'_> {
+    fn rows(&mut self, seq: usize) -> (&mut [f32], &mut [f32]) {
+        self.kv.layer_rows_mut(self.layer, seq)
+    }
+}
+
+/// The six matrices of one decoder layer, wherever their elements are (the memory-mapped
+/// checkpoint, or a staging buffer the disk tier read them into).
+pub struct LayerMatrices<'a> {
+    /// Query projection.
+    pub q: Matrix<'a>,
+    /// Key projection.
+    pub k: Matrix<'a>,
+    /// Value projection.
+    pub v: Matrix<'a>,
+    /// Attention output projection.
+    pub out: Matrix<'a>,
+    /// FFN up projection.
+    pub fc1: Matrix<'a>,
+    /// FFN down projection.
+    pub fc2: Matrix<'a>,
+}
+
+/// Names of the six matrices of a layer, in the order of [`OptModel::layer_weight_ids`].
+pub const LAYER_MATRICES: [&str; 6] = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"];
+
+impl OptModel {
+    /// Tensor ids of layer `l`'s matrices: q, k, v, out, fc1, fc2 (biases and norms are held in
+    /// CPU memory as f32 by the model and are not part of any tier's placement).
+    pub fn layer_weight_ids(&self, l: usize) -> [TensorId; 6] {
+        let x = &self.layers[l];
+        [
+            x.q.weight,
+            x.k.weight,
+            x.v.weight,
+            x.out.weight,
+            x.fc1.weight,
+            x.fc2.weight,
+        ]
+    }
+
+    /// Layer `l`'s matrices read from the store in place.
+    pub fn store_matrices(&self, l: usize) -> LayerMatrices<'_> {
+        let ids = self.layer_weight_ids(l);
+        LayerMatrices {
+            q: self.matrix(ids[0]),
+            k: self.matrix(ids[1]),
+            v: self.matrix(ids[2]),
+            out: self.matrix(ids[3]),
+            fc1: self.matrix(ids[4]),
+            fc2: self.matrix(ids[5]),
+        }
+    }
+
+    /// A matrix of tensor `id`'s shape over elements held elsewhere (a staging buffer).
+    pub fn matrix_over<'a>(&self, id: TensorId, data: WeightData<'a>) -> Matrix<'a> {
+        let meta = self.store.meta(id);
+        Matrix {
+            data,
+            out_features: meta.shape[0],
+            in_features: meta.shape[1],
+        }
+    }
+
+    /// Token and position embeddings of `step` into the workspace's hidden state.
+    pub fn embed(&self, be: &dyn Backend, step: &Step, ws: &mut OptWorkspace) {
         let d = &self.dims;
         let (h, t_new, batch) = (d.hidden, step.new_tokens, step.batch);
         let rows = batch * t_new;
-        let pre_ln = self.config.spec.layer_norm_before;
-        let kv_len = step.start + t_new;
-        let scale = (d.head_dim as f32).powf(-0.5);
-
+        let max_len = step.key_valid.len() / batch.max(1);
         // Token embeddings (projected up in opt-350m-style models), then learned positions.
         let tokens = self.store.data(self.embed_tokens);
         if let Some(project_in) = self.project_in {
@@ -498,7 +577,7 @@ impl CausalLm for OptModel {
         let positions = self.store.data(self.embed_positions);
         for (r, row) in ws.hidden[..rows * h].chunks_exact_mut(h).enumerate() {
             let (b, t) = (r / t_new, r % t_new);
-            let valid = step.key_valid[b * kv.max_len + step.start + t];
+            let valid = step.key_valid[b * max_len + step.start + t];
             // transformers: position = cumsum(mask) * mask - 1, plus the offset 2; padding -> 1.
             let row_index = if valid {
                 step.positions[r] as usize + OPT_POSITION_OFFSET as usize
@@ -507,8 +586,28 @@ impl CausalLm for OptModel {
             };
             add_row(&positions, row_index, h, row);
         }
+    }
 
-        for (l, layer) in self.layers.iter().enumerate() {
+    /// Decoder layer `l` over the workspace's hidden state, with matrices `mats`, appending the
+    /// step's keys and values to `kv` and attending over them.
+    pub fn layer(
+        &self,
+        be: &dyn Backend,
+        l: usize,
+        mats: &LayerMatrices,
+        step: &Step,
+        kv: &mut dyn LayerKv,
+        ws: &mut OptWorkspace,
+    ) {
+        let d = &self.dims;
+        let (h, t_new, batch) = (d.hidden, step.new_tokens, step.batch);
+        let rows = batch * t_new;
+        let max_len = step.key_valid.len() / batch.max(1);
+        let pre_ln = self.config.spec.layer_norm_before;
+        let kv_len = step.start + t_new;
+        let scale = (d.head_dim as f32).powf(-0.5);
+        let layer = &self.layers[l];
+        {
             // Self-attention.
             let x: &[f32] = if pre_ln {
                 let n = &layer.attn_norm;
@@ -524,29 +623,27 @@ impl CausalLm for OptModel {
             } else {
                 &ws.hidden[..rows * h]
             };
-            for (lin, out) in [
-                (&layer.q, &mut ws.q),
-                (&layer.k, &mut ws.k),
-                (&layer.v, &mut ws.v),
+            for (lin, lin_m, out) in [
+                (&layer.q, &mats.q, &mut ws.q),
+                (&layer.k, &mats.k, &mut ws.k),
+                (&layer.v, &mats.v, &mut ws.v),
             ] {
-                be.linear(
-                    x,
-                    rows,
-                    &self.matrix(lin.weight),
-                    lin.bias.as_deref(),
-                    &mut out[..rows * h],
-                );
+                be.linear(x, rows, lin_m, lin.bias.as_deref(), &mut out[..rows * h]);
             }
             // As transformers: q_proj(x) * head_dim^-0.5, then unscaled scores.
             be.scale_inplace(&mut ws.q[..rows * h], scale);
             let seq_rows = t_new * h;
             for b in 0..batch {
                 let span = b * seq_rows..(b + 1) * seq_rows;
-                kv.write(l, b, step.start, &ws.k[span.clone()], &ws.v[span]);
+                let (keys, values) = kv.rows(b);
+                let at = step.start * h;
+                keys[at..at + seq_rows].copy_from_slice(&ws.k[span.clone()]);
+                values[at..at + seq_rows].copy_from_slice(&ws.v[span]);
             }
             for b in 0..batch {
-                let (keys, values) = kv.sequence(l, b, kv_len);
-                let valid = &step.key_valid[b * kv.max_len..b * kv.max_len + kv_len];
+                let (keys, values) = kv.rows(b);
+                let (keys, values) = (&keys[..kv_len * h], &values[..kv_len * h]);
+                let valid = &step.key_valid[b * max_len..b * max_len + kv_len];
                 be.attention(
                     &ws.q[b * seq_rows..(b + 1) * seq_rows],
                     t_new,
@@ -564,7 +661,7 @@ impl CausalLm for OptModel {
             be.linear(
                 &ws.attn[..rows * h],
                 rows,
-                &self.matrix(layer.out.weight),
+                &mats.out,
                 layer.out.bias.as_deref(),
                 &mut ws.sublayer_out[..rows * h],
             );
@@ -598,18 +695,12 @@ impl CausalLm for OptModel {
                 &ws.hidden[..rows * h]
             };
             let ffn = &mut ws.ffn[..rows * d.ffn];
-            be.linear(
-                x,
-                rows,
-                &self.matrix(layer.fc1.weight),
-                layer.fc1.bias.as_deref(),
-                ffn,
-            );
+            be.linear(x, rows, &mats.fc1, layer.fc1.bias.as_deref(), ffn);
             be.relu_inplace(ffn);
             be.linear(
                 ffn,
                 rows,
-                &self.matrix(layer.fc2.weight),
+                &mats.fc2,
                 layer.fc2.bias.as_deref(),
                 &mut ws.sublayer_out[..rows * h],
             );
@@ -627,7 +718,13 @@ impl CausalLm for OptModel {
                 std::mem::swap(&mut ws.hidden, &mut ws.normed);
             }
         }
+    }
 
+    /// Final LayerNorm, projection and LM head of each sequence's last new token into `logits`
+    /// (`[batch, vocab]`).
+    pub fn head(&self, be: &dyn Backend, step: &Step, ws: &mut OptWorkspace, logits: &mut [f32]) {
+        let d = &self.dims;
+        let (h, t_new, batch) = (d.hidden, step.new_tokens, step.batch);
         // Only each sequence's last token needs logits.
         for b in 0..batch {
             let row = (b * t_new + t_new - 1) * h;
@@ -662,5 +759,13 @@ impl CausalLm for OptModel {
             None,
             &mut logits[..batch * d.vocab],
         );
+    }
+}
+
+impl OptWorkspace {
+    /// The hidden state of the step's rows (`[batch * new_tokens, hidden]` at the front): the
+    /// block schedule saves it between layers and restores it for each GPU batch.
+    pub fn hidden_mut(&mut self) -> &mut [f32] {
+        &mut self.hidden
     }
 }

@@ -1,0 +1,890 @@
+//! The zig-zag block schedule over the CPU and disk tiers (design sections 1 and 5).
+//!
+//! A block of sequences is split into GPU batches (`gbs` sequences each, `nb` batches; the name is
+//! FlexGen's, on this host every batch computes on the CPU). For every step (the prefill, then one
+//! decode step per token) and every layer, all batches run that layer before the next layer starts,
+//! so a layer's disk-resident weights are read once per step for the whole block. While layer j
+//! computes, layer j+1's disk weights are read on I/O threads (double buffer); while batch k
+//! computes, batch k+1's disk-resident KV cache and activations are read and batch k-1's are
+//! written back. Nothing waits for all I/O at once: each read is waited on by the unit that needs
+//! it, each write by the next read or write of the same batch.
+//!
+//! Granularity (documented in docs/executor.md):
+//! - weights: whole matrices (q, k, v, out, fc1, fc2 of each layer), walked in layer order and put
+//!   on disk while the disk share of the bytes seen so far stays within half a matrix of the
+//!   policy's fraction; embeddings, LM head, biases and LayerNorms stay in CPU memory;
+//! - KV cache: whole sequences of the block (all layers, all positions), spread evenly;
+//! - activations: the last rows (tokens) of each batch's hidden state between two layers.
+//!
+//! Counts use [`split_count`]: a fraction above 0 gets at least one item, below 1 keeps at least
+//! one item in memory, so every tier the policy names is exercised.
+
+use crate::backend::Backend;
+use crate::error::{ExecError, Result};
+use crate::generate::{GenerationConfig, GenerationOutput, Sampler};
+use crate::kernels::WeightData;
+use crate::models::opt::{LayerMatrices, OptModel, OptWorkspace};
+use crate::models::{CausalLm, LayerKv, Step};
+use crate::storage::{
+    align_down, align_up, DirectFile, IoPool, IoPoolConfig, IoStats, OffloadDir, OffloadFile,
+    PooledBuf, ReadHandle, WriteHandle, ALIGN,
+};
+use crate::weights::{ElementType, TensorId};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What the block schedule needs from a policy, resolved for one run.
+#[derive(Debug, Clone)]
+pub struct BlockPlan {
+    /// Sequences per GPU batch.
+    pub gpu_batch_size: usize,
+    /// GPU batches per block.
+    pub num_gpu_batches: usize,
+    /// Share of the decoder layers' matrix bytes read from disk.
+    pub weights_disk: f64,
+    /// Share of the block's sequences whose KV cache lives in the offload directory.
+    pub kv_cache_disk: f64,
+    /// Share of each batch's hidden-state rows kept in the offload directory between layers.
+    pub activations_disk: f64,
+    /// FlexGen's CPU delegation. Here both settings compute on the CPU; on, attention over
+    /// disk-resident cache runs in place in the I/O staging buffers; off, those rows are first
+    /// copied into a separate compute buffer (the copy a GPU run would make).
+    pub cpu_attention: bool,
+    /// Parent of the offload directory.
+    pub offload_parent: PathBuf,
+    /// Cap on the bytes the offload directory may hold (tests use it to simulate a full disk).
+    pub offload_capacity_limit: Option<u64>,
+}
+
+/// `n` items split by `fraction`: how many go to the tier the fraction names. Rounds to nearest,
+/// but a fraction above 0 gets at least one item and a fraction below 1 leaves at least one.
+pub fn split_count(fraction: f64, n: usize) -> usize {
+    if n == 0 || fraction <= 0.0 {
+        return 0;
+    }
+    if fraction >= 1.0 {
+        return n;
+    }
+    let c = (fraction * n as f64).round() as usize;
+    if n == 1 {
+        return c.min(1);
+    }
+    c.clamp(1, n - 1)
+}
+
+/// Which matrices of each layer are read from disk.
+#[derive(Debug, Clone)]
+pub struct WeightPlacement {
+    /// Per layer, per matrix (q, k, v, out, fc1, fc2): read from disk.
+    pub on_disk: Vec<[bool; 6]>,
+    /// Matrix bytes placed on disk.
+    pub disk_bytes: u64,
+    /// Matrix bytes of all decoder layers.
+    pub layer_bytes: u64,
+}
+
+impl WeightPlacement {
+    /// Whether tensor `id` is disk-resident.
+    pub fn is_on_disk(&self, model: &OptModel, id: TensorId) -> bool {
+        (0..self.on_disk.len()).any(|l| {
+            model
+                .layer_weight_ids(l)
+                .iter()
+                .zip(&self.on_disk[l])
+                .any(|(t, d)| *d && *t == id)
+        })
+    }
+}
+
+/// Chooses the disk-resident matrices for a fraction (see the module docs). Matrices the store
+/// cannot read from a file (random weights, misaligned tensors copied out) stay in memory.
+pub fn place_weights(model: &OptModel, fraction: f64) -> WeightPlacement {
+    let store = model.store();
+    let layers = model.num_layers();
+    let mut on_disk = vec![[false; 6]; layers];
+    let (mut seen, mut disk, mut total) = (0f64, 0f64, 0u64);
+    for (l, row) in on_disk.iter_mut().enumerate() {
+        for (i, id) in model.layer_weight_ids(l).iter().enumerate() {
+            let m = store.meta(*id);
+            let bytes = (m.shape.iter().product::<usize>() * m.dtype.size()) as f64;
+            total += bytes as u64;
+            seen += bytes;
+            if fraction > 0.0
+                && store.file_range(*id).is_some()
+                && disk + bytes / 2.0 <= fraction * seen + 1e-9
+            {
+                row[i] = true;
+                disk += bytes;
+            }
+        }
+    }
+    WeightPlacement {
+        on_disk,
+        disk_bytes: disk as u64,
+        layer_bytes: total,
+    }
+}
+
+/// What the disk and CPU channels did during a block run.
+#[derive(Debug, Clone, Default)]
+pub struct ChannelStats {
+    /// Weight reads (checkpoint files, direct I/O).
+    pub weights: IoStats,
+    /// KV cache and activation reads and writes (offload directory).
+    pub cache: IoStats,
+    /// Seconds the compute thread spent computing (embedding, layers, head, sampling).
+    pub cpu_compute_s: f64,
+    /// Seconds the compute thread waited for reads or writes.
+    pub io_wait_s: f64,
+    /// Bytes of the offload directory's files.
+    pub offload_bytes: u64,
+    /// The offload directory (removed when the run ends).
+    pub offload_dir: Option<PathBuf>,
+    /// Matrix bytes read from disk per step (per pass over the layers).
+    pub weight_disk_bytes_per_step: u64,
+    /// Sequences whose KV cache lived on disk.
+    pub kv_disk_sequences: usize,
+    /// Lines to print: files that fell back to buffered I/O, and why.
+    pub notes: Vec<String>,
+}
+
+impl ChannelStats {
+    /// Disk read bytes and busy seconds, both pools. Busy times of the two pools are added: they
+    /// share one disk queue (an upper bound when both had reads in flight at once).
+    pub fn disk_read(&self) -> (u64, f64) {
+        (
+            self.weights.read_bytes + self.cache.read_bytes,
+            self.weights.read_busy_s + self.cache.read_busy_s,
+        )
+    }
+}
+
+/// Where a sequence's KV cache lives: index into its batch's CPU home or its disk slot.
+#[derive(Debug, Clone, Copy)]
+enum SeqPlace {
+    Cpu(usize),
+    Disk { local: usize, slot: usize },
+}
+
+/// KV rows of one batch at one layer, for the model's layer function.
+struct BatchKv<'a> {
+    seq_floats: usize,
+    place: &'a [SeqPlace],
+    home_k: &'a mut [f32],
+    home_v: &'a mut [f32],
+    staged: &'a mut [PooledBuf],
+    stage_k: &'a mut [f32],
+    stage_v: &'a mut [f32],
+    in_place: bool,
+}
+
+impl LayerKv for BatchKv<'_> {
+    fn rows(&mut self, seq: usize) -> (&mut [f32], &mut [f32]) {
+        let n = self.seq_floats;
+        match self.place[seq] {
+            SeqPlace::Cpu(i) => (
+                &mut self.home_k[i * n..(i + 1) * n],
+                &mut self.home_v[i * n..(i + 1) * n],
+            ),
+            SeqPlace::Disk { local, .. } if self.in_place => {
+                let (a, b) = self.staged.split_at_mut(2 * local + 1);
+                let k = bytemuck::cast_slice_mut(&mut a[2 * local].as_mut_slice()[..n * 4]);
+                let v = bytemuck::cast_slice_mut(&mut b[0].as_mut_slice()[..n * 4]);
+                (k, v)
+            }
+            SeqPlace::Disk { local, .. } => (
+                &mut self.stage_k[local * n..(local + 1) * n],
+                &mut self.stage_v[local * n..(local + 1) * n],
+            ),
+        }
+    }
+}
+
+/// One GPU batch's state across the run.
+struct Batch {
+    /// First sequence of the block in this batch, and how many.
+    first: usize,
+    len: usize,
+    place: Vec<SeqPlace>,
+    /// CPU-resident cache per layer: `[cpu sequences, max_len, width]`.
+    home_k: Vec<Vec<f32>>,
+    home_v: Vec<Vec<f32>>,
+    /// CPU share of the hidden state between layers.
+    held: Vec<f32>,
+    /// Writes not yet waited on.
+    writes: Vec<WriteHandle>,
+    disk_seqs: usize,
+}
+
+/// Sizes the I/O of a run is laid out by.
+#[derive(Clone, Copy)]
+struct Geometry {
+    /// Bytes of one sequence's K (or V) slot of one layer in the KV file (4 KiB multiple).
+    kv_slot: usize,
+    /// Bytes of one KV row (K or V alone).
+    row_bytes: usize,
+    /// Disk-resident sequences in the block.
+    kv_disk_total: usize,
+    /// Bytes of one batch's slot in the activations file.
+    act_slot: u64,
+    /// Hidden size.
+    hidden: usize,
+    /// Share of hidden-state rows on disk.
+    act_fraction: f64,
+}
+
+impl Geometry {
+    fn act_rows(&self, rows: usize) -> usize {
+        split_count(self.act_fraction, rows)
+    }
+}
+
+/// Reads issued for one (layer, batch) unit.
+struct UnitLoad {
+    kv: Vec<ReadHandle>,
+    act: Option<ReadHandle>,
+}
+
+fn storage_err(e: crate::storage::StorageError) -> ExecError {
+    ExecError::Storage(e)
+}
+
+fn weight_view<'a>(bytes: &'a [u8], dtype: ElementType, name: &str) -> Result<WeightData<'a>> {
+    let bad = || {
+        ExecError::Unsupported(format!(
+            "tensor '{name}' read from disk is not aligned for its element type"
+        ))
+    };
+    Ok(match dtype {
+        ElementType::F32 => WeightData::F32(bytemuck::try_cast_slice(bytes).map_err(|_| bad())?),
+        ElementType::F16 => WeightData::F16(bytemuck::try_cast_slice(bytes).map_err(|_| bad())?),
+        ElementType::Bf16 => WeightData::Bf16(bytemuck::try_cast_slice(bytes).map_err(|_| bad())?),
+    })
+}
+
+/// Everything the block run holds for the disk tier.
+struct DiskTier {
+    weight_pool: Option<IoPool>,
+    cache_pool: Option<IoPool>,
+    files: HashMap<PathBuf, Arc<DirectFile>>,
+    /// Per layer, per matrix: (file, offset, len) of disk-resident matrices.
+    ranges: Vec<[Option<(Arc<DirectFile>, u64, usize)>; 6]>,
+    kv_file: Option<OffloadFile>,
+    act_file: Option<OffloadFile>,
+    _dir: Option<OffloadDir>,
+}
+
+/// Runs generation for `prompts` as one block under `plan`. Same outputs as
+/// [`crate::generate::generate`] over the same prompts (the invariant the tests check), different
+/// memory and I/O.
+pub fn generate_blocks(
+    model: &OptModel,
+    backend: &dyn Backend,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+    plan: &BlockPlan,
+    weights: &WeightPlacement,
+) -> Result<(GenerationOutput, ChannelStats)> {
+    crate::generate::check_request(model, prompts, cfg)?;
+    let vocab = model.vocab_size();
+    let bls = prompts.len();
+    let nb_asked = plan.num_gpu_batches.max(1);
+    let gbs = plan.gpu_batch_size.max(1).max(bls.div_ceil(nb_asked));
+    let nb = bls.div_ceil(gbs);
+    let padded = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let max_len = padded + cfg.max_new_tokens - 1;
+    let layers = model.num_layers();
+    let width = model.kv_width();
+    let hidden = model.config().spec.hidden_size as usize;
+    let pad = model.pad_token_id();
+    let eos = model.eos_token_id();
+    let mut stats = ChannelStats::default();
+
+    // KV cache placement: whole sequences, spread evenly over the block.
+    let kv_disk_total = split_count(plan.kv_cache_disk, bls);
+    let on_disk_seq = |g: usize| (g + 1) * kv_disk_total / bls > g * kv_disk_total / bls;
+    let seq_floats = max_len * width;
+    let kv_slot = align_up((seq_floats * 4) as u64) as usize;
+    let mut batches: Vec<Batch> = Vec::with_capacity(nb);
+    let mut slot = 0;
+    for k in 0..nb {
+        let first = k * gbs;
+        let len = gbs.min(bls - first);
+        let mut place = Vec::with_capacity(len);
+        let (mut cpu, mut disk) = (0, 0);
+        for g in first..first + len {
+            if on_disk_seq(g) {
+                place.push(SeqPlace::Disk { local: disk, slot });
+                disk += 1;
+                slot += 1;
+            } else {
+                place.push(SeqPlace::Cpu(cpu));
+                cpu += 1;
+            }
+        }
+        batches.push(Batch {
+            first,
+            len,
+            place,
+            home_k: (0..layers).map(|_| vec![0.0; cpu * seq_floats]).collect(),
+            home_v: (0..layers).map(|_| vec![0.0; cpu * seq_floats]).collect(),
+            held: Vec::new(),
+            writes: Vec::with_capacity(2 * disk + 2),
+            disk_seqs: disk,
+        });
+    }
+    stats.kv_disk_sequences = kv_disk_total;
+    let max_disk_per_batch = batches.iter().map(|b| b.disk_seqs).max().unwrap_or(0);
+
+    // Activations: the last rows of each batch's hidden state, per stage.
+    let act_rows = |rows: usize| split_count(plan.activations_disk, rows);
+    let prefill_rows = gbs * padded;
+    let cpu_rows = (prefill_rows - act_rows(prefill_rows)).max(gbs - act_rows(gbs));
+    for b in &mut batches {
+        b.held = vec![0.0; cpu_rows * hidden];
+    }
+    let act_slot = align_up((act_rows(prefill_rows).max(act_rows(gbs)) * hidden * 4) as u64);
+
+    // The disk tier: checkpoint files for weights, the offload directory for cache and hidden
+    // states.
+    let store = model.store();
+    let mut tier = DiskTier {
+        weight_pool: None,
+        cache_pool: None,
+        files: HashMap::new(),
+        ranges: Vec::with_capacity(layers),
+        kv_file: None,
+        act_file: None,
+        _dir: None,
+    };
+    let mut max_read = 0usize;
+    let mut max_per_layer = 0usize;
+    for l in 0..layers {
+        let ids = model.layer_weight_ids(l);
+        let mut row: [Option<(Arc<DirectFile>, u64, usize)>; 6] = Default::default();
+        let mut n = 0;
+        for i in 0..6 {
+            if !weights.on_disk[l][i] {
+                continue;
+            }
+            let Some((path, offset, len)) = store.file_range(ids[i]) else {
+                continue;
+            };
+            let file = match tier.files.get(path) {
+                Some(f) => f.clone(),
+                None => {
+                    let f = Arc::new(DirectFile::open(path).map_err(storage_err)?);
+                    if let Some(reason) = f.fallback() {
+                        stats.notes.push(format!(
+                            "weights in {} are read with buffered I/O: {reason}",
+                            path.display()
+                        ));
+                    }
+                    tier.files.insert(path.to_path_buf(), f.clone());
+                    f
+                }
+            };
+            max_read = max_read.max(DirectFile::superset_len(offset, len));
+            row[i] = Some((file, offset, len));
+            n += 1;
+        }
+        max_per_layer = max_per_layer.max(n);
+        tier.ranges.push(row);
+    }
+    stats.weight_disk_bytes_per_step = weights.disk_bytes;
+    if max_per_layer > 0 {
+        tier.weight_pool = Some(
+            IoPool::new(&IoPoolConfig {
+                threads: 4,
+                queue_depth: 64,
+                request_size: 1 << 20,
+                buffer_size: max_read,
+                // Two layers in flight: the one computing and the one being prefetched.
+                max_buffers: 2 * max_per_layer,
+            })
+            .map_err(storage_err)?,
+        );
+    }
+    let needs_dir = kv_disk_total > 0 || act_slot > 0;
+    if needs_dir {
+        std::fs::create_dir_all(&plan.offload_parent)
+            .map_err(|e| ExecError::io(&plan.offload_parent, e))?;
+        let mut dir = OffloadDir::create(&plan.offload_parent).map_err(storage_err)?;
+        if let Some(limit) = plan.offload_capacity_limit {
+            dir = dir.with_capacity_limit(limit);
+        }
+        if let Some(why) = dir.signal_cleanup() {
+            stats.notes.push(format!(
+                "offload directory {} will not be removed on Ctrl-C: {why}",
+                dir.path().display()
+            ));
+        }
+        stats.offload_dir = Some(dir.path().to_path_buf());
+        if kv_disk_total > 0 {
+            let size = (layers * kv_disk_total * 2 * kv_slot) as u64;
+            let f = dir.create_file("kv-cache", size).map_err(storage_err)?;
+            if let Some(reason) = f.fallback() {
+                stats
+                    .notes
+                    .push(format!("KV cache files use buffered I/O: {reason}"));
+            }
+            tier.kv_file = Some(f);
+        }
+        if act_slot > 0 {
+            let f = dir
+                .create_file("activations", nb as u64 * act_slot)
+                .map_err(storage_err)?;
+            tier.act_file = Some(f);
+        }
+        stats.offload_bytes = dir.reserved_bytes();
+        // Per unit: 2 reads per disk sequence + 1 activation read, for the unit computing and the
+        // next; the same again for the writes of the unit computing and the one before.
+        let per_unit = 2 * max_disk_per_batch + 1;
+        tier.cache_pool = Some(
+            IoPool::new(&IoPoolConfig {
+                threads: 2,
+                queue_depth: 32,
+                request_size: 1 << 20,
+                buffer_size: kv_slot.max(act_slot as usize).max(ALIGN),
+                max_buffers: 4 * per_unit + 2,
+            })
+            .map_err(storage_err)?,
+        );
+        tier._dir = Some(dir);
+    }
+
+    let geo = Geometry {
+        kv_slot,
+        row_bytes: width * 4,
+        kv_disk_total,
+        act_slot,
+        hidden,
+        act_fraction: plan.activations_disk,
+    };
+
+    // Compute buffers.
+    let mut ws: OptWorkspace = model.workspace(gbs, padded, max_len);
+    let mut stage_k = vec![
+        0.0f32;
+        if plan.cpu_attention {
+            0
+        } else {
+            max_disk_per_batch * seq_floats
+        }
+    ];
+    let mut stage_v = stage_k.clone();
+    let mut staged: Vec<PooledBuf> = Vec::with_capacity(2 * max_disk_per_batch);
+    let mut logits = vec![0.0f32; bls * vocab];
+    let mut sampler = Sampler::new(cfg.sampling, vocab);
+    let mut tokens_out: Vec<Vec<u32>> = (0..bls)
+        .map(|_| Vec::with_capacity(cfg.max_new_tokens))
+        .collect();
+    let mut finished = vec![false; bls];
+    let mut key_valid = vec![false; bls * max_len];
+    let mut step_tokens = vec![pad; bls * padded];
+    let mut step_positions = vec![0u32; bls * padded];
+    let mut seen = vec![0u32; bls];
+    let mut current = UnitLoad {
+        kv: Vec::with_capacity(2 * max_disk_per_batch),
+        act: None,
+    };
+    let mut next = UnitLoad {
+        kv: Vec::with_capacity(2 * max_disk_per_batch),
+        act: None,
+    };
+    let mut weights_now: Vec<Option<crate::storage::PooledRead>> = (0..6).map(|_| None).collect();
+    let mut weights_next: Vec<Option<ReadHandle>> = (0..6).map(|_| None).collect();
+
+    for (b, prompt) in prompts.iter().enumerate() {
+        let offset = padded - prompt.len();
+        for (i, &id) in prompt.iter().enumerate() {
+            step_tokens[b * padded + offset + i] = id;
+            step_positions[b * padded + offset + i] = i as u32;
+            key_valid[b * max_len + offset + i] = true;
+        }
+        seen[b] = prompt.len() as u32;
+    }
+
+    let mut prefill_s = 0.0;
+    let mut prefill_logits = Vec::new();
+    let mut steps = 0;
+    let mut position = 0;
+    let started = Instant::now();
+    let mut first = true;
+    submit_weights(&tier, 0, &mut weights_next)?;
+    loop {
+        if !first {
+            if finished.iter().all(|f| *f) {
+                break;
+            }
+            for b in 0..bls {
+                step_tokens[b] = if finished[b] {
+                    pad
+                } else {
+                    *tokens_out[b].last().unwrap_or(&pad)
+                };
+                step_positions[b] = seen[b];
+                key_valid[b * max_len + position] = !finished[b];
+                seen[b] += 1;
+            }
+        }
+        let t_new = if first { padded } else { 1 };
+        let start = position;
+        let kv_len = start + t_new;
+
+        // Loads of unit (0, 0) for this step.
+        submit_unit(
+            &tier,
+            &mut batches,
+            &mut next,
+            0,
+            0,
+            start,
+            t_new,
+            false,
+            geo,
+        )?;
+        for l in 0..layers {
+            // This layer's weights (prefetched), then the next layer's (or the next step's first).
+            let wait = Instant::now();
+            for i in 0..6 {
+                weights_now[i] = match weights_next[i].take() {
+                    Some(h) => Some(h.wait().map_err(storage_err)?),
+                    None => None,
+                };
+            }
+            stats.io_wait_s += wait.elapsed().as_secs_f64();
+            submit_weights(&tier, (l + 1) % layers, &mut weights_next)?;
+            let ids = model.layer_weight_ids(l);
+            let mut mats: LayerMatrices = model.store_matrices(l);
+            {
+                let slots: [&mut crate::kernels::Matrix; 6] = [
+                    &mut mats.q,
+                    &mut mats.k,
+                    &mut mats.v,
+                    &mut mats.out,
+                    &mut mats.fc1,
+                    &mut mats.fc2,
+                ];
+                for (i, m) in slots.into_iter().enumerate() {
+                    if let Some(r) = &weights_now[i] {
+                        let meta = store.meta(ids[i]);
+                        *m = model
+                            .matrix_over(ids[i], weight_view(r.bytes(), meta.dtype, &meta.name)?);
+                    }
+                }
+            }
+
+            for k in 0..nb {
+                std::mem::swap(&mut current, &mut next);
+                // Prefetch the next unit while this one computes.
+                let (nl, nk) = if k + 1 < nb { (l, k + 1) } else { (l + 1, 0) };
+                if nl < layers {
+                    submit_unit(
+                        &tier,
+                        &mut batches,
+                        &mut next,
+                        nl,
+                        nk,
+                        start,
+                        t_new,
+                        nk == k,
+                        geo,
+                    )?;
+                }
+                let batch = &mut batches[k];
+                let blen = batch.len;
+                let rows = blen * t_new;
+                let disk_rows = if l > 0 { act_rows(rows) } else { 0 };
+                let g0 = batch.first;
+                let step = Step {
+                    batch: blen,
+                    new_tokens: t_new,
+                    tokens: &step_tokens[g0 * t_new..(g0 + blen) * t_new],
+                    positions: &step_positions[g0 * t_new..(g0 + blen) * t_new],
+                    start,
+                    key_valid: &key_valid[g0 * max_len..(g0 + blen) * max_len],
+                };
+
+                // Wait for this unit's cache and activation reads.
+                let wait = Instant::now();
+                staged.clear();
+                for h in current.kv.drain(..) {
+                    let (buf, _, _) = h.wait().map_err(storage_err)?.into_parts();
+                    staged.push(buf);
+                }
+                let act = match current.act.take() {
+                    Some(h) => Some(h.wait().map_err(storage_err)?),
+                    None => None,
+                };
+                stats.io_wait_s += wait.elapsed().as_secs_f64();
+
+                let compute = Instant::now();
+                if l == 0 {
+                    model.embed(backend, &step, &mut ws);
+                } else {
+                    let cpu_part = (rows - disk_rows) * hidden;
+                    let h = ws.hidden_mut();
+                    h[..cpu_part].copy_from_slice(&batch.held[..cpu_part]);
+                    if let Some(a) = &act {
+                        let src: &[f32] = bytemuck::cast_slice(a.bytes());
+                        h[cpu_part..rows * hidden].copy_from_slice(&src[..disk_rows * hidden]);
+                    }
+                }
+                drop(act);
+                if !plan.cpu_attention {
+                    // Move the disk-resident rows into the compute buffer.
+                    for d in 0..batch.disk_seqs {
+                        let n = start * width;
+                        let k_src: &[f32] =
+                            bytemuck::cast_slice(&staged[2 * d].as_slice()[..n * 4]);
+                        stage_k[d * seq_floats..d * seq_floats + n].copy_from_slice(k_src);
+                        let v_src: &[f32] =
+                            bytemuck::cast_slice(&staged[2 * d + 1].as_slice()[..n * 4]);
+                        stage_v[d * seq_floats..d * seq_floats + n].copy_from_slice(v_src);
+                    }
+                }
+                {
+                    let mut kv = BatchKv {
+                        seq_floats,
+                        place: &batch.place,
+                        home_k: &mut batch.home_k[l],
+                        home_v: &mut batch.home_v[l],
+                        staged: &mut staged,
+                        stage_k: &mut stage_k,
+                        stage_v: &mut stage_v,
+                        in_place: plan.cpu_attention,
+                    };
+                    model.layer(backend, l, &mats, &step, &mut kv, &mut ws);
+                }
+                let last_layer = l + 1 == layers;
+                if last_layer {
+                    model.head(
+                        backend,
+                        &step,
+                        &mut ws,
+                        &mut logits[g0 * vocab..(g0 + blen) * vocab],
+                    );
+                }
+                stats.cpu_compute_s += compute.elapsed().as_secs_f64();
+
+                // Write back: the new KV rows of disk-resident sequences, and the disk share of
+                // the hidden state.
+                let wait = Instant::now();
+                for w in batch.writes.drain(..) {
+                    w.wait().map_err(storage_err)?;
+                }
+                stats.io_wait_s += wait.elapsed().as_secs_f64();
+                if let (Some(pool), Some(file)) = (&tier.cache_pool, &tier.kv_file) {
+                    let a = align_down((start * width * 4) as u64) as usize;
+                    let e = align_up((kv_len * width * 4) as u64) as usize;
+                    for p in batch.place.iter() {
+                        let SeqPlace::Disk { local, slot } = *p else {
+                            continue;
+                        };
+                        for kind in 0..2 {
+                            let mut out = pool.buffers().get(e - a).map_err(storage_err)?;
+                            let dst = &mut out.as_mut_slice()[..e - a];
+                            if plan.cpu_attention {
+                                dst.copy_from_slice(&staged[2 * local + kind].as_slice()[a..e]);
+                            } else {
+                                let src = if kind == 0 { &stage_k } else { &stage_v };
+                                let bytes: &[u8] = bytemuck::cast_slice(
+                                    &src[local * seq_floats..(local + 1) * seq_floats],
+                                );
+                                let avail = bytes.len().min(e) - a;
+                                dst[..avail].copy_from_slice(&bytes[a..a + avail]);
+                            }
+                            let off =
+                                (((l * kv_disk_total + slot) * 2 + kind) * kv_slot + a) as u64;
+                            batch.writes.push(
+                                pool.write(file.file(), off, out, e - a)
+                                    .map_err(storage_err)?,
+                            );
+                        }
+                    }
+                }
+                staged.clear();
+                if !last_layer {
+                    let next_rows = act_rows(rows);
+                    let cpu_part = (rows - next_rows) * hidden;
+                    let h = ws.hidden_mut();
+                    batch.held[..cpu_part].copy_from_slice(&h[..cpu_part]);
+                    if next_rows > 0 {
+                        if let (Some(pool), Some(file)) = (&tier.cache_pool, &tier.act_file) {
+                            let bytes: &[u8] = bytemuck::cast_slice(&h[cpu_part..rows * hidden]);
+                            let len = align_up(bytes.len() as u64) as usize;
+                            let mut out = pool.buffers().get(len).map_err(storage_err)?;
+                            out.as_mut_slice()[..bytes.len()].copy_from_slice(bytes);
+                            batch.writes.push(
+                                pool.write(file.file(), k as u64 * act_slot, out, len)
+                                    .map_err(storage_err)?,
+                            );
+                        }
+                    }
+                }
+                // With one batch the next unit's activations are the ones just written.
+                if nb == 1 && nl < layers && act_rows(rows) > 0 {
+                    submit_act(&tier, &mut batches[0], &mut next, 0, rows, geo)?;
+                }
+            }
+            for w in weights_now.iter_mut() {
+                *w = None;
+            }
+        }
+
+        // Choose each sequence's next token.
+        let compute = Instant::now();
+        for b in 0..bls {
+            if finished[b] {
+                continue;
+            }
+            let next_token = sampler.choose(&logits[b * vocab..(b + 1) * vocab]);
+            tokens_out[b].push(next_token);
+            finished[b] =
+                (cfg.stop_at_eos && next_token == eos) || tokens_out[b].len() >= cfg.max_new_tokens;
+        }
+        stats.cpu_compute_s += compute.elapsed().as_secs_f64();
+        position += t_new;
+        if first {
+            prefill_logits = logits.clone();
+            prefill_s = started.elapsed().as_secs_f64();
+            first = false;
+        } else {
+            steps += 1;
+        }
+    }
+    let decode_s = started.elapsed().as_secs_f64() - prefill_s;
+    // Drain outstanding writes so that errors surface and the statistics are complete.
+    for b in &mut batches {
+        for w in b.writes.drain(..) {
+            w.wait().map_err(storage_err)?;
+        }
+    }
+    for w in weights_next.iter_mut() {
+        if let Some(h) = w.take() {
+            let _ = h.wait();
+        }
+    }
+    if let Some(p) = &tier.weight_pool {
+        stats.weights = p.stats();
+    }
+    if let Some(p) = &tier.cache_pool {
+        stats.cache = p.stats();
+    }
+    let kv_cache_bytes = batches
+        .iter()
+        .map(|b| {
+            (b.home_k
+                .iter()
+                .chain(&b.home_v)
+                .map(Vec::len)
+                .sum::<usize>()
+                * 4) as u64
+        })
+        .sum::<u64>()
+        + (layers * kv_disk_total * 2 * kv_slot) as u64;
+    Ok((
+        GenerationOutput {
+            tokens: tokens_out,
+            prefill_logits,
+            last_logits: logits,
+            padded_prompt_len: padded,
+            prefill_s,
+            decode_s,
+            decode_steps: steps,
+            kv_cache_bytes,
+        },
+        stats,
+    ))
+}
+
+/// Submits the reads of layer `l`'s disk-resident matrices into `out`.
+fn submit_weights(tier: &DiskTier, l: usize, out: &mut [Option<ReadHandle>]) -> Result<()> {
+    let Some(pool) = &tier.weight_pool else {
+        return Ok(());
+    };
+    for (i, r) in tier.ranges[l].iter().enumerate() {
+        if let Some((file, offset, len)) = r {
+            out[i] = Some(pool.read(file, *offset, *len).map_err(storage_err)?);
+        }
+    }
+    Ok(())
+}
+
+/// Submits the cache (and, unless `defer_act`, activation) reads of unit (`l`, `k`).
+#[allow(clippy::too_many_arguments)]
+fn submit_unit(
+    tier: &DiskTier,
+    batches: &mut [Batch],
+    out: &mut UnitLoad,
+    l: usize,
+    k: usize,
+    start: usize,
+    t_new: usize,
+    defer_act: bool,
+    geo: Geometry,
+) -> Result<()> {
+    let batch = &mut batches[k];
+    // A read must see the batch's earlier writes.
+    for w in batch.writes.drain(..) {
+        w.wait().map_err(storage_err)?;
+    }
+    out.kv.clear();
+    if let (Some(pool), Some(file)) = (&tier.cache_pool, &tier.kv_file) {
+        for p in &batch.place {
+            let SeqPlace::Disk { slot, .. } = *p else {
+                continue;
+            };
+            for kind in 0..2 {
+                let off = (((l * geo.kv_disk_total + slot) * 2 + kind) * geo.kv_slot) as u64;
+                out.kv.push(
+                    pool.read(file.file(), off, start * geo.row_bytes)
+                        .map_err(storage_err)?,
+                );
+            }
+        }
+    }
+    out.act = None;
+    if l > 0 && !defer_act {
+        submit_act(tier, batch, out, k, batch.len * t_new, geo)?;
+    }
+    Ok(())
+}
+
+/// Submits the read of batch `k`'s disk-resident hidden rows.
+fn submit_act(
+    tier: &DiskTier,
+    batch: &mut Batch,
+    out: &mut UnitLoad,
+    k: usize,
+    rows: usize,
+    geo: Geometry,
+) -> Result<()> {
+    let n = geo.act_rows(rows);
+    if n == 0 {
+        return Ok(());
+    }
+    for w in batch.writes.drain(..) {
+        w.wait().map_err(storage_err)?;
+    }
+    if let (Some(pool), Some(file)) = (&tier.cache_pool, &tier.act_file) {
+        out.act = Some(
+            pool.read(file.file(), k as u64 * geo.act_slot, n * geo.hidden * 4)
+                .map_err(storage_err)?,
+        );
+    }
+    Ok(())
+}
+
+/// The offload directory's parent when neither the policy nor `--offload-dir` names one.
+pub fn default_offload_parent() -> PathBuf {
+    std::env::temp_dir()
+}
+
+/// Whether `path` is usable as an offload parent (exists or can be created).
+pub fn check_offload_parent(path: &Path) -> Result<()> {
+    std::fs::create_dir_all(path).map_err(|e| ExecError::io(path, e))
+}

@@ -1,0 +1,324 @@
+//! The block schedule over CPU and disk: with compression off, every placement and block shape
+//! produces the tokens (and logits) of the all-in-memory run; the offload directory is removed
+//! after the run; a full disk fails cleanly and leaves nothing behind.
+
+mod common;
+
+use common::{expected, fixture};
+use executor::backend::CpuBackend;
+use executor::generate::{generate, GenerationConfig, GenerationOutput, Sampling};
+use executor::run::{self, ModelSource};
+use executor::schedule::{generate_blocks, BlockPlan, ChannelStats};
+use proptest::prelude::*;
+use std::path::Path;
+
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    gbs: usize,
+    nb: usize,
+    weights: f64,
+    kv: f64,
+    act: f64,
+    cpu_attention: bool,
+}
+
+const ALL_CPU: Shape = Shape {
+    gbs: 4,
+    nb: 1,
+    weights: 0.0,
+    kv: 0.0,
+    act: 0.0,
+    cpu_attention: true,
+};
+
+fn prompts() -> Vec<Vec<u32>> {
+    let want = expected("opt-tiny-preln");
+    let mut p = want.prompt_ids.clone();
+    // Four prompts of different lengths (left padding inside and across GPU batches).
+    p.push(vec![2, 100, 7, 31, 300, 5]);
+    p.push(vec![2, 55]);
+    p.truncate(4);
+    p
+}
+
+fn config(max_new_tokens: usize) -> GenerationConfig {
+    GenerationConfig {
+        max_new_tokens,
+        sampling: Sampling::Greedy,
+        stop_at_eos: false,
+    }
+}
+
+fn run_shape(
+    name: &str,
+    shape: Shape,
+    prompts: &[Vec<u32>],
+    parent: &Path,
+) -> (GenerationOutput, ChannelStats) {
+    let loaded = run::load_placed(
+        &ModelSource::Checkpoint(fixture(name)),
+        false,
+        shape.weights,
+    )
+    .unwrap();
+    let plan = BlockPlan {
+        gpu_batch_size: shape.gbs,
+        num_gpu_batches: shape.nb,
+        weights_disk: shape.weights,
+        kv_cache_disk: shape.kv,
+        activations_disk: shape.act,
+        cpu_attention: shape.cpu_attention,
+        offload_parent: parent.to_path_buf(),
+        offload_capacity_limit: None,
+    };
+    generate_blocks(
+        &loaded.model,
+        &CpuBackend,
+        prompts,
+        &config(5),
+        &plan,
+        &loaded.weights,
+    )
+    .unwrap()
+}
+
+fn reference(name: &str, prompts: &[Vec<u32>]) -> GenerationOutput {
+    let loaded = run::load(&ModelSource::Checkpoint(fixture(name)), false).unwrap();
+    generate(&loaded.model, &CpuBackend, prompts, &config(5)).unwrap()
+}
+
+fn assert_same(name: &str, shape: Shape, got: &GenerationOutput, want: &GenerationOutput) {
+    assert_eq!(got.tokens, want.tokens, "{name} {shape:?}: tokens");
+    // Per-sequence arithmetic is the same; only the row count of the matrix products differs.
+    let diff = got
+        .prefill_logits
+        .iter()
+        .zip(&want.prefill_logits)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        diff < 1e-4,
+        "{name} {shape:?}: prefill logits differ by {diff}"
+    );
+}
+
+fn empty(dir: &Path) -> bool {
+    std::fs::read_dir(dir).unwrap().next().is_none()
+}
+
+#[test]
+fn every_placement_and_shape_gives_the_in_memory_tokens() {
+    let p = prompts();
+    let half = Shape {
+        weights: 0.5,
+        ..ALL_CPU
+    };
+    let shapes = [
+        ("all cpu, 4x1", ALL_CPU),
+        ("weights half on disk", half),
+        (
+            "weights all on disk, 2x2",
+            Shape {
+                weights: 1.0,
+                gbs: 2,
+                nb: 2,
+                ..ALL_CPU
+            },
+        ),
+        (
+            "kv cache on disk, 2x2",
+            Shape {
+                kv: 1.0,
+                gbs: 2,
+                nb: 2,
+                ..ALL_CPU
+            },
+        ),
+        (
+            "kv half on disk, cpu_attention off, 1x4",
+            Shape {
+                kv: 0.5,
+                gbs: 1,
+                nb: 4,
+                cpu_attention: false,
+                ..ALL_CPU
+            },
+        ),
+        (
+            "activations on disk, 2x2",
+            Shape {
+                act: 1.0,
+                gbs: 2,
+                nb: 2,
+                ..ALL_CPU
+            },
+        ),
+        (
+            "activations half on disk, 4x1",
+            Shape {
+                act: 0.5,
+                ..ALL_CPU
+            },
+        ),
+        (
+            "all on disk, cpu_attention off, 3x2",
+            Shape {
+                weights: 1.0,
+                kv: 1.0,
+                act: 1.0,
+                gbs: 3,
+                nb: 2,
+                cpu_attention: false,
+            },
+        ),
+        (
+            "all on disk, cpu_attention on, 1x3",
+            Shape {
+                weights: 0.5,
+                kv: 1.0,
+                act: 1.0,
+                gbs: 1,
+                nb: 3,
+                cpu_attention: true,
+            },
+        ),
+    ];
+    for name in ["opt-tiny-preln", "opt-tiny-postln"] {
+        let want = reference(name, &p);
+        for (label, shape) in shapes {
+            let parent = tempfile::tempdir().unwrap();
+            let (got, stats) = run_shape(name, shape, &p, parent.path());
+            assert_same(&format!("{name}: {label}"), shape, &got, &want);
+            if shape.weights > 0.0 {
+                assert!(stats.weights.read_bytes > 0, "{label}: no weight reads");
+            }
+            if shape.kv > 0.0 {
+                assert!(
+                    stats.kv_disk_sequences > 0 && stats.cache.write_bytes > 0,
+                    "{label}"
+                );
+            }
+            assert!(
+                empty(parent.path()),
+                "{label}: offload directory left behind"
+            );
+        }
+    }
+}
+
+#[test]
+fn three_prompts_in_uneven_blocks() {
+    let p: Vec<Vec<u32>> = prompts().into_iter().take(3).collect();
+    let want = reference("opt-tiny-preln", &p);
+    for (gbs, nb) in [(1, 3), (2, 2), (3, 1)] {
+        let shape = Shape {
+            gbs,
+            nb,
+            weights: 0.5,
+            kv: 0.5,
+            act: 0.5,
+            cpu_attention: gbs != 2,
+        };
+        let parent = tempfile::tempdir().unwrap();
+        let (got, _) = run_shape("opt-tiny-preln", shape, &p, parent.path());
+        assert_same("3 prompts", shape, &got, &want);
+    }
+}
+
+#[test]
+fn half_the_weights_are_placed_on_disk_within_one_matrix() {
+    let loaded = run::load_placed(
+        &ModelSource::Checkpoint(fixture("opt-tiny-preln")),
+        false,
+        0.5,
+    )
+    .unwrap();
+    let w = &loaded.weights;
+    let share = w.disk_bytes as f64 / w.layer_bytes as f64;
+    assert!((share - 0.5).abs() < 0.1, "disk share {share}");
+    let none = run::load(&ModelSource::Checkpoint(fixture("opt-tiny-preln")), false).unwrap();
+    assert_eq!(none.weights.disk_bytes, 0);
+}
+
+#[test]
+fn random_weights_refuse_a_disk_share() {
+    let cfg =
+        executor::models::opt::OptConfig::from_file(&fixture("opt-tiny-preln").join("config.json"))
+            .unwrap();
+    let source = ModelSource::Random {
+        config: cfg,
+        dtype: executor::weights::ElementType::F32,
+        seed: 1,
+    };
+    let e = match run::load_placed(&source, false, 0.25) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("random weights with a disk share must be refused"),
+    };
+    assert!(
+        e.contains("placement.weights.disk") && e.contains("--model"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_full_disk_is_a_clear_error_and_leaves_nothing() {
+    let loaded = run::load(&ModelSource::Checkpoint(fixture("opt-tiny-preln")), false).unwrap();
+    let parent = tempfile::tempdir().unwrap();
+    let plan = BlockPlan {
+        gpu_batch_size: 2,
+        num_gpu_batches: 2,
+        weights_disk: 0.0,
+        kv_cache_disk: 1.0,
+        activations_disk: 0.0,
+        cpu_attention: true,
+        offload_parent: parent.path().to_path_buf(),
+        offload_capacity_limit: Some(8192),
+    };
+    let e = match generate_blocks(
+        &loaded.model,
+        &CpuBackend,
+        &prompts(),
+        &config(5),
+        &plan,
+        &loaded.weights,
+    ) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("an 8 KiB offload directory cannot hold the KV cache"),
+    };
+    assert!(
+        e.contains("kv-cache") || e.contains(&parent.path().display().to_string()),
+        "{e}"
+    );
+    assert!(
+        empty(parent.path()),
+        "offload directory left behind after {e}"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 6, ..ProptestConfig::default() })]
+    #[test]
+    fn random_placements_match_the_in_memory_run(
+        gbs in 1usize..4,
+        nb in 1usize..4,
+        w in 0usize..5,
+        kv in 0usize..5,
+        act in 0usize..5,
+        cpu_attention in any::<bool>(),
+    ) {
+        let p = prompts();
+        let want = reference("opt-tiny-preln", &p);
+        let shape = Shape {
+            gbs,
+            nb,
+            weights: w as f64 / 4.0,
+            kv: kv as f64 / 4.0,
+            act: act as f64 / 4.0,
+            cpu_attention,
+        };
+        let parent = tempfile::tempdir().unwrap();
+        let (got, _) = run_shape("opt-tiny-preln", shape, &p, parent.path());
+        assert_same("proptest", shape, &got, &want);
+        prop_assert!(empty(parent.path()));
+    }
+}
