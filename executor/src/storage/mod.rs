@@ -27,7 +27,8 @@ pub use direct::{AlignedRead, DirectFile, IoMode};
 pub use error::{Result, StorageError};
 pub use offload::{cleanup_live_dirs, install_cleanup_handler, OffloadDir, OffloadFile};
 pub use pool::{
-    BufferPool, IoPool, IoPoolConfig, PoolStats, PooledBuf, PooledRead, ReadHandle, WriteHandle,
+    BufferPool, IoPool, IoPoolConfig, IoStats, PoolStats, PooledBuf, PooledRead, ReadHandle,
+    WriteHandle,
 };
 
 #[cfg(test)]

@@ -328,12 +328,67 @@ unsafe impl Send for SendPtr {}
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
+/// Bytes moved and busy time of an [`IoPool`], for the executor's per-channel report.
+///
+/// Busy time is the union of the intervals during which at least one request of that kind was
+/// being served (not the sum over threads), i.e. how long the disk had reads (writes) in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct IoStats {
+    /// Bytes read from files (aligned supersets, as transferred).
+    pub read_bytes: u64,
+    /// Bytes written.
+    pub write_bytes: u64,
+    /// Seconds during which at least one read was in flight.
+    pub read_busy_s: f64,
+    /// Seconds during which at least one write was in flight.
+    pub write_busy_s: f64,
+}
+
+/// One kind's in-flight count and busy-interval accumulator.
+#[derive(Default)]
+struct BusyClock {
+    in_flight: usize,
+    since: Option<std::time::Instant>,
+    busy_s: f64,
+    bytes: u64,
+}
+
+impl BusyClock {
+    fn start(&mut self) {
+        if self.in_flight == 0 {
+            self.since = Some(std::time::Instant::now());
+        }
+        self.in_flight += 1;
+    }
+
+    fn stop(&mut self, bytes: u64) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.bytes += bytes;
+        if self.in_flight == 0 {
+            if let Some(t) = self.since.take() {
+                self.busy_s += t.elapsed().as_secs_f64();
+            }
+        }
+    }
+
+    fn busy_now(&self) -> f64 {
+        self.busy_s + self.since.map_or(0.0, |t| t.elapsed().as_secs_f64())
+    }
+}
+
+#[derive(Default)]
+struct Clocks {
+    read: BusyClock,
+    write: BusyClock,
+}
+
 /// A few I/O threads serving a bounded queue of read and write requests.
 pub struct IoPool {
     tx: Option<SyncSender<Job>>,
     workers: Vec<JoinHandle<()>>,
     buffers: BufferPool,
     request_size: usize,
+    clocks: Arc<Mutex<Clocks>>,
 }
 
 impl IoPool {
@@ -363,7 +418,19 @@ impl IoPool {
             workers,
             buffers: BufferPool::new(config.buffer_size, config.max_buffers),
             request_size: (config.request_size.max(ALIGN) / ALIGN) * ALIGN,
+            clocks: Arc::new(Mutex::new(Clocks::default())),
         })
+    }
+
+    /// Bytes moved and busy time so far.
+    pub fn stats(&self) -> IoStats {
+        let c = lock(&self.clocks);
+        IoStats {
+            read_bytes: c.read.bytes,
+            write_bytes: c.write.bytes,
+            read_busy_s: c.read.busy_now(),
+            write_busy_s: c.write.busy_now(),
+        }
     }
 
     /// The pool's buffers, e.g. to fill one and [`IoPool::write`] it.
@@ -409,10 +476,12 @@ impl IoPool {
             let want_lo = (aoff + lo as u64).max(offset);
             let want_hi = (aoff + hi as u64).min(offset + len as u64);
             let (f, pd) = (file.clone(), pending.clone());
+            let clocks = self.clocks.clone();
             // SAFETY: lo < alen <= the buffer's capacity.
             let ptr = SendPtr(unsafe { base.add(lo) });
             let job: Job = Box::new(move || {
                 let ptr = ptr;
+                lock(&clocks).read.start();
                 // SAFETY: [ptr, ptr + hi - lo) is this request's disjoint, aligned part of a buffer
                 // kept alive by `pd`; no one reads it before all parts finish.
                 let r = unsafe {
@@ -424,6 +493,7 @@ impl IoPool {
                         want_hi.saturating_sub(want_lo),
                     )
                 };
+                lock(&clocks).read.stop((hi - lo) as u64);
                 pd.finish_part(r);
             });
             if let Err(e) = self.submit(job, || {
@@ -454,7 +524,9 @@ impl IoPool {
         let len = len.min(buf.capacity());
         let pending = Pending::new(1, buf);
         let (f, pd) = (file.clone(), pending.clone());
+        let clocks = self.clocks.clone();
         let job: Job = Box::new(move || {
+            lock(&clocks).write.start();
             // Take the buffer out while writing so that `is_done` never waits on the disk.
             let b = lock(&pd.state).value.take();
             let r = match b.as_ref() {
@@ -462,6 +534,7 @@ impl IoPool {
                 None => Ok(()),
             };
             lock(&pd.state).value = b;
+            lock(&clocks).write.stop(len as u64);
             pd.finish_part(r);
         });
         self.submit(job, || {
