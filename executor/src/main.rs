@@ -309,10 +309,17 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
         }
         if let Some(p) = &policy {
             if prompts.len() as u64 != p.batch.block_size() {
+                let (gbs, nb) = run::block_shape(
+                    prompts.len(),
+                    p.batch.gpu_batch_size as usize,
+                    p.batch.num_gpu_batches as usize,
+                );
                 eprintln!(
-                    "warning: the policy's block holds {} sequences; running the {} prompts given \
-                     as one batch",
+                    "warning: the policy's block holds {} sequences ({} x {}); running the {} \
+                     prompts given as {nb} batches of up to {gbs}",
                     p.batch.block_size(),
+                    p.batch.gpu_batch_size,
+                    p.batch.num_gpu_batches,
                     prompts.len()
                 );
             }

@@ -442,6 +442,22 @@ mod tests {
     }
 
     #[test]
+    fn a_plan_larger_than_the_host_is_refused_with_the_numbers() {
+        let spec = planner::model::ModelSpec::builtin("opt-175b").unwrap();
+        let policy = Policy::all_cpu("opt-175b", 512, 32, 8);
+        let e = check_memory(&spec, &policy).unwrap_err().to_string();
+        assert!(
+            e.contains("GiB of CPU memory")
+                && e.contains("weights_home")
+                && e.contains("available"),
+            "{e}"
+        );
+        let small = planner::model::ModelSpec::builtin("opt-125m").unwrap();
+        let policy = Policy::all_cpu("opt-125m", 8, 4, 1);
+        assert!(check_memory(&small, &policy).unwrap() > 0.0);
+    }
+
+    #[test]
     fn block_shape_covers_every_prompt() {
         assert_eq!(block_shape(4, 2, 2), (2, 2));
         assert_eq!(block_shape(3, 2, 2), (2, 2));

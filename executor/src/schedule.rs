@@ -264,13 +264,19 @@ fn weight_view<'a>(bytes: &'a [u8], dtype: ElementType, name: &str) -> Result<We
     })
 }
 
+/// A disk-resident matrix: its checkpoint file, offset and length.
+type DiskRange = (Arc<DirectFile>, u64, usize);
+
 /// Everything the block run holds for the disk tier.
 struct DiskTier {
-    weight_pool: Option<IoPool>,
+    /// One pool per matrix slot (q, k, v, out, fc1, fc2), each with two buffers of that slot's
+    /// largest disk-resident matrix: staging is exactly twice a layer's disk matrices. The pools
+    /// share one busy clock.
+    weight_pools: Vec<Option<IoPool>>,
     cache_pool: Option<IoPool>,
     files: HashMap<PathBuf, Arc<DirectFile>>,
     /// Per layer, per matrix: (file, offset, len) of disk-resident matrices.
-    ranges: Vec<[Option<(Arc<DirectFile>, u64, usize)>; 6]>,
+    ranges: Vec<[Option<DiskRange>; 6]>,
     kv_file: Option<OffloadFile>,
     act_file: Option<OffloadFile>,
     _dir: Option<OffloadDir>,
@@ -351,7 +357,7 @@ pub fn generate_blocks(
     // states.
     let store = model.store();
     let mut tier = DiskTier {
-        weight_pool: None,
+        weight_pools: Vec::new(),
         cache_pool: None,
         files: HashMap::new(),
         ranges: Vec::with_capacity(layers),
@@ -359,12 +365,10 @@ pub fn generate_blocks(
         act_file: None,
         _dir: None,
     };
-    let mut max_read = 0usize;
-    let mut max_per_layer = 0usize;
+    let mut max_read = [0usize; 6];
     for l in 0..layers {
         let ids = model.layer_weight_ids(l);
-        let mut row: [Option<(Arc<DirectFile>, u64, usize)>; 6] = Default::default();
-        let mut n = 0;
+        let mut row: [Option<DiskRange>; 6] = Default::default();
         for i in 0..6 {
             if !weights.on_disk[l][i] {
                 continue;
@@ -386,26 +390,32 @@ pub fn generate_blocks(
                     f
                 }
             };
-            max_read = max_read.max(DirectFile::superset_len(offset, len));
+            max_read[i] = max_read[i].max(DirectFile::superset_len(offset, len));
             row[i] = Some((file, offset, len));
-            n += 1;
         }
-        max_per_layer = max_per_layer.max(n);
         tier.ranges.push(row);
     }
     stats.weight_disk_bytes_per_step = weights.disk_bytes;
-    if max_per_layer > 0 {
-        tier.weight_pool = Some(
-            IoPool::new(&IoPoolConfig {
-                threads: 4,
-                queue_depth: 64,
-                request_size: 1 << 20,
-                buffer_size: max_read,
-                // Two layers in flight: the one computing and the one being prefetched.
-                max_buffers: 2 * max_per_layer,
-            })
-            .map_err(storage_err)?,
-        );
+    for &size in max_read.iter() {
+        if size == 0 {
+            tier.weight_pools.push(None);
+            continue;
+        }
+        let config = IoPoolConfig {
+            threads: 2,
+            queue_depth: 64,
+            request_size: 1 << 20,
+            buffer_size: size,
+            // Two layers in flight: the one computing and the one being prefetched.
+            max_buffers: 2,
+        };
+        let first = tier.weight_pools.iter().flatten().next();
+        let pool = match first {
+            Some(p) => IoPool::new_sharing_stats(&config, p),
+            None => IoPool::new(&config),
+        }
+        .map_err(storage_err)?;
+        tier.weight_pools.push(Some(pool));
     }
     let needs_dir = kv_disk_total > 0 || act_slot > 0;
     if needs_dir {
@@ -440,7 +450,8 @@ pub fn generate_blocks(
         }
         stats.offload_bytes = dir.reserved_bytes();
         // Per unit: 2 reads per disk sequence + 1 activation read, for the unit computing and the
-        // next; the same again for the writes of the unit computing and the one before.
+        // next; writes hold their buffers until the batch's next read or write, so up to one
+        // unit's worth per batch.
         let per_unit = 2 * max_disk_per_batch + 1;
         tier.cache_pool = Some(
             IoPool::new(&IoPoolConfig {
@@ -448,7 +459,7 @@ pub fn generate_blocks(
                 queue_depth: 32,
                 request_size: 1 << 20,
                 buffer_size: kv_slot.max(act_slot as usize).max(ALIGN),
-                max_buffers: 4 * per_unit + 2,
+                max_buffers: (nb + 2) * per_unit + 2,
             })
             .map_err(storage_err)?,
         );
@@ -768,7 +779,7 @@ pub fn generate_blocks(
             let _ = h.wait();
         }
     }
-    if let Some(p) = &tier.weight_pool {
+    if let Some(p) = tier.weight_pools.iter().flatten().next() {
         stats.weights = p.stats();
     }
     if let Some(p) = &tier.cache_pool {
@@ -803,11 +814,8 @@ pub fn generate_blocks(
 
 /// Submits the reads of layer `l`'s disk-resident matrices into `out`.
 fn submit_weights(tier: &DiskTier, l: usize, out: &mut [Option<ReadHandle>]) -> Result<()> {
-    let Some(pool) = &tier.weight_pool else {
-        return Ok(());
-    };
     for (i, r) in tier.ranges[l].iter().enumerate() {
-        if let Some((file, offset, len)) = r {
+        if let (Some((file, offset, len)), Some(Some(pool))) = (r, tier.weight_pools.get(i)) {
             out[i] = Some(pool.read(file, *offset, *len).map_err(storage_err)?);
         }
     }

@@ -422,6 +422,14 @@ impl IoPool {
         })
     }
 
+    /// Starts a pool whose [`IoPool::stats`] are shared with `other` (one clock for both), so that
+    /// several pools over one disk (e.g. one per buffer size) report the disk's busy time once.
+    pub fn new_sharing_stats(config: &IoPoolConfig, other: &IoPool) -> Result<IoPool> {
+        let mut pool = IoPool::new(config)?;
+        pool.clocks = other.clocks.clone();
+        Ok(pool)
+    }
+
     /// Bytes moved and busy time so far.
     pub fn stats(&self) -> IoStats {
         let c = lock(&self.clocks);
