@@ -1,16 +1,16 @@
 //! `linear`: y = x W^T + b with W in nn.Linear layout [out, in], read in place in its stored dtype.
 //!
-//! One blocked "dot-product" scheme serves every shape, from batch-1 decode (a GEMV that must run
-//! at DRAM speed) to prefill over thousands of tokens (compute bound):
+//! Two schemes, chosen by the number of tokens:
 //!
-//! - The output rows are split into blocks, one rayon task each, so each thread streams its own
-//!   contiguous part of W (good for the hardware prefetcher when bandwidth bound).
-//! - Inside a task, a microkernel computes a 4 rows x 6 tokens tile of y as 24 dot products,
-//!   loading 4 weight vectors and 6 input vectors per step: each weight vector is used 6 times
-//!   and each input vector 4 times, straight from W's [out, in] layout, so W is never packed or
-//!   transposed and a 16-bit W is widened in registers only.
-//! - For many tokens, the reduction dimension is cut into `K_BLOCK` slices so that the 6 input
-//!   rows of a tile stay in L1 and a task's slice of W stays in L2 while all token groups reuse it.
+//! - **Dot products** (every dtype; for bf16 only up to `TILE_TOKENS` tokens). The output rows
+//!   are split into blocks, one rayon task each, so each thread streams its own contiguous part
+//!   of W (good for the hardware prefetcher when bandwidth bound, as in batch-1 decode). Inside a
+//!   task, a microkernel computes a 4 rows x 6 tokens tile of y as 24 dot products, loading 4
+//!   weight vectors and 6 input vectors per step straight from W's [out, in] layout, so a 16-bit
+//!   W is widened in registers only. For many tokens the reduction dimension is cut into
+//!   `K_BLOCK` slices so that a tile's input rows stay in L1 and a task's slice of W in L2.
+//! - **Packed outer products** (bf16 with AVX512-BF16, more than `TILE_TOKENS` tokens: prefill
+//!   and batched decode, compute bound). See `run_packed_bf16`.
 //!
 //! bf16 weights use AVX512-BF16 `vdpbf16ps` (32 products per instruction, f32 accumulation). That
 //! needs the input in bf16 too, so for bf16 weights the input is rounded to bf16 (round to
