@@ -272,7 +272,10 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
         run::check_memory(&spec, p)?;
     }
     let weights_disk = policy.as_ref().map_or(0.0, |p| p.placement.weights.disk);
-    let loaded = run::load_placed(&source, !cli.quiet, weights_disk)?;
+    let mut loaded = run::load_placed(&source, !cli.quiet, weights_disk)?;
+    if policy.as_ref().is_some_and(|p| p.compression.weights) {
+        run::compress_weights(&mut loaded)?;
+    }
     if let Some(p) = &policy {
         if p.model.name != loaded.name {
             eprintln!(

@@ -20,12 +20,28 @@ use std::time::Instant;
 /// device. Disk placement of weights, KV cache and activations runs through the block schedule
 /// ([`crate::schedule`]); 4-bit compression is not wired into it yet.
 pub fn check_policy(policy: &Policy, shown: &str) -> Result<()> {
-    if policy.compression.weights || policy.compression.kv_cache {
+    if policy.compression.kv_cache {
         return Err(ExecError::Unsupported(format!(
-            "policy {shown}: compression is not supported by the executor yet (issue 4); set \
-             compression.weights and compression.kv_cache to false"
+            "policy {shown}: compression.kv_cache is not supported by the executor yet (issue 4); \
+             set it to false (compression.weights is supported for CPU-resident weights)"
         )));
     }
+    if policy.compression.weights && policy.placement.weights.disk > 0.0 {
+        return Err(ExecError::Unsupported(format!(
+            "policy {shown}: compression.weights with placement.weights.disk = {} would need a \
+             compressed copy of the checkpoint on disk, which the executor does not write (it \
+             reads checkpoints in place); keep the weights in CPU memory or turn compression off",
+            policy.placement.weights.disk
+        )));
+    }
+    Ok(())
+}
+
+/// Compresses the model's layer matrices to 4 bits for a policy with `compression.weights`
+/// (CPU-resident weights only; [`check_policy`] refuses the disk case).
+pub fn compress_weights(loaded: &mut Loaded) -> Result<()> {
+    let c = crate::schedule::CompressedLayers::from_model(&loaded.model)?;
+    loaded.weights.compressed = Some(std::sync::Arc::new(c));
     Ok(())
 }
 
@@ -437,8 +453,17 @@ mod tests {
         check_policy(&disk, "p.toml").unwrap();
         let mut compressed = ok;
         compressed.compression.weights = true;
+        check_policy(&compressed, "p.toml").unwrap();
+        compressed.placement.weights.cpu = 0.5;
+        compressed.placement.weights.disk = 0.5;
         let e = check_policy(&compressed, "p.toml").unwrap_err().to_string();
-        assert!(e.contains("compression") && e.contains("p.toml"), "{e}");
+        assert!(
+            e.contains("compression.weights") && e.contains("p.toml"),
+            "{e}"
+        );
+        compressed.compression.kv_cache = true;
+        let e = check_policy(&compressed, "p.toml").unwrap_err().to_string();
+        assert!(e.contains("compression.kv_cache"), "{e}");
     }
 
     #[test]

@@ -83,6 +83,40 @@ pub struct WeightPlacement {
     pub disk_bytes: u64,
     /// Matrix bytes of all decoder layers.
     pub layer_bytes: u64,
+    /// 4-bit group-wise copies of every layer's matrices (policy `compression.weights`), held in
+    /// CPU memory and used instead of the dense matrices.
+    pub compressed: Option<Arc<CompressedLayers>>,
+}
+
+/// Every layer's six matrices compressed to 4 bits (groups of 64, asymmetric min/max).
+pub struct CompressedLayers {
+    /// Per layer: q, k, v, out, fc1, fc2.
+    pub layers: Vec<Vec<crate::quant::QuantizedMatrix>>,
+}
+
+impl CompressedLayers {
+    /// Compresses every layer of `model` from its store (dense pages are read once).
+    pub fn from_model(model: &OptModel) -> Result<CompressedLayers> {
+        let layers = (0..model.num_layers())
+            .map(|l| {
+                model.compress_layer(l).map_err(|e| {
+                    ExecError::Unsupported(format!("cannot compress layer {l}'s weights: {e}"))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(CompressedLayers { layers })
+    }
+
+    /// Bytes of the compressed matrices.
+    pub fn bytes(&self) -> u64 {
+        self.layers.iter().flatten().map(|m| m.bytes() as u64).sum()
+    }
+}
+
+impl std::fmt::Debug for CompressedLayers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CompressedLayers({} bytes)", self.bytes())
+    }
 }
 
 impl WeightPlacement {
@@ -124,6 +158,7 @@ pub fn place_weights(model: &OptModel, fraction: f64) -> WeightPlacement {
         on_disk,
         disk_bytes: disk as u64,
         layer_bytes: total,
+        compressed: None,
     }
 }
 
@@ -570,6 +605,7 @@ pub fn generate_blocks(
             submit_weights(&tier, (l + 1) % layers, &mut weights_next)?;
             let ids = model.layer_weight_ids(l);
             let mut mats: LayerMatrices = model.store_matrices(l);
+            mats.compressed = weights.compressed.as_ref().map(|c| c.layers[l].as_slice());
             {
                 let slots: [&mut crate::kernels::Matrix; 6] = [
                     &mut mats.q,

@@ -13,6 +13,7 @@ use crate::backend::{attention_scratch_len, Backend};
 use crate::error::{ExecError, Result};
 use crate::kernels::Matrix;
 use crate::kernels::WeightData;
+use crate::quant::{linear_q4, QuantError, QuantizedMatrix};
 use crate::weights::{add_row, to_f32_vec, ElementType, Init, RandomTensor, TensorId, WeightStore};
 use planner::model::{ModelSpec, OPT_POSITION_OFFSET};
 use std::path::Path;
@@ -502,6 +503,9 @@ pub struct LayerMatrices<'a> {
     pub fc1: Matrix<'a>,
     /// FFN down projection.
     pub fc2: Matrix<'a>,
+    /// 4-bit group-wise copies of the six matrices (q, k, v, out, fc1, fc2), used instead of the
+    /// dense ones when present (policy `compression.weights`).
+    pub compressed: Option<&'a [QuantizedMatrix]>,
 }
 
 /// Names of the six matrices of a layer, in the order of [`OptModel::layer_weight_ids`].
@@ -532,7 +536,19 @@ impl OptModel {
             out: self.matrix(ids[3]),
             fc1: self.matrix(ids[4]),
             fc2: self.matrix(ids[5]),
+            compressed: None,
         }
+    }
+
+    /// 4-bit group-wise copies of layer `l`'s six matrices, compressed from the store.
+    pub fn compress_layer(
+        &self,
+        l: usize,
+    ) -> std::result::Result<Vec<QuantizedMatrix>, QuantError> {
+        self.layer_weight_ids(l)
+            .iter()
+            .map(|id| QuantizedMatrix::from_matrix(&self.matrix(*id)))
+            .collect()
     }
 
     /// A matrix of tensor `id`'s shape over elements held elsewhere (a staging buffer).
@@ -623,12 +639,16 @@ impl OptModel {
             } else {
                 &ws.hidden[..rows * h]
             };
-            for (lin, lin_m, out) in [
+            for (i, (lin, lin_m, out)) in [
                 (&layer.q, &mats.q, &mut ws.q),
                 (&layer.k, &mats.k, &mut ws.k),
                 (&layer.v, &mats.v, &mut ws.v),
-            ] {
-                be.linear(x, rows, lin_m, lin.bias.as_deref(), &mut out[..rows * h]);
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let y = &mut out[..rows * h];
+                linear_any(be, x, rows, lin_m, mats, i, lin.bias.as_deref(), y);
             }
             // As transformers: q_proj(x) * head_dim^-0.5, then unscaled scores.
             be.scale_inplace(&mut ws.q[..rows * h], scale);
@@ -658,10 +678,13 @@ impl OptModel {
                     &mut ws.scratch,
                 );
             }
-            be.linear(
+            linear_any(
+                be,
                 &ws.attn[..rows * h],
                 rows,
                 &mats.out,
+                mats,
+                3,
                 layer.out.bias.as_deref(),
                 &mut ws.sublayer_out[..rows * h],
             );
@@ -695,12 +718,24 @@ impl OptModel {
                 &ws.hidden[..rows * h]
             };
             let ffn = &mut ws.ffn[..rows * d.ffn];
-            be.linear(x, rows, &mats.fc1, layer.fc1.bias.as_deref(), ffn);
+            linear_any(
+                be,
+                x,
+                rows,
+                &mats.fc1,
+                mats,
+                4,
+                layer.fc1.bias.as_deref(),
+                ffn,
+            );
             be.relu_inplace(ffn);
-            be.linear(
+            linear_any(
+                be,
                 ffn,
                 rows,
                 &mats.fc2,
+                mats,
+                5,
                 layer.fc2.bias.as_deref(),
                 &mut ws.sublayer_out[..rows * h],
             );
@@ -759,6 +794,25 @@ impl OptModel {
             None,
             &mut logits[..batch * d.vocab],
         );
+    }
+}
+
+/// Matrix `i` of a layer: the compressed copy through `linear_q4` when there is one, else the dense
+/// matrix through the backend.
+#[allow(clippy::too_many_arguments)]
+fn linear_any(
+    be: &dyn Backend,
+    x: &[f32],
+    rows: usize,
+    dense: &Matrix,
+    mats: &LayerMatrices,
+    i: usize,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    match mats.compressed {
+        Some(q) => linear_q4(x, rows, &q[i], bias, y),
+        None => be.linear(x, rows, dense, bias, y),
     }
 }
 
