@@ -329,6 +329,19 @@ pub fn generate_blocks(
     weights: &WeightPlacement,
 ) -> Result<(GenerationOutput, ChannelStats)> {
     crate::generate::check_request(model, prompts, cfg)?;
+    // On a rayon worker, as generate does: kernels called from outside the pool inject their jobs
+    // through rayon's global queue, which allocates.
+    rayon::scope(|_| run_block(model, backend, prompts, cfg, plan, weights))
+}
+
+fn run_block(
+    model: &OptModel,
+    backend: &dyn Backend,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+    plan: &BlockPlan,
+    weights: &WeightPlacement,
+) -> Result<(GenerationOutput, ChannelStats)> {
     let vocab = model.vocab_size();
     let bls = prompts.len();
     let nb_asked = plan.num_gpu_batches.max(1);

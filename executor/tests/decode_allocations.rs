@@ -38,8 +38,12 @@ unsafe impl GlobalAlloc for CountingAllocator {
 #[global_allocator]
 static GLOBAL: CountingAllocator = CountingAllocator;
 
+/// The counter is global: the tests of this binary take turns.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn allocations_do_not_grow_with_decode_steps() {
+    let _turn = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     for name in ["opt-tiny-preln", "opt-tiny-postln"] {
         let want = common::expected(name);
         let loaded = run::load(&ModelSource::Checkpoint(common::fixture(name)), false).unwrap();
@@ -73,4 +77,117 @@ fn allocations_do_not_grow_with_decode_steps() {
             );
         }
     }
+}
+
+#[test]
+fn the_block_schedule_in_memory_allocates_nothing_per_decode_step() {
+    let _turn = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    use executor::schedule::{generate_blocks, BlockPlan};
+    let want = common::expected("opt-tiny-preln");
+    let loaded = run::load(
+        &ModelSource::Checkpoint(common::fixture("opt-tiny-preln")),
+        false,
+    )
+    .unwrap();
+    let mut prompts = want.prompt_ids.clone();
+    prompts.push(vec![2, 17, 9]);
+    let plan = BlockPlan {
+        gpu_batch_size: 1,
+        num_gpu_batches: prompts.len(),
+        weights_disk: 0.0,
+        kv_cache_disk: 0.0,
+        activations_disk: 0.0,
+        cpu_attention: true,
+        offload_parent: std::env::temp_dir(),
+        offload_capacity_limit: None,
+    };
+    let count = |max_new_tokens: usize| {
+        let cfg = GenerationConfig {
+            max_new_tokens,
+            sampling: Sampling::Greedy,
+            stop_at_eos: false,
+        };
+        let before = ALLOCATIONS.load(Ordering::Relaxed);
+        let (out, stats) = generate_blocks(
+            &loaded.model,
+            &CpuBackend,
+            &prompts,
+            &cfg,
+            &plan,
+            &loaded.weights,
+        )
+        .unwrap();
+        let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
+        drop((out, stats));
+        allocations
+    };
+    count(40);
+    let (short, long) = (count(4), count(40));
+    assert_eq!(
+        short, long,
+        "{short} allocations for 3 decode steps, {long} for 39"
+    );
+}
+
+/// With disk tiers the executor's own buffers are still allocated once, but each I/O request of
+/// `storage::IoPool` allocates its completion state and job (an Arc and a Box): the count grows
+/// with the requests, not with the data. Bounded here so that a regression (a buffer per step)
+/// shows; `--nocapture` prints the figure.
+#[test]
+fn the_block_schedule_with_disk_allocates_only_per_io_request() {
+    use executor::schedule::{generate_blocks, BlockPlan};
+    let _turn = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let want = common::expected("opt-tiny-preln");
+    let loaded = run::load_placed(
+        &ModelSource::Checkpoint(common::fixture("opt-tiny-preln")),
+        false,
+        0.5,
+    )
+    .unwrap();
+    let parent = tempfile::tempdir().unwrap();
+    let plan = BlockPlan {
+        gpu_batch_size: 1,
+        num_gpu_batches: want.prompt_ids.len(),
+        weights_disk: 0.5,
+        kv_cache_disk: 1.0,
+        activations_disk: 0.5,
+        cpu_attention: true,
+        offload_parent: parent.path().to_path_buf(),
+        offload_capacity_limit: None,
+    };
+    let count = |max_new_tokens: usize| {
+        let cfg = GenerationConfig {
+            max_new_tokens,
+            sampling: Sampling::Greedy,
+            stop_at_eos: false,
+        };
+        let before = ALLOCATIONS.load(Ordering::Relaxed);
+        let (out, _) = generate_blocks(
+            &loaded.model,
+            &CpuBackend,
+            &want.prompt_ids,
+            &cfg,
+            &plan,
+            &loaded.weights,
+        )
+        .unwrap();
+        (
+            ALLOCATIONS.load(Ordering::Relaxed) - before,
+            out.decode_steps,
+        )
+    };
+    count(10);
+    let (short, _) = count(4);
+    let (long, steps) = count(20);
+    let per_step = (long - short) as f64 / 16.0;
+    let batches = want.prompt_ids.len() as f64;
+    // Per step and layer (3): up to 6 weight reads, per batch 2 KV reads, 2 KV writes, 1
+    // activation read and 1 write; each request a few allocations at most.
+    let requests = 3.0 * (6.0 + batches * 6.0);
+    eprintln!("{per_step} allocations per decode step ({requests} I/O requests at most)");
+    assert!(
+        per_step <= 4.0 * requests,
+        "{per_step} allocations per step"
+    );
+    assert_eq!(steps, 19);
 }
