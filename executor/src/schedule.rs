@@ -594,6 +594,9 @@ fn run_block(
             }
         }
         let t_new = if first { padded } else { 1 };
+        // Whether this step is the last (then the next step's first layer is not prefetched).
+        let final_step =
+            (0..bls).all(|b| finished[b] || tokens_out[b].len() + 1 >= cfg.max_new_tokens);
         let start = position;
         let kv_len = start + t_new;
 
@@ -618,7 +621,9 @@ fn run_block(
                     None => None,
                 };
             }
-            submit_weights(&tier, (l + 1) % layers, &mut weights_next)?;
+            if l + 1 < layers || !final_step {
+                submit_weights(&tier, (l + 1) % layers, &mut weights_next)?;
+            }
             stats.io_wait_s += wait.elapsed().as_secs_f64();
             let ids = model.layer_weight_ids(l);
             let mut mats: LayerMatrices = model.store_matrices(l);
