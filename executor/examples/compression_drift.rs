@@ -28,6 +28,7 @@ fn logits(
     weights: &WeightPlacement,
     prompts: &[Vec<u32>],
     new_tokens: usize,
+    compress_kv: bool,
 ) -> (Vec<f32>, Vec<Vec<u32>>) {
     let plan = BlockPlan {
         gpu_batch_size: prompts.len(),
@@ -38,6 +39,7 @@ fn logits(
         cpu_attention: true,
         offload_parent: std::env::temp_dir(),
         offload_capacity_limit: None,
+        compress_kv,
     };
     let cfg = GenerationConfig {
         max_new_tokens: new_tokens,
@@ -80,8 +82,8 @@ fn main() {
         );
     }
     println!();
-    println!("| fixture | logits rel. L2 error (mean / max over prefixes) | greedy tokens equal (16 new, 4 prompts) | perplexity dense | perplexity 4-bit | change |");
-    println!("|---|---|---|---|---|---|");
+    println!("| fixture | compressed | logits rel. L2 error (mean / max over prefixes) | greedy tokens equal (16 new, 4 prompts) | perplexity dense | perplexity 4-bit | change |");
+    println!("|---|---|---|---|---|---|---|");
     for name in ["opt-tiny-preln", "opt-tiny-postln"] {
         let loaded = run::load(&ModelSource::Checkpoint(fixture(name)), false).expect("load");
         let tok = loaded.tokenizer.as_ref().expect("fixture tokenizer");
@@ -96,42 +98,48 @@ fn main() {
         ));
         // Every prefix as one sequence of a batch: logits for the next token of each.
         let prefixes: Vec<Vec<u32>> = (1..ids.len()).map(|t| ids[..t].to_vec()).collect();
-        let (ld, _) = logits(&loaded, &dense, &prefixes, 1);
-        let (lq, _) = logits(&loaded, &q4, &prefixes, 1);
-        let (mut nll_d, mut nll_q, mut errs) = (0.0, 0.0, Vec::new());
-        for (p, prefix) in prefixes.iter().enumerate() {
-            let next = ids[prefix.len()] as usize;
-            let (rd, rq) = (
-                &ld[p * vocab..(p + 1) * vocab],
-                &lq[p * vocab..(p + 1) * vocab],
-            );
-            nll_d -= log_softmax_at(rd, next);
-            nll_q -= log_softmax_at(rq, next);
-            let num: f64 = rd
-                .iter()
-                .zip(rq)
-                .map(|(a, b)| ((a - b) as f64).powi(2))
-                .sum();
-            let den: f64 = rd.iter().map(|a| (*a as f64).powi(2)).sum();
-            errs.push((num / den).sqrt());
-        }
-        let n = prefixes.len() as f64;
-        let (ppl_d, ppl_q) = ((nll_d / n).exp(), (nll_q / n).exp());
-        let mean = errs.iter().sum::<f64>() / n;
-        let max = errs.iter().fold(0.0f64, |a, &b| a.max(b));
         let prompts: Vec<Vec<u32>> = (0..4).map(|i| ids[..3 + 5 * i].to_vec()).collect();
-        let (_, td) = logits(&loaded, &dense, &prompts, 16);
-        let (_, tq) = logits(&loaded, &q4, &prompts, 16);
-        let same: usize = td
-            .iter()
-            .zip(&tq)
-            .map(|(a, b)| a.iter().zip(b).take_while(|(x, y)| x == y).count())
-            .sum();
-        println!(
-            "| {name} ({} text tokens) | {mean:.4} / {max:.4} | {same} of {} (identical prefix length) | {ppl_d:.2} | {ppl_q:.2} | {:+.2}% |",
-            ids.len(),
-            td.iter().map(Vec::len).sum::<usize>(),
-            100.0 * (ppl_q / ppl_d - 1.0)
-        );
+        let (ld, _) = logits(&loaded, &dense, &prefixes, 1, false);
+        let (_, td) = logits(&loaded, &dense, &prompts, 16, false);
+        for (what, weights, kv) in [
+            ("weights", &q4, false),
+            ("KV cache", &dense, true),
+            ("both", &q4, true),
+        ] {
+            let (lq, _) = logits(&loaded, weights, &prefixes, 1, kv);
+            let (mut nll_d, mut nll_q, mut errs) = (0.0, 0.0, Vec::new());
+            for (p, prefix) in prefixes.iter().enumerate() {
+                let next = ids[prefix.len()] as usize;
+                let (rd, rq) = (
+                    &ld[p * vocab..(p + 1) * vocab],
+                    &lq[p * vocab..(p + 1) * vocab],
+                );
+                nll_d -= log_softmax_at(rd, next);
+                nll_q -= log_softmax_at(rq, next);
+                let num: f64 = rd
+                    .iter()
+                    .zip(rq)
+                    .map(|(a, b)| ((a - b) as f64).powi(2))
+                    .sum();
+                let den: f64 = rd.iter().map(|a| (*a as f64).powi(2)).sum();
+                errs.push((num / den).sqrt());
+            }
+            let n = prefixes.len() as f64;
+            let (ppl_d, ppl_q) = ((nll_d / n).exp(), (nll_q / n).exp());
+            let mean = errs.iter().sum::<f64>() / n;
+            let max = errs.iter().fold(0.0f64, |a, &b| a.max(b));
+            let (_, tq) = logits(&loaded, weights, &prompts, 16, kv);
+            let same: usize = td
+                .iter()
+                .zip(&tq)
+                .map(|(a, b)| a.iter().zip(b).take_while(|(x, y)| x == y).count())
+                .sum();
+            println!(
+                "| {name} ({} text tokens) | {what} | {mean:.4} / {max:.4} | {same} of {} | {ppl_d:.2} | {ppl_q:.2} | {:+.2}% |",
+                ids.len(),
+                td.iter().map(Vec::len).sum::<usize>(),
+                100.0 * (ppl_q / ppl_d - 1.0)
+            );
+        }
     }
 }

@@ -373,6 +373,7 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
                     .clone()
                     .unwrap_or_else(schedule::default_offload_parent),
                 offload_capacity_limit: None,
+                compress_kv: p.compression.kv_cache,
             };
             let (out, stats) = schedule::generate_blocks(
                 &loaded.model,

@@ -20,10 +20,12 @@ use std::time::Instant;
 /// device. Disk placement of weights, KV cache and activations runs through the block schedule
 /// ([`crate::schedule`]); 4-bit compression is not wired into it yet.
 pub fn check_policy(policy: &Policy, shown: &str) -> Result<()> {
-    if policy.compression.kv_cache {
+    if policy.compression.kv_cache && policy.placement.kv_cache.disk > 0.0 {
         return Err(ExecError::Unsupported(format!(
-            "policy {shown}: compression.kv_cache is not supported by the executor yet (issue 4); \
-             set it to false (compression.weights is supported for CPU-resident weights)"
+            "policy {shown}: compression.kv_cache with placement.kv_cache.disk = {} is not \
+             supported (the disk-resident cache is stored in f32); keep the cache in CPU memory \
+             or set compression.kv_cache = false",
+            policy.placement.kv_cache.disk
         )));
     }
     if policy.compression.weights && policy.placement.weights.disk > 0.0 {
@@ -461,8 +463,12 @@ mod tests {
             e.contains("compression.weights") && e.contains("p.toml"),
             "{e}"
         );
-        compressed.compression.kv_cache = true;
-        let e = check_policy(&compressed, "p.toml").unwrap_err().to_string();
+        let mut kv = Policy::all_cpu("opt-125m", 8, 4, 2);
+        kv.compression.kv_cache = true;
+        check_policy(&kv, "p.toml").unwrap();
+        kv.placement.kv_cache.cpu = 0.5;
+        kv.placement.kv_cache.disk = 0.5;
+        let e = check_policy(&kv, "p.toml").unwrap_err().to_string();
         assert!(e.contains("compression.kv_cache"), "{e}");
     }
 

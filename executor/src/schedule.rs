@@ -25,6 +25,7 @@ use crate::generate::{GenerationConfig, GenerationOutput, Sampler};
 use crate::kernels::WeightData;
 use crate::models::opt::{LayerMatrices, OptModel, OptWorkspace};
 use crate::models::{CausalLm, LayerKv, Step};
+use crate::quant::QuantizedKv;
 use crate::storage::{
     align_down, align_up, DirectFile, IoPool, IoPoolConfig, IoStats, OffloadDir, OffloadFile,
     PooledBuf, ReadHandle, WriteHandle, ALIGN,
@@ -56,6 +57,9 @@ pub struct BlockPlan {
     pub offload_parent: PathBuf,
     /// Cap on the bytes the offload directory may hold (tests use it to simulate a full disk).
     pub offload_capacity_limit: Option<u64>,
+    /// Keep the (CPU-resident) KV cache 4-bit compressed and attend with `quant::attention_q4`
+    /// (policy `compression.kv_cache`; refused together with a disk share of the cache).
+    pub compress_kv: bool,
 }
 
 /// `n` items split by `fraction`: how many go to the tier the fraction names. Rounds to nearest,
@@ -205,6 +209,7 @@ enum SeqPlace {
 
 /// KV rows of one batch at one layer, for the model's layer function.
 struct BatchKv<'a> {
+    packed: &'a mut [(QuantizedKv, QuantizedKv)],
     seq_floats: usize,
     place: &'a [SeqPlace],
     home_k: &'a mut [f32],
@@ -216,6 +221,13 @@ struct BatchKv<'a> {
 }
 
 impl LayerKv for BatchKv<'_> {
+    fn compressed(&mut self, seq: usize) -> Option<(&mut QuantizedKv, &mut QuantizedKv)> {
+        match self.place[seq] {
+            SeqPlace::Cpu(i) => self.packed.get_mut(i).map(|(k, v)| (k, v)),
+            SeqPlace::Disk { .. } => None,
+        }
+    }
+
     fn rows(&mut self, seq: usize) -> (&mut [f32], &mut [f32]) {
         let n = self.seq_floats;
         match self.place[seq] {
@@ -248,6 +260,8 @@ struct Batch {
     home_v: Vec<Vec<f32>>,
     /// CPU share of the hidden state between layers.
     held: Vec<f32>,
+    /// Compressed CPU-resident cache per layer, per CPU sequence (K, V), when `compress_kv`.
+    packed: Vec<Vec<(QuantizedKv, QuantizedKv)>>,
     /// Writes not yet waited on.
     writes: Vec<WriteHandle>,
     disk_seqs: usize,
@@ -358,6 +372,14 @@ fn run_block(
 
     // KV cache placement: whole sequences, spread evenly over the block.
     let kv_disk_total = split_count(plan.kv_cache_disk, bls);
+    if plan.compress_kv && kv_disk_total > 0 {
+        return Err(ExecError::Unsupported(format!(
+            "compression.kv_cache with placement.kv_cache.disk = {} is not supported: the \
+             disk-resident cache is stored in f32; keep the cache in CPU memory or turn KV \
+             compression off",
+            plan.kv_cache_disk
+        )));
+    }
     let on_disk_seq = |g: usize| (g + 1) * kv_disk_total / bls > g * kv_disk_total / bls;
     let seq_floats = max_len * width;
     let kv_slot = align_up((seq_floats * 4) as u64) as usize;
@@ -382,8 +404,46 @@ fn run_block(
             first,
             len,
             place,
-            home_k: (0..layers).map(|_| vec![0.0; cpu * seq_floats]).collect(),
-            home_v: (0..layers).map(|_| vec![0.0; cpu * seq_floats]).collect(),
+            home_k: (0..layers)
+                .map(|_| {
+                    vec![
+                        0.0;
+                        if plan.compress_kv {
+                            0
+                        } else {
+                            cpu * seq_floats
+                        }
+                    ]
+                })
+                .collect(),
+            home_v: (0..layers)
+                .map(|_| {
+                    vec![
+                        0.0;
+                        if plan.compress_kv {
+                            0
+                        } else {
+                            cpu * seq_floats
+                        }
+                    ]
+                })
+                .collect(),
+            packed: (0..layers)
+                .map(|_| {
+                    if plan.compress_kv {
+                        (0..cpu)
+                            .map(|_| {
+                                (
+                                    QuantizedKv::with_capacity(width, max_len),
+                                    QuantizedKv::with_capacity(width, max_len),
+                                )
+                            })
+                            .collect()
+                    } else {
+                        Vec::new()
+                    }
+                })
+                .collect(),
             held: Vec::new(),
             writes: Vec::with_capacity(2 * disk + 2),
             disk_seqs: disk,
@@ -717,6 +777,7 @@ fn run_block(
                 }
                 {
                     let mut kv = BatchKv {
+                        packed: &mut batch.packed[l],
                         seq_floats,
                         place: &batch.place,
                         home_k: &mut batch.home_k[l],

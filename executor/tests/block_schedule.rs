@@ -70,6 +70,7 @@ fn run_shape(
         cpu_attention: shape.cpu_attention,
         offload_parent: parent.to_path_buf(),
         offload_capacity_limit: None,
+        compress_kv: false,
     };
     generate_blocks(
         &loaded.model,
@@ -273,6 +274,7 @@ fn a_full_disk_is_a_clear_error_and_leaves_nothing() {
         cpu_attention: true,
         offload_parent: parent.path().to_path_buf(),
         offload_capacity_limit: Some(8192),
+        compress_kv: false,
     };
     let e = match generate_blocks(
         &loaded.model,
@@ -339,6 +341,7 @@ fn compressed_weights_run_and_stay_near_the_dense_logits() {
         cpu_attention: false,
         offload_parent: parent.path().to_path_buf(),
         offload_capacity_limit: None,
+        compress_kv: false,
     };
     let (got, _) = generate_blocks(
         &loaded.model,
@@ -361,4 +364,55 @@ fn compressed_weights_run_and_stay_near_the_dense_logits() {
     // over 3 layers; docs/compression.md), but not beyond recognition.
     assert!(rel > 1e-4 && rel < 1.5, "relative drift {rel}");
     assert!(got.tokens.iter().all(|t| t.len() == 3));
+}
+
+#[test]
+fn a_compressed_kv_cache_runs_and_stays_near_the_dense_logits() {
+    let p = prompts();
+    let loaded = run::load(&ModelSource::Checkpoint(fixture("opt-tiny-preln")), false).unwrap();
+    let want = generate(&loaded.model, &CpuBackend, &p, &config(3)).unwrap();
+    let parent = tempfile::tempdir().unwrap();
+    let mut plan = BlockPlan {
+        gpu_batch_size: 2,
+        num_gpu_batches: 2,
+        weights_disk: 0.0,
+        kv_cache_disk: 0.0,
+        activations_disk: 1.0,
+        cpu_attention: true,
+        offload_parent: parent.path().to_path_buf(),
+        offload_capacity_limit: None,
+        compress_kv: true,
+    };
+    let (got, _) = generate_blocks(
+        &loaded.model,
+        &CpuBackend,
+        &p,
+        &config(3),
+        &plan,
+        &loaded.weights,
+    )
+    .unwrap();
+    let num: f32 = got
+        .prefill_logits
+        .iter()
+        .zip(&want.prefill_logits)
+        .map(|(a, b)| (a - b).powi(2))
+        .sum();
+    let den: f32 = want.prefill_logits.iter().map(|a| a * a).sum();
+    let rel = (num / den).sqrt();
+    assert!(rel > 1e-5 && rel < 1.5, "relative drift {rel}");
+    assert!(got.tokens.iter().all(|t| t.len() == 3));
+    plan.kv_cache_disk = 0.5;
+    let e = match generate_blocks(
+        &loaded.model,
+        &CpuBackend,
+        &p,
+        &config(3),
+        &plan,
+        &loaded.weights,
+    ) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a compressed cache on disk must be refused"),
+    };
+    assert!(e.contains("compression.kv_cache"), "{e}");
 }

@@ -237,6 +237,8 @@ fn policies_this_machine_cannot_run_are_refused() {
 
     let compressed = write_policy(dir.path(), |p| {
         p.compression.kv_cache = true;
+        p.placement.kv_cache.cpu = 0.5;
+        p.placement.kv_cache.disk = 0.5;
     });
     let e = fails(&[
         "--policy",

@@ -100,6 +100,7 @@ fn the_block_schedule_in_memory_allocates_nothing_per_decode_step() {
         cpu_attention: true,
         offload_parent: std::env::temp_dir(),
         offload_capacity_limit: None,
+        compress_kv: false,
     };
     let count = |max_new_tokens: usize| {
         let cfg = GenerationConfig {
@@ -154,6 +155,7 @@ fn the_block_schedule_with_disk_allocates_only_per_io_request() {
         cpu_attention: true,
         offload_parent: parent.path().to_path_buf(),
         offload_capacity_limit: None,
+        compress_kv: false,
     };
     let count = |max_new_tokens: usize| {
         let cfg = GenerationConfig {

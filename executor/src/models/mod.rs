@@ -90,6 +90,20 @@ pub trait LayerKv {
     /// Key and value rows (`[max_len, width]` each, at least the positions attended) of sequence
     /// `seq` of the batch; the layer writes the step's new rows and reads the first `kv_len`.
     fn rows(&mut self, seq: usize) -> (&mut [f32], &mut [f32]);
+
+    /// The 4-bit compressed key and value caches of sequence `seq`, when the cache is compressed
+    /// (policy `compression.kv_cache`): the layer appends the step's rows to them and attends with
+    /// `quant::attention_q4` instead of using [`LayerKv::rows`].
+    fn compressed(
+        &mut self,
+        seq: usize,
+    ) -> Option<(
+        &mut crate::quant::QuantizedKv,
+        &mut crate::quant::QuantizedKv,
+    )> {
+        let _ = seq;
+        None
+    }
 }
 
 /// A decoder-only language model the generation loop can drive.

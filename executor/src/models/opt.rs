@@ -13,7 +13,7 @@ use crate::backend::{attention_scratch_len, Backend};
 use crate::error::{ExecError, Result};
 use crate::kernels::Matrix;
 use crate::kernels::WeightData;
-use crate::quant::{linear_q4, QuantError, QuantizedMatrix};
+use crate::quant::{attention_q4, linear_q4, QuantError, QuantizedMatrix};
 use crate::weights::{add_row, to_f32_vec, ElementType, Init, RandomTensor, TensorId, WeightStore};
 use planner::model::{ModelSpec, OPT_POSITION_OFFSET};
 use std::path::Path;
@@ -655,26 +655,35 @@ impl OptModel {
             let seq_rows = t_new * h;
             for b in 0..batch {
                 let span = b * seq_rows..(b + 1) * seq_rows;
+                let valid = &step.key_valid[b * max_len..b * max_len + kv_len];
+                let out = &mut ws.attn[b * seq_rows..(b + 1) * seq_rows];
+                let q = &ws.q[span.clone()];
+                if let Some((keys, values)) = kv.compressed(b) {
+                    // Rows are a whole number of `width` values, so appending cannot fail.
+                    let pushed = keys
+                        .push_rows(&ws.k[span.clone()])
+                        .and_then(|_| values.push_rows(&ws.v[span]));
+                    debug_assert!(pushed.is_ok(), "KV rows of the wrong width");
+                    attention_q4(
+                        q, t_new, keys, values, kv_len, valid, d.heads, d.head_dim, 1.0, out,
+                    );
+                    continue;
+                }
                 let (keys, values) = kv.rows(b);
                 let at = step.start * h;
                 keys[at..at + seq_rows].copy_from_slice(&ws.k[span.clone()]);
                 values[at..at + seq_rows].copy_from_slice(&ws.v[span]);
-            }
-            for b in 0..batch {
-                let (keys, values) = kv.rows(b);
-                let (keys, values) = (&keys[..kv_len * h], &values[..kv_len * h]);
-                let valid = &step.key_valid[b * max_len..b * max_len + kv_len];
                 be.attention(
-                    &ws.q[b * seq_rows..(b + 1) * seq_rows],
+                    q,
                     t_new,
-                    keys,
-                    values,
+                    &keys[..kv_len * h],
+                    &values[..kv_len * h],
                     kv_len,
                     valid,
                     d.heads,
                     d.head_dim,
                     1.0,
-                    &mut ws.attn[b * seq_rows..(b + 1) * seq_rows],
+                    out,
                     &mut ws.scratch,
                 );
             }
