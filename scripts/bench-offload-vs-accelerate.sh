@@ -118,7 +118,7 @@ drop_caches() {
 
 log "Disk-resident bytes and direct-read bandwidth over them (this run)"
 drop_caches bandwidth
-"$py" "$helper" bandwidth --model-dir "$ckpt" --cpu-fraction "$cpu_fraction" --threads 1,4 --out "$out/disk.json"
+"$py" "$helper" bandwidth --model-dir "$ckpt" --cpu-fraction "$cpu_fraction" --threads 1,4,8 --out "$out/disk.json"
 cp "$out/disk.json" "$out/disk-$(date -u +%Y%m%dT%H%M%S).json"
 
 # The first free run number for a system and batch (runs accumulate with STRATA_BENCH_KEEP=1).
