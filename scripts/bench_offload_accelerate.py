@@ -499,6 +499,17 @@ def cmd_report(args):
                 f"- batch {batch}: executor decode step vs disk bound: {bound_step_s / s['dspt']:.1%} "
                 f"(goal >= 85%)"
             )
+        js = [r["json"] for r in runs[(system, batch)]]
+        rates = [j["disk_read_bytes"] / j["disk_read_busy_s"] / 1e9 for j in js
+                 if j.get("disk_read_busy_s")]
+        util = [j["disk_read_busy_s"] / (j["prefill_s"] + j["decode_s"]) for j in js
+                if j.get("disk_read_busy_s")]
+        if rates:
+            ratios.append(
+                f"- batch {batch}: executor's own disk channel: {med(rates):.2f} GB/s while busy, busy "
+                f"{med(util):.0%} of prefill + decode (medians); decode step vs the bound at that rate: "
+                f"{(disk_bytes / (med(rates) * 1e9)) / s['dspt']:.1%}"
+            )
         a = summary.get(("accelerate", batch))
         if a and a["tps"] and s["tps"]:
             ratios.append(
