@@ -194,6 +194,13 @@ struct Norm {
     beta: Vec<f32>,
 }
 
+impl Norm {
+    /// Normalizes the rows of `x` (each `width` wide) into `y` with OPT's epsilon.
+    fn apply(&self, be: &dyn Backend, x: &[f32], width: usize, y: &mut [f32]) {
+        be.layer_norm(x, width, &self.gamma, &self.beta, LAYER_NORM_EPS, y);
+    }
+}
+
 /// A linear layer: its matrix stays in the store, its bias is widened to f32 at load.
 struct Linear {
     weight: TensorId,
@@ -626,15 +633,9 @@ impl OptModel {
         {
             // Self-attention.
             let x: &[f32] = if pre_ln {
-                let n = &layer.attn_norm;
-                be.layer_norm(
-                    &ws.hidden[..rows * h],
-                    h,
-                    &n.gamma,
-                    &n.beta,
-                    LAYER_NORM_EPS,
-                    &mut ws.normed[..rows * h],
-                );
+                layer
+                    .attn_norm
+                    .apply(be, &ws.hidden[..rows * h], h, &mut ws.normed[..rows * h]);
                 &ws.normed[..rows * h]
             } else {
                 &ws.hidden[..rows * h]
@@ -699,29 +700,17 @@ impl OptModel {
             );
             be.add_inplace(&mut ws.hidden[..rows * h], &ws.sublayer_out[..rows * h]);
             if !pre_ln {
-                let n = &layer.attn_norm;
-                be.layer_norm(
-                    &ws.hidden[..rows * h],
-                    h,
-                    &n.gamma,
-                    &n.beta,
-                    LAYER_NORM_EPS,
-                    &mut ws.normed[..rows * h],
-                );
+                layer
+                    .attn_norm
+                    .apply(be, &ws.hidden[..rows * h], h, &mut ws.normed[..rows * h]);
                 std::mem::swap(&mut ws.hidden, &mut ws.normed);
             }
 
             // Feed-forward.
             let x: &[f32] = if pre_ln {
-                let n = &layer.ffn_norm;
-                be.layer_norm(
-                    &ws.hidden[..rows * h],
-                    h,
-                    &n.gamma,
-                    &n.beta,
-                    LAYER_NORM_EPS,
-                    &mut ws.normed[..rows * h],
-                );
+                layer
+                    .ffn_norm
+                    .apply(be, &ws.hidden[..rows * h], h, &mut ws.normed[..rows * h]);
                 &ws.normed[..rows * h]
             } else {
                 &ws.hidden[..rows * h]
@@ -750,15 +739,9 @@ impl OptModel {
             );
             be.add_inplace(&mut ws.hidden[..rows * h], &ws.sublayer_out[..rows * h]);
             if !pre_ln {
-                let n = &layer.ffn_norm;
-                be.layer_norm(
-                    &ws.hidden[..rows * h],
-                    h,
-                    &n.gamma,
-                    &n.beta,
-                    LAYER_NORM_EPS,
-                    &mut ws.normed[..rows * h],
-                );
+                layer
+                    .ffn_norm
+                    .apply(be, &ws.hidden[..rows * h], h, &mut ws.normed[..rows * h]);
                 std::mem::swap(&mut ws.hidden, &mut ws.normed);
             }
         }
@@ -776,14 +759,7 @@ impl OptModel {
         }
         let mut x: &[f32] = &ws.last[..batch * h];
         if let Some(n) = &self.final_norm {
-            be.layer_norm(
-                x,
-                h,
-                &n.gamma,
-                &n.beta,
-                LAYER_NORM_EPS,
-                &mut ws.last_normed[..batch * h],
-            );
+            n.apply(be, x, h, &mut ws.last_normed[..batch * h]);
             x = &ws.last_normed[..batch * h];
         }
         if let Some(project_out) = self.project_out {
