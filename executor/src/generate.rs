@@ -139,6 +139,42 @@ pub fn check_request<M: CausalLm>(
     Ok(())
 }
 
+/// A batch of prompts laid out left-padded for the prefill step, with the per-sequence state the
+/// decode loop updates in place. Shared by the in-memory loop and the block schedule.
+pub(crate) struct PromptLayout {
+    /// `[batch, padded]` token ids, `pad` before each prompt.
+    pub step_tokens: Vec<u32>,
+    /// `[batch, padded]` positions (0 for padding).
+    pub step_positions: Vec<u32>,
+    /// `[batch, max_len]`: whether each cache position holds a real token.
+    pub key_valid: Vec<bool>,
+    /// Real tokens so far per sequence: the next token's position.
+    pub seen: Vec<u32>,
+}
+
+impl PromptLayout {
+    /// Lays out `prompts` right-aligned in `padded` columns, with room for `max_len` positions.
+    pub(crate) fn new(prompts: &[Vec<u32>], padded: usize, max_len: usize, pad: u32) -> Self {
+        let batch = prompts.len();
+        let mut layout = PromptLayout {
+            step_tokens: vec![pad; batch * padded],
+            step_positions: vec![0; batch * padded],
+            key_valid: vec![false; batch * max_len],
+            seen: vec![0; batch],
+        };
+        for (b, prompt) in prompts.iter().enumerate() {
+            let offset = padded - prompt.len();
+            for (i, &id) in prompt.iter().enumerate() {
+                layout.step_tokens[b * padded + offset + i] = id;
+                layout.step_positions[b * padded + offset + i] = i as u32;
+                layout.key_valid[b * max_len + offset + i] = true;
+            }
+            layout.seen[b] = prompt.len() as u32;
+        }
+        layout
+    }
+}
+
 /// Generates continuations of `prompts` (token ids) as one batch.
 pub fn generate<M: CausalLm>(
     model: &M,
@@ -175,23 +211,14 @@ fn generate_in_pool<M: CausalLm>(
         .map(|_| Vec::with_capacity(cfg.max_new_tokens))
         .collect();
     let mut finished = vec![false; batch];
-    let mut key_valid = vec![false; batch * max_len];
-    let mut step_tokens = vec![pad; batch * padded];
-    let mut step_positions = vec![0u32; batch * padded];
-    // Real tokens so far per sequence: the next token's position.
-    let mut seen = vec![0u32; batch];
-
     // Prefill: the left-padded prompts.
     let started = Instant::now();
-    for (b, prompt) in prompts.iter().enumerate() {
-        let offset = padded - prompt.len();
-        for (i, &id) in prompt.iter().enumerate() {
-            step_tokens[b * padded + offset + i] = id;
-            step_positions[b * padded + offset + i] = i as u32;
-            key_valid[b * max_len + offset + i] = true;
-        }
-        seen[b] = prompt.len() as u32;
-    }
+    let PromptLayout {
+        mut step_tokens,
+        mut step_positions,
+        mut key_valid,
+        mut seen,
+    } = PromptLayout::new(prompts, padded, max_len, pad);
     model.forward(
         backend,
         &Step {

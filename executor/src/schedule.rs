@@ -21,7 +21,7 @@
 
 use crate::backend::Backend;
 use crate::error::{ExecError, Result};
-use crate::generate::{GenerationConfig, GenerationOutput, Sampler};
+use crate::generate::{GenerationConfig, GenerationOutput, PromptLayout, Sampler};
 use crate::kernels::WeightData;
 use crate::models::opt::{LayerMatrices, OptModel, OptWorkspace};
 use crate::models::{CausalLm, LayerKv, Step};
@@ -605,10 +605,6 @@ fn run_block(
         .map(|_| Vec::with_capacity(cfg.max_new_tokens))
         .collect();
     let mut finished = vec![false; bls];
-    let mut key_valid = vec![false; bls * max_len];
-    let mut step_tokens = vec![pad; bls * padded];
-    let mut step_positions = vec![0u32; bls * padded];
-    let mut seen = vec![0u32; bls];
     let mut current = UnitLoad {
         kv: Vec::with_capacity(2 * max_disk_per_batch),
         act: None,
@@ -620,15 +616,12 @@ fn run_block(
     let mut weights_now: Vec<Option<crate::storage::PooledRead>> = (0..6).map(|_| None).collect();
     let mut weights_next: Vec<Option<ReadHandle>> = (0..6).map(|_| None).collect();
 
-    for (b, prompt) in prompts.iter().enumerate() {
-        let offset = padded - prompt.len();
-        for (i, &id) in prompt.iter().enumerate() {
-            step_tokens[b * padded + offset + i] = id;
-            step_positions[b * padded + offset + i] = i as u32;
-            key_valid[b * max_len + offset + i] = true;
-        }
-        seen[b] = prompt.len() as u32;
-    }
+    let PromptLayout {
+        mut step_tokens,
+        mut step_positions,
+        mut key_valid,
+        mut seen,
+    } = PromptLayout::new(prompts, padded, max_len, pad);
 
     let mut prefill_s = 0.0;
     let mut prefill_logits = Vec::new();
