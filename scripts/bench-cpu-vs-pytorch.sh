@@ -39,7 +39,8 @@ fi
 "$venv/bin/python" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__, "threads", torch.get_num_threads())'
 
 log "Building the executor (release)"
-cargo build --release -p executor --bin executor --example dram_bandwidth
+cargo build --release -p executor --bin executor
+cargo build --release -p primitives --example dram_bandwidth
 target_dir="$(cargo metadata --format-version 1 --no-deps | "$venv/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
 executor="$target_dir/release/executor"
 dram_bw="$target_dir/release/examples/dram_bandwidth"

@@ -6,7 +6,7 @@ Subcommands:
   torch    --model NAME --dtype D --prompts FILE --new-tokens N --reps R --out FILE.json
   report   --results DIR --out FILE.md               the comparison table (stdout and markdown)
   linear   --model NAME --dtype D --tokens 1,16,2048  PyTorch's F.linear over an OPT layer stack at
-                                                     the shapes of executor/examples/kernel_bench.rs
+                                                     the shapes of primitives/examples/kernel_bench.rs
 
 The torch run builds a random-weight OPT with transformers' own initialisation (the speed of a
 dense model does not depend on the values), generates greedily with exactly N new tokens

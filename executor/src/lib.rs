@@ -9,15 +9,16 @@ pub mod backend;
 pub mod cuda;
 pub mod error;
 pub mod generate;
-pub mod kernels;
 pub mod models;
-pub mod quant;
 pub mod report;
 pub mod rng;
 pub mod run;
 pub mod schedule;
-pub mod storage;
 pub mod tokenizer;
 pub mod weights;
+
+/// The CPU kernels, compression and disk I/O live in the `primitives` crate (shared with
+/// `planner profile`); re-exported so executor code and users keep one path.
+pub use primitives::{kernels, quant, storage};
 
 pub use error::{ExecError, Result};

@@ -1,4 +1,4 @@
-//! GPU conformance: the CPU kernels' test cases (executor/src/kernels/tests.rs) run through the
+//! GPU conformance: the CPU kernels' test cases (primitives/src/kernels/tests.rs) run through the
 //! CUDA backend and compared with the CPU backend.
 //!
 //! Runs wherever a GPU, its driver, cuBLAS and NVRTC are present; elsewhere each test prints

@@ -1,13 +1,13 @@
 //! Measures the disk tier on this machine: direct writes and reads through `storage::IoPool` with
 //! 1 MiB requests, and buffered reads for contrast, on a file of a few GiB.
 //!
-//! `cargo run --release -p executor --example disk_bandwidth -- [parent_dir] [GiB] [reps]`
+//! `cargo run --release -p primitives --example disk_bandwidth -- [parent_dir] [GiB] [reps]`
 //! (defaults: the system temp dir, 2, 3). The file lives in an `OffloadDir`, so it is removed at
 //! the end and on Ctrl-C. Before each buffered pass the page cache is dropped
 //! (`/proc/sys/vm/drop_caches`, needs root; the output says whether it worked); buffered reads
 //! also drop their own pages with `posix_fadvise(DONTNEED)`, so neither mode is served from memory.
 
-use executor::storage::{DirectFile, IoPool, IoPoolConfig, OffloadDir, ReadHandle};
+use primitives::storage::{DirectFile, IoPool, IoPoolConfig, OffloadDir, ReadHandle};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;

@@ -1,15 +1,15 @@
 //! Times `quant::linear_q4` against the bf16 `kernels::linear` at decode and small-batch shapes.
 //!
-//! `cargo run --release -p executor --example q4_bench -- [tokens,...] [out] [in] [reps]`
+//! `cargo run --release -p primitives --example q4_bench -- [tokens,...] [out] [in] [reps]`
 //! (defaults: 1,16 4096 4096 21). Eight different matrices are cycled so that weights come from
 //! DRAM, as they do in a model whose layers do not fit in cache; medians over `reps` calls of
 //! each kernel, interleaved.
 //! Then one decode step of attention (1 query, OPT-6.7B heads: 32 x 128) over an f32 cache with
 //! `kernels::attention` and over the compressed cache with `quant::attention_q4`.
 
-use executor::kernels::{attention, linear, Matrix, WeightData};
-use executor::quant::{attention_q4, linear_q4, QuantizedKv, QuantizedMatrix};
 use half::bf16;
+use primitives::kernels::{attention, linear, Matrix, WeightData};
+use primitives::quant::{attention_q4, linear_q4, QuantizedKv, QuantizedMatrix};
 use rayon::prelude::*;
 use std::time::Instant;
 

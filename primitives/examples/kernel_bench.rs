@@ -9,8 +9,8 @@
 //! e.g. `kernel_bench opt-1.3b bf16 1,16 24 7`; layers defaults to the model's, reps to 5;
 //! a sixth argument `nohead` leaves the LM head out.
 
-use executor::kernels::{linear, Matrix, WeightData};
 use half::{bf16, f16};
+use primitives::kernels::{linear, Matrix, WeightData};
 use rayon::prelude::*;
 use std::time::Instant;
 
