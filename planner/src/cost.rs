@@ -829,6 +829,7 @@ mod tests {
             profile: ProfileHeader {
                 name: "test".into(),
                 description: "round numbers".into(),
+                hardware: None,
             },
             gpu: Some(GpuProfile {
                 name: "g".into(),
@@ -859,6 +860,7 @@ mod tests {
                 capacity_gib: fig(100.0),
                 read_gbps: fig(1.0),
                 write_gbps: fig(0.5),
+                buffered_read_gbps: None,
             },
         }
     }

@@ -4,6 +4,7 @@
 
 pub mod check;
 pub mod cost;
+pub mod host;
 pub mod memory;
 pub mod model;
 pub mod paths;

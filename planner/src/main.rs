@@ -29,6 +29,8 @@ const AFTER_HELP: &str = "Examples:
   planner solve --model-config ~/models/opt-1.3b/config.json --gpu-mem 4 --json
   planner explain policies/opt-30b-t4-flexgen.toml
   planner check policies/
+  planner profile --quick -o profiles/this-host.toml
+  planner calibrate --profile profiles/this-host.toml --report run1.json --report run2.json -o calibrated.toml
 
 The cost model and every term it uses: docs/cost-model.md.";
 
@@ -112,6 +114,37 @@ Embedded profiles can also be named as builtin:NAME (t4-flexgen, a10-hetegen, h1
         #[arg(long)]
         json: bool,
     },
+    /// Measure this machine (CPU kernels, DRAM, disk, GPU when present) into a profile TOML.
+    #[command(after_help = "Examples:
+  planner profile --quick
+      about 20 s; prints the figures (each with how it was measured)
+  planner profile --offload-dir /mnt/nvme -o profiles/my-host.toml
+  planner profile --quick -o b.toml --compare a.toml
+      a second run next to a first one: flags every figure that moved by more than 15%
+
+The CPU figures time the executor's own kernels (bf16 weights), the disk figures use direct I/O in a
+temporary directory under --offload-dir (removed afterwards, also on Ctrl-C). Without a GPU the
+profile has no [gpu] section and the output says why.")]
+    Profile {
+        /// Directory on the disk the executor will offload to (default: the system temp dir).
+        #[arg(long, value_name = "DIR")]
+        offload_dir: Option<PathBuf>,
+        /// Smaller sizes and fewer passes (under 30 s).
+        #[arg(long)]
+        quick: bool,
+        /// Write the profile here.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Profile name (default: the output file's stem, else "this-host").
+        #[arg(long)]
+        name: Option<String>,
+        /// Another profile (file or builtin:NAME) to set every figure beside.
+        #[arg(long, value_name = "P")]
+        compare: Option<String>,
+        /// Print the profile as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Re-verify policies (for CI): exits non-zero when a profile's fingerprint changed, a policy no
     /// longer fits, its stored prediction is stale, or a fresh solve beats it by more than 2%.
     #[command(after_help = "Example:\n  planner check policies/")]
@@ -163,15 +196,36 @@ fn main() -> ExitCode {
         .map(|()| true),
         Command::Explain { policy, json } => run_explain(&policy, json).map(|()| true),
         Command::Check { dir, json } => run_check(&dir, json),
+        Command::Profile {
+            offload_dir,
+            quick,
+            output,
+            name,
+            compare,
+            json,
+        } => run_profile(offload_dir, quick, output, name, compare.as_deref(), json).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("planner: error: {e:#}");
+            eprintln!("planner: error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes joined by ": ", skipping a cause whose text the message already ends
+/// with (library errors name their cause in their own text, and anyhow would repeat it).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut message = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !message.ends_with(&text) {
+            message = format!("{message}: {text}");
+        }
+    }
+    message
 }
 
 struct SolveArgs {
@@ -374,4 +428,76 @@ fn run_check(target: &Path, json: bool) -> Result<bool> {
     let failed = reports.iter().filter(|r| !r.ok).count();
     println!("{} policies checked, {} failed", reports.len(), failed);
     Ok(all_ok)
+}
+
+fn run_profile(
+    offload_dir: Option<PathBuf>,
+    quick: bool,
+    output: Option<PathBuf>,
+    name: Option<String>,
+    compare: Option<&str>,
+    json: bool,
+) -> Result<()> {
+    let offload_dir = offload_dir.unwrap_or_else(std::env::temp_dir);
+    if !offload_dir.is_dir() {
+        bail!(
+            "--offload-dir {}: not a directory (give a directory on the disk to measure)",
+            offload_dir.display()
+        );
+    }
+    // Load the comparison first: a typo should not cost a whole measurement.
+    let other = compare.map(|c| load_profile(Some(c))).transpose()?;
+    let name = name
+        .or_else(|| {
+            output
+                .as_ref()
+                .and_then(|o| o.file_stem())
+                .map(|s| s.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "this-host".into());
+    let options = planner::host::ProfileOptions {
+        offload_dir,
+        quick,
+        name,
+    };
+    let bar = indicatif::ProgressBar::new(1000);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed:>4} [{bar:30}] {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let started = std::time::Instant::now();
+    let profile = planner::host::measure_profile(&options, &mut |step, done| {
+        bar.set_message(step.to_string());
+        bar.set_position((done * 1000.0) as u64);
+    })?;
+    bar.finish_and_clear();
+    let elapsed = started.elapsed().as_secs_f64();
+    if let Some(out) = &output {
+        let text = profile.to_toml(&format!(
+            "Hardware profile written by `planner profile{}` in {elapsed:.1} s.\n\
+             Units are in the field names: _gib = 2^30 bytes, _gbps = 10^9 bytes/s, _tflops = 10^12 FLOP/s.\n\
+             Each note says how its figure was measured; `planner calibrate` refits the rates from executor runs.",
+            if quick { " --quick" } else { "" }
+        ));
+        std::fs::write(out, text).with_context(|| format!("cannot write {}", out.display()))?;
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&profile)?);
+        return Ok(());
+    }
+    println!(
+        "planner profile: {} ({:.1} s)",
+        profile.profile.hardware.as_deref().unwrap_or("?"),
+        elapsed
+    );
+    println!("{}", profile.profile.description);
+    print!(
+        "{}",
+        report::profile_table(&profile, other.as_ref().map(|o| (&o.0, o.2.as_str())))
+    );
+    if let Some(out) = &output {
+        println!("wrote {}", out.display());
+    }
+    Ok(())
 }

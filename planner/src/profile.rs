@@ -153,6 +153,9 @@ pub struct DiskProfile {
     pub read_gbps: Figure,
     /// Sequential write bandwidth (direct I/O).
     pub write_gbps: Figure,
+    /// Reads through the page cache from a cold cache (what a runtime without direct I/O gets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buffered_read_gbps: Option<Figure>,
 }
 
 /// Name and description of a profile.
@@ -161,6 +164,10 @@ pub struct DiskProfile {
 pub struct ProfileHeader {
     pub name: String,
     pub description: String,
+    /// What hardware the figures were measured on (CPU model, cores, memory, GPU), as
+    /// [`crate::host::hardware_fingerprint`] writes it, so a run elsewhere can say so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardware: Option<String>,
 }
 
 /// A hardware profile.
@@ -313,6 +320,9 @@ impl Profile {
         ] {
             checks.push((format!("disk.{name}.value"), fig, name == "capacity_gib"));
         }
+        if let Some(fig) = &d.buffered_read_gbps {
+            checks.push(("disk.buffered_read_gbps.value".into(), fig, false));
+        }
         for (field, fig, zero_ok) in checks {
             let v = fig.value;
             let ok = v.is_finite() && (v > 0.0 || (zero_ok && v == 0.0));
@@ -431,6 +441,127 @@ impl Profile {
     }
 }
 
+impl Profile {
+    /// The profile as TOML in the shipped files' style (one inline table per figure), under
+    /// `comment` (each line written as a `#` comment). Reading it back gives the same profile.
+    pub fn to_toml(&self, comment: &str) -> String {
+        fn quoted(s: &str) -> String {
+            toml::Value::String(s.to_string()).to_string()
+        }
+        fn figure(out: &mut String, name: &str, f: &Figure) {
+            let source = match f.source {
+                Source::Measured => "measured",
+                Source::Fitted => "fitted",
+                Source::Datasheet => "datasheet",
+                Source::Assumed => "assumed",
+            };
+            out.push_str(&format!(
+                "{name} = {{ value = {}, source = \"{source}\", note = {} }}\n",
+                toml::Value::Float(f.value),
+                quoted(&f.note)
+            ));
+        }
+        let mut out = String::new();
+        for line in comment.lines() {
+            out.push_str(&format!("# {line}\n").replace("# \n", "#\n"));
+        }
+        out.push_str("\n[profile]\n");
+        out.push_str(&format!("name = {}\n", quoted(&self.profile.name)));
+        out.push_str(&format!(
+            "description = {}\n",
+            quoted(&self.profile.description)
+        ));
+        if let Some(h) = &self.profile.hardware {
+            out.push_str(&format!("hardware = {}\n", quoted(h)));
+        }
+        if let Some(g) = &self.gpu {
+            out.push_str(&format!("\n[gpu]\nname = {}\n", quoted(&g.name)));
+            for (n, f) in [
+                ("memory_gib", &g.memory_gib),
+                ("reserved_gib", &g.reserved_gib),
+                ("matmul_prefill_tflops", &g.matmul_prefill_tflops),
+                ("matmul_decode_tflops", &g.matmul_decode_tflops),
+                ("attention_prefill_tflops", &g.attention_prefill_tflops),
+                ("attention_decode_tflops", &g.attention_decode_tflops),
+                ("hbm_gbps", &g.hbm_gbps),
+                ("h2d_pinned_gbps", &g.h2d_pinned_gbps),
+                ("h2d_pageable_gbps", &g.h2d_pageable_gbps),
+                ("d2h_pinned_gbps", &g.d2h_pinned_gbps),
+                ("d2h_pageable_gbps", &g.d2h_pageable_gbps),
+            ] {
+                figure(&mut out, n, f);
+            }
+        }
+        let c = &self.cpu;
+        out.push_str(&format!("\n[cpu]\nname = {}\n", quoted(&c.name)));
+        for (n, f) in [
+            ("cores", &c.cores),
+            ("memory_gib", &c.memory_gib),
+            ("reserved_gib", &c.reserved_gib),
+            ("matmul_prefill_tflops", &c.matmul_prefill_tflops),
+            ("matmul_decode_tflops", &c.matmul_decode_tflops),
+            ("attention_tflops", &c.attention_tflops),
+            ("dram_gbps", &c.dram_gbps),
+        ] {
+            figure(&mut out, n, f);
+        }
+        let d = &self.disk;
+        out.push_str(&format!("\n[disk]\nname = {}\n", quoted(&d.name)));
+        for (n, f) in [
+            ("capacity_gib", &d.capacity_gib),
+            ("read_gbps", &d.read_gbps),
+            ("write_gbps", &d.write_gbps),
+        ] {
+            figure(&mut out, n, f);
+        }
+        if let Some(f) = &d.buffered_read_gbps {
+            figure(&mut out, "buffered_read_gbps", f);
+        }
+        out
+    }
+
+    /// Every figure with its dotted field name (`cpu.dram_gbps`), in file order: what
+    /// `planner profile --compare` and `planner calibrate` walk over.
+    pub fn figures(&self) -> Vec<(String, &Figure)> {
+        let mut v: Vec<(String, &Figure)> = Vec::new();
+        if let Some(g) = &self.gpu {
+            for (n, f) in [
+                ("memory_gib", &g.memory_gib),
+                ("matmul_prefill_tflops", &g.matmul_prefill_tflops),
+                ("matmul_decode_tflops", &g.matmul_decode_tflops),
+                ("attention_prefill_tflops", &g.attention_prefill_tflops),
+                ("attention_decode_tflops", &g.attention_decode_tflops),
+                ("hbm_gbps", &g.hbm_gbps),
+                ("h2d_pinned_gbps", &g.h2d_pinned_gbps),
+                ("h2d_pageable_gbps", &g.h2d_pageable_gbps),
+                ("d2h_pinned_gbps", &g.d2h_pinned_gbps),
+                ("d2h_pageable_gbps", &g.d2h_pageable_gbps),
+            ] {
+                v.push((format!("gpu.{n}"), f));
+            }
+        }
+        let c = &self.cpu;
+        for (n, f) in [
+            ("cores", &c.cores),
+            ("memory_gib", &c.memory_gib),
+            ("matmul_prefill_tflops", &c.matmul_prefill_tflops),
+            ("matmul_decode_tflops", &c.matmul_decode_tflops),
+            ("attention_tflops", &c.attention_tflops),
+            ("dram_gbps", &c.dram_gbps),
+        ] {
+            v.push((format!("cpu.{n}"), f));
+        }
+        let d = &self.disk;
+        v.push(("disk.capacity_gib".into(), &d.capacity_gib));
+        v.push(("disk.read_gbps".into(), &d.read_gbps));
+        v.push(("disk.write_gbps".into(), &d.write_gbps));
+        if let Some(f) = &d.buffered_read_gbps {
+            v.push(("disk.buffered_read_gbps".into(), f));
+        }
+        v
+    }
+}
+
 /// Validates a command-line capacity override.
 pub fn check_override(flag: &str, gib: f64) -> Result<f64, String> {
     if gib.is_finite() && gib >= 0.0 {
@@ -501,6 +632,32 @@ mod tests {
         let mut p = Profile::parse(text, "a").unwrap();
         p.disk.read_gbps.value *= 1.01;
         assert_ne!(a, p.fingerprint());
+    }
+
+    #[test]
+    fn written_toml_reads_back_to_the_same_profile() {
+        for (name, _) in EMBEDDED_PROFILES {
+            let mut p = Profile::embedded(name).unwrap();
+            p.profile.hardware = Some("cpu=Test \"quoted\" CPU; cores=2".into());
+            p.disk.buffered_read_gbps = Some(Figure {
+                value: 0.5,
+                source: Source::Measured,
+                note: "a note with \"quotes\"\nand a newline".into(),
+            });
+            let text = p.to_toml("first line\n\nsecond line");
+            let back = Profile::parse(&text, "written").unwrap();
+            assert_eq!(back, p, "{text}");
+            assert!(text.starts_with("# first line\n#\n# second line\n"));
+        }
+    }
+
+    #[test]
+    fn optional_fields_leave_old_fingerprints_alone() {
+        // Policies record profile fingerprints; fields added later must not change those of
+        // profiles that do not use them.
+        let p = Profile::embedded("t4-flexgen").unwrap();
+        let text = serde_json::to_string(&p).unwrap();
+        assert!(!text.contains("hardware") && !text.contains("buffered_read_gbps"));
     }
 
     #[test]

@@ -169,3 +169,74 @@ pub fn memory_plan_table(plan: &MemoryPlan) -> String {
 fn nonzero_items(t: &TierBytes) -> Vec<(&'static str, f64)> {
     t.items().into_iter().filter(|(_, b)| *b > 0.0).collect()
 }
+
+/// Figures whose values differ by more than this share are flagged by [`profile_table`]: the
+/// repeatability asked of `planner profile` (two runs on one machine).
+pub const PROFILE_AGREEMENT: f64 = 0.15;
+
+/// Every figure of `profile` with its source, and, given another profile (and how to name it),
+/// that profile's value and the ratio, flagging differences over [`PROFILE_AGREEMENT`].
+pub fn profile_table(
+    profile: &crate::profile::Profile,
+    other: Option<(&crate::profile::Profile, &str)>,
+) -> String {
+    let mut s = String::new();
+    let others: Vec<(String, &crate::profile::Figure)> =
+        other.map(|(o, _)| o.figures()).unwrap_or_default();
+    match other {
+        Some((_, name)) => {
+            let _ = writeln!(
+                s,
+                "  {:<28} {:>12} {:>12}  {:>6}  source (compared with {name})",
+                "figure", "this run", "other", "ratio"
+            );
+        }
+        None => {
+            let _ = writeln!(s, "  {:<28} {:>12}  source", "figure", "value");
+        }
+    }
+    let mut flagged = 0;
+    let mut compared = 0;
+    for (name, fig) in profile.figures() {
+        let source = format!("{:?}", fig.source).to_lowercase();
+        match (other, others.iter().find(|(n, _)| *n == name)) {
+            (Some(_), Some((_, o))) => {
+                let ratio = fig.value / o.value;
+                let off = (ratio - 1.0).abs() > PROFILE_AGREEMENT;
+                compared += 1;
+                flagged += off as usize;
+                let _ = writeln!(
+                    s,
+                    "  {:<28} {:>12.4} {:>12.4}  {:>6.3}  {source}{}",
+                    name,
+                    fig.value,
+                    o.value,
+                    ratio,
+                    if off {
+                        "  <-- differs by more than 15%"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            (Some(_), None) => {
+                let _ = writeln!(
+                    s,
+                    "  {:<28} {:>12.4} {:>12}  {:>6}  {source}",
+                    name, fig.value, "-", "-"
+                );
+            }
+            (None, _) => {
+                let _ = writeln!(s, "  {:<28} {:>12.4}  {source}", name, fig.value);
+            }
+        }
+    }
+    if other.is_some() {
+        let _ = writeln!(
+            s,
+            "{compared} figures compared, {flagged} differ by more than {:.0}%",
+            PROFILE_AGREEMENT * 100.0
+        );
+    }
+    s
+}

@@ -362,3 +362,62 @@ fn model_config_is_recorded_and_resolved_by_explain() {
     let o = planner(&["check", out.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
 }
+
+#[test]
+fn profile_quick_measures_this_host_and_writes_a_profile_that_solves() {
+    let td = tempfile::tempdir().unwrap();
+    let out = td.path().join("this-host.toml");
+    let first = td.path().join("first.toml");
+    let offload = td.path().display().to_string();
+    let o = planner(&[
+        "profile",
+        "--quick",
+        "--offload-dir",
+        &offload,
+        "-o",
+        first.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = planner(&[
+        "profile",
+        "--quick",
+        "--offload-dir",
+        &offload,
+        "-o",
+        out.to_str().unwrap(),
+        "--compare",
+        first.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("cpu.dram_gbps") && t.contains("figures compared"), "{t}");
+    let written = std::fs::read_to_string(&out).unwrap();
+    assert!(written.contains("name = \"this-host\"") && written.contains("hardware = "));
+    // Either a GPU was measured or the output says why there is no [gpu] section.
+    assert!(t.contains("no GPU section") || written.contains("[gpu]"), "{t}");
+    // The disk test file is gone; only the two profiles remain.
+    assert_eq!(std::fs::read_dir(td.path()).unwrap().count(), 2);
+    // The measured profile is usable as it is.
+    let o = planner(&[
+        "solve",
+        "--model",
+        "opt-125m",
+        "--profile",
+        out.to_str().unwrap(),
+        "--prompt-len",
+        "32",
+        "--gen-len",
+        "8",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+#[test]
+fn profile_with_a_missing_offload_dir_or_comparison_fails_before_measuring() {
+    let o = planner(&["profile", "--quick", "--offload-dir", "/no/such/dir"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("--offload-dir /no/such/dir: not a directory"), "{}", text(&o));
+    let o = planner(&["profile", "--quick", "--compare", "/no/such/profile.toml"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("cannot read profile /no/such/profile.toml"), "{}", text(&o));
+}

@@ -1,0 +1,351 @@
+//! Timed runs of the primitives: what `planner profile` measures a host with.
+//!
+//! Every figure comes from the same code the executor runs (the `kernels::linear` product with bf16
+//! weights read in place, `kernels::attention`, `storage::IoPool` direct reads and writes), so a
+//! profile describes what will run, not a vendor peak. Each function returns a [`Rate`]: the median
+//! of several timed passes and the passes themselves, after one untimed warm-up pass.
+
+use crate::kernels::{self, Matrix, WeightData};
+use crate::storage::{DirectFile, IoPool, IoPoolConfig, OffloadDir, ReadHandle, StorageError};
+use half::bf16;
+use rayon::prelude::*;
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+const MIB: usize = 1 << 20;
+
+/// A measured rate (per second) with the passes it is the median of.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rate {
+    /// Median over the passes.
+    pub median: f64,
+    /// Every timed pass, in order.
+    pub passes: Vec<f64>,
+}
+
+impl Rate {
+    pub(crate) fn from_passes(passes: Vec<f64>) -> Rate {
+        let mut sorted = passes.clone();
+        sorted.sort_by(f64::total_cmp);
+        let median = if sorted.is_empty() {
+            0.0
+        } else {
+            sorted[sorted.len() / 2]
+        };
+        Rate { median, passes }
+    }
+
+    /// Largest relative distance of a pass from the median: how steady the figure was.
+    pub fn spread(&self) -> f64 {
+        self.passes
+            .iter()
+            .map(|p| (p / self.median - 1.0).abs())
+            .fold(0.0, f64::max)
+    }
+}
+
+/// Runs `work` once untimed, then `passes` times; each pass's rate is `amount / seconds`.
+fn timed(passes: usize, amount: f64, mut work: impl FnMut()) -> Rate {
+    work();
+    let rates = (0..passes.max(1))
+        .map(|_| {
+            let start = Instant::now();
+            work();
+            amount / start.elapsed().as_secs_f64().max(1e-9)
+        })
+        .collect();
+    Rate::from_passes(rates)
+}
+
+/// Deterministic bf16 values in [-0.5, 0.5): the kernels' speed does not depend on them, but
+/// denormals and NaNs must not appear.
+fn bf16_values(n: usize, seed: u32) -> Vec<bf16> {
+    (0..n)
+        .into_par_iter()
+        .map(|i| {
+            let h = (i as u32 ^ seed).wrapping_mul(0x9E37_79B9).rotate_left(13);
+            bf16::from_f32((h >> 8) as f32 / (1u32 << 24) as f32 - 0.5)
+        })
+        .collect()
+}
+
+/// FLOP/s of `kernels::linear` for `rows` input rows against one bf16 `[out, inp]` matrix:
+/// 2 rows out inp per call. With many rows (a prefill) this is the product's compute rate; with
+/// few rows and a matrix that fits in cache, the decode-shaped compute rate free of DRAM limits.
+pub fn linear_flops(rows: usize, out: usize, inp: usize, passes: usize) -> Rate {
+    let weights = bf16_values(out * inp, 1);
+    let w = Matrix {
+        data: WeightData::Bf16(&weights),
+        out_features: out,
+        in_features: inp,
+    };
+    let x: Vec<f32> = (0..rows * inp).map(|i| (i % 17) as f32 * 0.01).collect();
+    let mut y = vec![0.0f32; rows * out];
+    // Enough calls per pass that one pass takes a few tens of milliseconds at ~100 GFLOP/s.
+    let flops_per_call = 2.0 * (rows * out * inp) as f64;
+    let calls = ((3e9 / flops_per_call).ceil() as usize).clamp(1, 1000);
+    timed(passes, flops_per_call * calls as f64, || {
+        for _ in 0..calls {
+            kernels::linear(&x, rows, &w, None, &mut y);
+        }
+        std::hint::black_box(&y);
+    })
+}
+
+/// Bytes/s with which a batch-1 `kernels::linear` streams bf16 weights: a chain of `[out, inp]`
+/// matrices totalling about `total_bytes` (larger than the last-level cache), each multiplied by
+/// one row, as a batch-1 decode step does. This is the memory side of the CPU roofline as the
+/// executor sees it.
+pub fn linear_stream_bandwidth(total_bytes: usize, out: usize, inp: usize, passes: usize) -> Rate {
+    let per_matrix = out * inp * 2;
+    let count = total_bytes.div_ceil(per_matrix).max(2);
+    let weights: Vec<Vec<bf16>> = (0..count)
+        .map(|i| bf16_values(out * inp, i as u32 + 7))
+        .collect();
+    let x: Vec<f32> = (0..inp).map(|i| (i % 13) as f32 * 0.01).collect();
+    let mut y = vec![0.0f32; out];
+    timed(passes, (count * per_matrix) as f64, || {
+        for w in &weights {
+            let m = Matrix {
+                data: WeightData::Bf16(w),
+                out_features: out,
+                in_features: inp,
+            };
+            kernels::linear(&x, 1, &m, None, &mut y);
+        }
+        std::hint::black_box(&y);
+    })
+}
+
+/// FLOP/s of `kernels::attention` for `seqs` sequences (one call each, as the executor makes),
+/// `q_len` new queries over `kv_len` cached positions, `heads` x `head_dim`: 4 q_len kv_len
+/// heads head_dim FLOPs per sequence (scores and weighted sum), counting every key as the
+/// roofline does.
+pub fn attention_flops(
+    seqs: usize,
+    q_len: usize,
+    kv_len: usize,
+    heads: usize,
+    head_dim: usize,
+    passes: usize,
+) -> Rate {
+    let d = heads * head_dim;
+    let q: Vec<f32> = (0..q_len * d).map(|i| (i % 11) as f32 * 0.01).collect();
+    let kv: Vec<Vec<f32>> = (0..2 * seqs)
+        .map(|s| {
+            (0..kv_len * d)
+                .map(|i| ((i + s) % 19) as f32 * 0.01)
+                .collect()
+        })
+        .collect();
+    let valid = vec![true; kv_len];
+    let mut out = vec![0.0f32; q_len * d];
+    let mut scratch = vec![0.0f32; kv_len * rayon::current_num_threads().max(heads)];
+    let flops = 4.0 * (seqs * q_len * kv_len * d) as f64;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    timed(passes, flops, || {
+        for s in 0..seqs {
+            kernels::attention(
+                &q,
+                q_len,
+                &kv[2 * s],
+                &kv[2 * s + 1],
+                kv_len,
+                &valid,
+                heads,
+                head_dim,
+                scale,
+                &mut out,
+                &mut scratch,
+            );
+        }
+        std::hint::black_box(&out);
+    })
+}
+
+/// Bytes/s of plain reads by every worker thread over a buffer of `bytes` (each thread sums a
+/// contiguous part): the DRAM read ceiling, for comparison with [`linear_stream_bandwidth`].
+pub fn dram_read_bandwidth(bytes: usize, passes: usize) -> Rate {
+    let len = bytes / 4;
+    let mut buf = vec![0.0f32; len];
+    buf.par_chunks_mut(1 << 16)
+        .enumerate()
+        .for_each(|(i, c)| c.fill(i as f32 * 1e-9));
+    let part = len.div_ceil(rayon::current_num_threads().max(1));
+    timed(passes, (len * 4) as f64, || {
+        let total: f32 = buf
+            .par_chunks(part)
+            .map(|c| {
+                // 16 independent lanes: the loop is limited by loads, not by the adds.
+                let mut lanes = [0.0f32; 16];
+                for chunk in c.chunks_exact(16) {
+                    for (l, v) in lanes.iter_mut().zip(chunk) {
+                        *l += v;
+                    }
+                }
+                lanes.iter().sum::<f32>()
+            })
+            .sum();
+        std::hint::black_box(total);
+    })
+}
+
+/// What [`disk`] measured on one directory.
+#[derive(Debug, Clone)]
+pub struct DiskMeasurement {
+    /// Direct (page-cache-free) writes, 1 MiB requests, 8 in flight on 4 threads, ending with a sync.
+    pub write: Rate,
+    /// Direct reads, 1 MiB requests, 8 in flight on 4 threads (how the executor reads weights).
+    pub read: Rate,
+    /// Buffered reads of the same file with its pages dropped first (what a runtime reading through
+    /// the page cache gets on a cold cache).
+    pub buffered_read: Rate,
+    /// Why direct I/O was not used, when the filesystem refused it.
+    pub fallback: Option<String>,
+    /// Size of the test file.
+    pub file_bytes: u64,
+}
+
+fn io_pool(window: usize) -> Result<IoPool, StorageError> {
+    IoPool::new(&IoPoolConfig {
+        threads: 4,
+        queue_depth: window,
+        request_size: MIB,
+        buffer_size: MIB,
+        max_buffers: window + 2,
+    })
+}
+
+/// Reads all of `file` in 1 MiB requests with `window` in flight.
+fn read_all(file: &Arc<DirectFile>, window: usize) -> Result<(), StorageError> {
+    let pool = io_pool(window)?;
+    let size = file.len() as usize;
+    let mut in_flight: VecDeque<ReadHandle> = VecDeque::new();
+    let mut offset = 0usize;
+    while offset < size || !in_flight.is_empty() {
+        while offset < size && in_flight.len() < window {
+            in_flight.push_back(pool.read(file, offset as u64, MIB.min(size - offset))?);
+            offset += MIB;
+        }
+        if let Some(h) = in_flight.pop_front() {
+            std::hint::black_box(h.wait()?.bytes().first().copied());
+        }
+    }
+    Ok(())
+}
+
+/// Drops `file`'s pages from the page cache, so a buffered read has to go to the disk.
+fn drop_pages(file: &Path) {
+    if let Ok(f) = std::fs::File::open(file) {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: fadvise on an open descriptor; failure only leaves pages cached.
+        unsafe {
+            libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+        }
+    }
+}
+
+/// Measures the disk under `parent`: writes a `bytes` file in a self-removing offload directory
+/// (also removed on Ctrl-C), reads it back with direct I/O and then buffered, `passes` times each.
+/// `progress` gets a fraction in [0, 1] as the work proceeds.
+pub fn disk(
+    parent: &Path,
+    bytes: u64,
+    passes: usize,
+    progress: &mut dyn FnMut(f64),
+) -> Result<DiskMeasurement, StorageError> {
+    let size = (bytes as usize).div_ceil(MIB).max(1) * MIB;
+    let dir = OffloadDir::create(parent)?;
+    let file = dir.create_file("disk-profile.bin", size as u64)?;
+    let fallback = file.fallback().map(str::to_string);
+    let steps = (1 + 2 * passes) as f64;
+
+    let mut write_rates = Vec::new();
+    for pass in 0..passes.max(1) {
+        let pool = io_pool(8)?;
+        let start = Instant::now();
+        let mut in_flight = VecDeque::new();
+        let mut offset = 0usize;
+        while offset < size || !in_flight.is_empty() {
+            while offset < size && in_flight.len() < 8 {
+                let mut buf = pool.buffers().get(MIB)?;
+                buf.as_mut_slice().fill((offset / MIB + pass) as u8);
+                in_flight.push_back(pool.write(file.file(), offset as u64, buf, MIB)?);
+                offset += MIB;
+            }
+            if let Some(h) = in_flight.pop_front() {
+                drop(h.wait()?);
+            }
+        }
+        // SAFETY: sync(2) has no preconditions; the figure includes reaching the device.
+        unsafe { libc::sync() };
+        write_rates.push(size as f64 / start.elapsed().as_secs_f64());
+        progress((pass + 1) as f64 / steps);
+    }
+    let direct = Arc::new(DirectFile::open(file.path())?);
+    let mut read_rates = Vec::new();
+    for pass in 0..passes.max(1) {
+        let start = Instant::now();
+        read_all(&direct, 8)?;
+        read_rates.push(size as f64 / start.elapsed().as_secs_f64());
+        progress((1 + passes + pass) as f64 / steps);
+    }
+    let buffered = Arc::new(DirectFile::open_buffered(
+        file.path(),
+        "buffered read for the profile",
+    )?);
+    let mut buffered_rates = Vec::new();
+    for pass in 0..passes.max(1) {
+        drop_pages(file.path());
+        let start = Instant::now();
+        read_all(&buffered, 8)?;
+        buffered_rates.push(size as f64 / start.elapsed().as_secs_f64());
+        progress((1 + 2 * passes + pass) as f64 / steps);
+    }
+    drop_pages(file.path());
+    Ok(DiskMeasurement {
+        write: Rate::from_passes(write_rates),
+        read: Rate::from_passes(read_rates),
+        buffered_read: Rate::from_passes(buffered_rates),
+        fallback,
+        file_bytes: size as u64,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_are_positive_medians_of_their_passes() {
+        let r = Rate::from_passes(vec![3.0, 1.0, 2.0]);
+        assert_eq!(r.median, 2.0);
+        assert!((r.spread() - 0.5).abs() < 1e-12);
+        // Tiny shapes: this checks the plumbing (no panics, finite positive rates), not speed.
+        for rate in [
+            linear_flops(2, 16, 32, 2),
+            linear_stream_bandwidth(1 << 16, 32, 64, 2),
+            attention_flops(2, 1, 8, 2, 4, 2),
+            dram_read_bandwidth(1 << 16, 2),
+        ] {
+            assert_eq!(rate.passes.len(), 2);
+            assert!(rate.median.is_finite() && rate.median > 0.0, "{rate:?}");
+        }
+    }
+
+    #[test]
+    fn disk_measurement_writes_reads_and_removes_its_file() {
+        let td = tempfile::tempdir().unwrap();
+        let mut seen = Vec::new();
+        let m = disk(td.path(), 3 * MIB as u64, 1, &mut |f| seen.push(f)).unwrap();
+        assert_eq!(m.file_bytes, 3 * MIB as u64);
+        for r in [&m.write, &m.read, &m.buffered_read] {
+            assert!(r.median > 0.0 && r.median.is_finite());
+        }
+        assert!(seen.windows(2).all(|w| w[0] <= w[1]) && *seen.last().unwrap() <= 1.0);
+        // The offload directory (and the file in it) is gone.
+        assert_eq!(std::fs::read_dir(td.path()).unwrap().count(), 0);
+    }
+}
