@@ -1,7 +1,8 @@
 //! End to end through both programs: `planner solve` writes a policy for a fixture model under a
 //! CPU budget that forces part of the model onto disk, `planner explain` reads it back, and
 //! `executor --policy` runs it and must produce exactly transformers' greedy tokens while
-//! reporting the planner's prediction next to its measurements.
+//! reporting the planner's prediction next to its measurements; `planner calibrate` then refits
+//! the profile from one run's report and scores it on the other.
 //!
 //! The binaries are the ones `cargo test --workspace` builds for the planner's and executor's own
 //! CLI tests, next to this test's executable.
@@ -156,4 +157,33 @@ fn solved_policies_run_and_give_transformers_tokens() {
         let path = entry.unwrap().path();
         assert!(path.is_file(), "left behind: {}", path.display());
     }
+
+    // The reports close the loop: calibrate on one run, score on the other, solve with the result.
+    let calibrated = work.path().join("calibrated.toml");
+    let out = run(Command::new(binary("planner"))
+        .current_dir(&root)
+        .args([
+            "calibrate",
+            "--profile",
+            "profiles/cpu-2core-24gib.toml",
+            "--report",
+        ])
+        .arg(work.path().join("roomy.json"))
+        .arg("--score")
+        .arg(work.path().join("tight.json"))
+        .arg("-o")
+        .arg(&calibrated));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("cpu.dram_gbps") && text.contains("held out of the fit"),
+        "{text}"
+    );
+    assert!(text.contains("median |predicted / measured - 1|"), "{text}");
+    run(Command::new(binary("planner"))
+        .current_dir(&root)
+        .args(["solve", "--model-config"])
+        .arg(root.join("tests/fixtures/opt-tiny-preln/config.json"))
+        .arg("--profile")
+        .arg(&calibrated)
+        .args(["--prompt-len", "20", "--gen-len", "4"]));
 }

@@ -5,7 +5,6 @@ use clap::{Parser, ValueEnum};
 use executor::backend::{Backend, CpuBackend};
 use executor::generate::{generate, GenerationConfig, Sampling};
 use executor::models::opt::OptConfig;
-use executor::models::CausalLm;
 use executor::run::{self, ModelSource, Prompt};
 use executor::schedule::{self, BlockPlan};
 use executor::weights::ElementType;
@@ -436,6 +435,16 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
                 )
             }
         };
+        if let Some(measured_on) = &profile.profile.hardware {
+            let gpu = executor::cuda::probe().ok().map(|info| info.name);
+            let here = planner::host::hardware_fingerprint(gpu.as_deref());
+            if *measured_on != here {
+                eprintln!(
+                    "warning: profile {profile_name} was measured on [{measured_on}], this host is \
+                     [{here}]: the prediction describes the other machine"
+                );
+            }
+        }
         let prediction = match planner::cost::evaluate(spec, &profile, &run_policy) {
             Ok(pr) => Some(pr),
             Err(e) => {
@@ -449,11 +458,11 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
                 .as_ref()
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
+            spec,
             &run_policy,
             stats,
             &planned,
             prediction.as_ref().map(|pr| (profile_name.as_str(), pr)),
-            loaded.model.num_layers(),
         );
     }
     // A closed stderr is not worth failing a finished run for.

@@ -82,6 +82,14 @@ pub struct TierReport {
     pub cpu_compute_busy_s: f64,
     /// Seconds the compute thread waited on I/O (what overlap did not hide).
     pub io_wait_s: f64,
+    /// The part of `cpu_compute_busy_s` in the prefill step.
+    pub prefill_compute_s: f64,
+    /// The part of `cpu_compute_busy_s` in the decode steps.
+    pub decode_compute_s: f64,
+    /// The model's shapes and the policy as run (workload and block shape of this run): what
+    /// `planner calibrate` needs to evaluate the cost model for the run.
+    pub model_spec: Option<planner::model::ModelSpec>,
+    pub policy_as_run: Option<planner::policy::Policy>,
     /// Peak bytes of the offload directory's files (disk tier, besides the checkpoint).
     pub offload_dir_bytes: u64,
     /// CPU bytes of the planner's memory plan for this run's policy, checked against MemAvailable.

@@ -396,15 +396,17 @@ pub fn report(loaded: &Loaded, out: &GenerationOutput, backend: &str) -> RunRepo
 pub fn add_tiers(
     report: &mut RunReport,
     shown: &str,
+    spec: &planner::model::ModelSpec,
     policy: &Policy,
     stats: &crate::schedule::ChannelStats,
     planned: &planner::memory::MemoryPlan,
     prediction: Option<(&str, &planner::cost::Prediction)>,
-    layers: usize,
 ) {
+    let layers = spec.num_layers;
     let (read_bytes, read_busy) = stats.disk_read();
     let t = &mut report.tiers;
     t.policy = Some(shown.to_string());
+    t.model_spec = Some(spec.clone());
     t.gpu_batch_size = policy.batch.gpu_batch_size as usize;
     t.num_gpu_batches = policy.batch.num_gpu_batches as usize;
     t.cpu_attention = Some(policy.compute.cpu_attention);
@@ -416,6 +418,9 @@ pub fn add_tiers(
     t.disk_write_busy_s = stats.cache.write_busy_s;
     t.cpu_compute_busy_s = stats.cpu_compute_s;
     t.io_wait_s = stats.io_wait_s;
+    t.prefill_compute_s = stats.prefill_compute_s;
+    t.decode_compute_s = stats.cpu_compute_s - stats.prefill_compute_s;
+    t.policy_as_run = Some(policy.clone());
     t.offload_dir_bytes = stats.offload_bytes;
     t.planned_cpu_bytes = Some(planned.cpu.total());
     t.planned_disk_bytes = Some(planned.disk.total());

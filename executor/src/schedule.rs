@@ -175,6 +175,9 @@ pub struct ChannelStats {
     pub cache: IoStats,
     /// Seconds the compute thread spent computing (embedding, layers, head, sampling).
     pub cpu_compute_s: f64,
+    /// The part of `cpu_compute_s` spent in the prefill step (the rest is decode): calibration
+    /// fits prefill-shaped and decode-shaped rates separately.
+    pub prefill_compute_s: f64,
     /// Seconds the compute thread waited for reads or writes.
     pub io_wait_s: f64,
     /// Bytes of the offload directory's files.
@@ -874,6 +877,7 @@ fn run_block(
         if first {
             prefill_logits = logits.clone();
             prefill_s = started.elapsed().as_secs_f64();
+            stats.prefill_compute_s = stats.cpu_compute_s;
             first = false;
         } else {
             steps += 1;

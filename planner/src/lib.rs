@@ -2,6 +2,7 @@
 //! policy files. The executor links this library for the shared types and for the predictions it
 //! reports next to its measurements; the planner never depends on the executor.
 
+pub mod calibrate;
 pub mod check;
 pub mod cost;
 pub mod host;

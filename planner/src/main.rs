@@ -145,6 +145,34 @@ profile has no [gpu] section and the output says why.")]
         #[arg(long)]
         json: bool,
     },
+    /// Refit a profile's effective rates from executor reports (`executor --policy P --report R.json`).
+    #[command(after_help = "Examples:
+  planner calibrate --profile profiles/this-host.toml --report a.json --report b.json -o calibrated.toml
+  planner calibrate --profile p.toml --report fit1.json --report fit2.json --score held1.json --score held2.json
+
+Disk rates become bytes over busy seconds; the CPU rates are fitted to the CPU compute seconds of the
+prefill and decode steps (docs/cost-model.md, Calibration). --score sets predicted beside measured
+throughput for runs the fit did not see, before and after calibration.")]
+    Calibrate {
+        /// The profile to start from (file or builtin:NAME).
+        #[arg(long, value_name = "P")]
+        profile: String,
+        /// Executor reports to fit (repeat the flag).
+        #[arg(long = "report", value_name = "JSON", required = true)]
+        reports: Vec<PathBuf>,
+        /// Executor reports to score the fit on (repeat the flag); default: the fitted ones.
+        #[arg(long = "score", value_name = "JSON")]
+        scores: Vec<PathBuf>,
+        /// Write the calibrated profile here.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Name of the calibrated profile (default: the output file's stem).
+        #[arg(long)]
+        name: Option<String>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Re-verify policies (for CI): exits non-zero when a profile's fingerprint changed, a policy no
     /// longer fits, its stored prediction is stale, or a fresh solve beats it by more than 2%.
     #[command(after_help = "Example:\n  planner check policies/")]
@@ -204,6 +232,14 @@ fn main() -> ExitCode {
             compare,
             json,
         } => run_profile(offload_dir, quick, output, name, compare.as_deref(), json).map(|()| true),
+        Command::Calibrate {
+            profile,
+            reports,
+            scores,
+            output,
+            name,
+            json,
+        } => run_calibrate(&profile, &reports, &scores, output, name, json).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -495,6 +531,125 @@ fn run_profile(
     print!(
         "{}",
         report::profile_table(&profile, other.as_ref().map(|o| (&o.0, o.2.as_str())))
+    );
+    if let Some(out) = &output {
+        println!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+fn run_calibrate(
+    profile_arg: &str,
+    reports: &[PathBuf],
+    scores: &[PathBuf],
+    output: Option<PathBuf>,
+    name: Option<String>,
+    json: bool,
+) -> Result<()> {
+    use planner::calibrate::{self, ExecutorReport};
+    let (base, _, base_desc) = load_profile(Some(profile_arg))?;
+    let load = |paths: &[PathBuf]| -> Result<Vec<(String, ExecutorReport)>> {
+        paths
+            .iter()
+            .map(|p| Ok((p.display().to_string(), ExecutorReport::load(p)?)))
+            .collect()
+    };
+    let fit = load(reports)?;
+    let held_out = !scores.is_empty();
+    let scored = if held_out { load(scores)? } else { fit.clone() };
+    let mut cal = calibrate::calibrate(&base, &fit)?;
+    if let Some(n) = name.or_else(|| {
+        output
+            .as_ref()
+            .and_then(|o| o.file_stem())
+            .map(|s| s.to_string_lossy().into_owned())
+    }) {
+        cal.profile.profile.name = n;
+    }
+    let mut rows = Vec::new();
+    for (path, r) in &scored {
+        let before = calibrate::fidelity(&base, r).with_context(|| format!("report {path}"))?;
+        let after =
+            calibrate::fidelity(&cal.profile, r).with_context(|| format!("report {path}"))?;
+        rows.push((path.clone(), r.policy_as_run.batch, before, after));
+    }
+    let errors_before: Vec<f64> = rows.iter().map(|r| r.2.error()).collect();
+    let errors_after: Vec<f64> = rows.iter().map(|r| r.3.error()).collect();
+    let median_before = calibrate::median(&errors_before);
+    let median_after = calibrate::median(&errors_after);
+    if let Some(out) = &output {
+        let text = cal.profile.to_toml(&format!(
+            "Calibrated by `planner calibrate` from {} executor reports, starting from {base_desc}.\n\
+             Units are in the field names: _gib = 2^30 bytes, _gbps = 10^9 bytes/s, _tflops = 10^12 FLOP/s.",
+            fit.len()
+        ));
+        std::fs::write(out, text).with_context(|| format!("cannot write {}", out.display()))?;
+    }
+    if json {
+        let value = serde_json::json!({
+            "profile_used": base_desc,
+            "fitted_on": reports.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+            "scored_on_held_out_runs": held_out,
+            "refits": cal.refits.iter().map(|r| serde_json::json!({"figure": r.figure, "before": r.before, "after": r.after})).collect::<Vec<_>>(),
+            "runs": rows.iter().map(|(p, _, b, a)| serde_json::json!({
+                "report": p,
+                "measured_tok_s": b.measured_tok_s,
+                "predicted_tok_s_before": b.predicted_tok_s,
+                "predicted_tok_s_after": a.predicted_tok_s,
+            })).collect::<Vec<_>>(),
+            "median_abs_error_before": median_before,
+            "median_abs_error_after": median_after,
+            "profile": cal.profile,
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    println!(
+        "planner calibrate: {} reports fitted, starting from {base_desc}",
+        fit.len()
+    );
+    println!(
+        "  {:<28} {:>12} {:>12}  {:>6}",
+        "figure", "before", "after", "ratio"
+    );
+    for r in &cal.refits {
+        println!(
+            "  {:<28} {:>12.4} {:>12.4}  {:>6.3}",
+            r.figure,
+            r.before,
+            r.after,
+            r.after / r.before
+        );
+    }
+    println!(
+        "\npredicted / measured throughput on {} runs ({}):",
+        rows.len(),
+        if held_out {
+            "held out of the fit"
+        } else {
+            "the fitted runs themselves; pass --score for held-out runs"
+        }
+    );
+    println!(
+        "  {:<40} {:>7} {:>10} {:>10} {:>7} {:>10} {:>7}",
+        "report", "block", "measured", "before", "ratio", "after", "ratio"
+    );
+    for (path, batch, b, a) in &rows {
+        println!(
+            "  {:<40} {:>7} {:>10.3} {:>10.3} {:>7.3} {:>10.3} {:>7.3}",
+            path,
+            format!("{}x{}", batch.gpu_batch_size, batch.num_gpu_batches),
+            b.measured_tok_s,
+            b.predicted_tok_s,
+            b.predicted_tok_s / b.measured_tok_s,
+            a.predicted_tok_s,
+            a.predicted_tok_s / a.measured_tok_s
+        );
+    }
+    println!(
+        "median |predicted / measured - 1|: before {:.1}%, after {:.1}%",
+        median_before * 100.0,
+        median_after * 100.0
     );
     if let Some(out) = &output {
         println!("wrote {}", out.display());

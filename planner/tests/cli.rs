@@ -390,11 +390,17 @@ fn profile_quick_measures_this_host_and_writes_a_profile_that_solves() {
     ]);
     let t = text(&o);
     assert!(o.status.success(), "{t}");
-    assert!(t.contains("cpu.dram_gbps") && t.contains("figures compared"), "{t}");
+    assert!(
+        t.contains("cpu.dram_gbps") && t.contains("figures compared"),
+        "{t}"
+    );
     let written = std::fs::read_to_string(&out).unwrap();
     assert!(written.contains("name = \"this-host\"") && written.contains("hardware = "));
     // Either a GPU was measured or the output says why there is no [gpu] section.
-    assert!(t.contains("no GPU section") || written.contains("[gpu]"), "{t}");
+    assert!(
+        t.contains("no GPU section") || written.contains("[gpu]"),
+        "{t}"
+    );
     // The disk test file is gone; only the two profiles remain.
     assert_eq!(std::fs::read_dir(td.path()).unwrap().count(), 2);
     // The measured profile is usable as it is.
@@ -416,8 +422,16 @@ fn profile_quick_measures_this_host_and_writes_a_profile_that_solves() {
 fn profile_with_a_missing_offload_dir_or_comparison_fails_before_measuring() {
     let o = planner(&["profile", "--quick", "--offload-dir", "/no/such/dir"]);
     assert!(!o.status.success());
-    assert!(text(&o).contains("--offload-dir /no/such/dir: not a directory"), "{}", text(&o));
+    assert!(
+        text(&o).contains("--offload-dir /no/such/dir: not a directory"),
+        "{}",
+        text(&o)
+    );
     let o = planner(&["profile", "--quick", "--compare", "/no/such/profile.toml"]);
     assert!(!o.status.success());
-    assert!(text(&o).contains("cannot read profile /no/such/profile.toml"), "{}", text(&o));
+    assert!(
+        text(&o).contains("cannot read profile /no/such/profile.toml"),
+        "{}",
+        text(&o)
+    );
 }

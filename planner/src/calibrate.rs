@@ -1,0 +1,429 @@
+//! `planner calibrate`: refits a profile's effective rates from executor reports.
+//!
+//! A report (`executor --report run.json`) carries the model's shapes, the policy as it ran, and
+//! what each channel did: CPU compute seconds in the prefill and in the decode steps, disk bytes
+//! and busy seconds each way. Calibration sets each channel's modelled time beside its measured
+//! time (docs/cost-model.md, section "Calibration"):
+//!
+//! - disk read and write rates: bytes over busy seconds, summed over the reports (a direct
+//!   measurement of the channel as the executor drives it);
+//! - the CPU rates (matmul at prefill and decode shapes, attention, DRAM bandwidth): the four log
+//!   scale factors that minimise the squared log ratio of modelled to measured CPU compute time,
+//!   prefill and decode of every report, by coordinate descent. Rates the reports carry no signal
+//!   for (their terms never bind) stay where they were, held by a small pull toward the start.
+//!
+//! Fitting never looks at end-to-end times, so how well the calibrated model predicts
+//! throughput is a real test of the model (overlap, overheads), not of the fit.
+
+use crate::cost::{self, CostError};
+use crate::model::ModelSpec;
+use crate::policy::Policy;
+use crate::profile::{Figure, Profile, Source, GBPS};
+use crate::shares::Scenario;
+use serde::Deserialize;
+use std::path::Path;
+use thiserror::Error;
+
+/// What calibration reads from an executor report (other fields are ignored).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ExecutorReport {
+    pub model_spec: ModelSpec,
+    pub policy_as_run: Policy,
+    pub prefill_s: f64,
+    pub decode_s_per_token: f64,
+    pub decode_steps: usize,
+    pub total_tokens_per_s: f64,
+    pub prefill_compute_s: f64,
+    pub decode_compute_s: f64,
+    pub disk_read_bytes: u64,
+    pub disk_read_busy_s: f64,
+    pub disk_write_bytes: u64,
+    pub disk_write_busy_s: f64,
+}
+
+/// Why calibration could not run.
+#[derive(Debug, Error)]
+pub enum CalibrateError {
+    #[error("cannot read report {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("report {path} is not an executor policy-run report ({message}); run the executor with --policy and --report")]
+    Parse { path: String, message: String },
+    #[error("report {path}: {problem}")]
+    Invalid { path: String, problem: String },
+    #[error("report {path}: {source}")]
+    Cost {
+        path: String,
+        #[source]
+        source: CostError,
+    },
+}
+
+impl ExecutorReport {
+    /// Reads and checks one report.
+    pub fn load(path: &Path) -> Result<ExecutorReport, CalibrateError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| CalibrateError::Io {
+            path: shown.clone(),
+            source,
+        })?;
+        let r: ExecutorReport = serde_json::from_str(&text).map_err(|e| CalibrateError::Parse {
+            path: shown.clone(),
+            message: e.to_string(),
+        })?;
+        let bad = [
+            ("prefill_s", r.prefill_s),
+            ("prefill_compute_s", r.prefill_compute_s),
+            ("total_tokens_per_s", r.total_tokens_per_s),
+        ]
+        .into_iter()
+        .find(|(_, v)| !(v.is_finite() && *v > 0.0));
+        if let Some((field, v)) = bad {
+            return Err(CalibrateError::Invalid {
+                path: shown,
+                problem: format!("{field} is {v}; expected a positive number"),
+            });
+        }
+        Ok(r)
+    }
+
+    /// Measured CPU compute seconds per decode step, if the run decoded.
+    fn decode_compute_per_step(&self) -> Option<f64> {
+        (self.decode_steps > 0 && self.decode_compute_s > 0.0)
+            .then(|| self.decode_compute_s / self.decode_steps as f64)
+    }
+}
+
+/// Modelled CPU compute seconds for a report's run on `profile`: (prefill, one decode step).
+/// On a CPU-only host compute is all CPU: layers times the layer's compute plus the LM head.
+pub fn modelled_compute(profile: &Profile, r: &ExecutorReport) -> Result<(f64, f64), CostError> {
+    let p = cost::evaluate(&r.model_spec, profile, &r.policy_as_run)?;
+    let ci = cost::CostInputs::new(
+        &r.model_spec,
+        profile,
+        Scenario::from_policy(&r.policy_as_run, profile.has_gpu()),
+    );
+    let layers = r.model_spec.num_layers as f64;
+    let compute = |b: &cost::StageBreakdown, stage| layers * b.comp_s + cost::lm_head(&ci, stage);
+    Ok((
+        compute(&p.prefill, cost::Stage::Prefill),
+        compute(&p.decode, cost::Stage::Decode),
+    ))
+}
+
+/// The CPU figures calibration scales, in the order of its parameter vector.
+const CPU_FIGURES: [&str; 4] = [
+    "cpu.matmul_prefill_tflops",
+    "cpu.matmul_decode_tflops",
+    "cpu.attention_tflops",
+    "cpu.dram_gbps",
+];
+
+fn cpu_figures_mut(p: &mut Profile) -> [&mut Figure; 4] {
+    let c = &mut p.cpu;
+    [
+        &mut c.matmul_prefill_tflops,
+        &mut c.matmul_decode_tflops,
+        &mut c.attention_tflops,
+        &mut c.dram_gbps,
+    ]
+}
+
+fn scaled(base: &Profile, log_scale: &[f64; 4]) -> Profile {
+    let mut p = base.clone();
+    for (f, s) in cpu_figures_mut(&mut p).into_iter().zip(log_scale) {
+        f.value *= s.exp();
+    }
+    p
+}
+
+/// Sum of squared log ratios (modelled / measured CPU compute) over the reports, plus the pull
+/// toward the starting rates.
+fn misfit(base: &Profile, log_scale: &[f64; 4], reports: &[ExecutorReport]) -> f64 {
+    let p = scaled(base, log_scale);
+    let mut sum = 0.0;
+    for r in reports {
+        let Ok((pre, dec)) = modelled_compute(&p, r) else {
+            continue;
+        };
+        sum += (pre / r.prefill_compute_s).ln().powi(2);
+        if let Some(m) = r.decode_compute_per_step() {
+            sum += (dec / m).ln().powi(2);
+        }
+    }
+    sum + 1e-4 * log_scale.iter().map(|x| x * x).sum::<f64>()
+}
+
+/// Golden-section search of `f` on [lo, hi].
+fn minimise_1d(mut lo: f64, mut hi: f64, f: impl Fn(f64) -> f64) -> f64 {
+    let g = (5f64.sqrt() - 1.0) / 2.0;
+    let (mut a, mut b) = (hi - g * (hi - lo), lo + g * (hi - lo));
+    let (mut fa, mut fb) = (f(a), f(b));
+    for _ in 0..60 {
+        if fa <= fb {
+            hi = b;
+            b = a;
+            fb = fa;
+            a = hi - g * (hi - lo);
+            fa = f(a);
+        } else {
+            lo = a;
+            a = b;
+            fa = fb;
+            b = lo + g * (hi - lo);
+            fb = f(b);
+        }
+    }
+    (lo + hi) / 2.0
+}
+
+/// One refitted figure: its name, the value before and after.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refit {
+    pub figure: String,
+    pub before: f64,
+    pub after: f64,
+}
+
+/// The calibrated profile and what changed.
+#[derive(Debug, Clone)]
+pub struct Calibration {
+    pub profile: Profile,
+    pub refits: Vec<Refit>,
+}
+
+/// Refits `base`'s CPU and disk rates from `reports` (see the module docs).
+pub fn calibrate(
+    base: &Profile,
+    reports: &[(String, ExecutorReport)],
+) -> Result<Calibration, CalibrateError> {
+    // Every report must evaluate on this profile (a GPU policy on a CPU-only profile does not).
+    for (path, r) in reports {
+        cost::evaluate(&r.model_spec, base, &r.policy_as_run).map_err(|source| {
+            CalibrateError::Cost {
+                path: path.clone(),
+                source,
+            }
+        })?;
+    }
+    let runs: Vec<ExecutorReport> = reports.iter().map(|(_, r)| r.clone()).collect();
+    let mut x = [0.0f64; 4];
+    for _round in 0..12 {
+        for i in 0..4 {
+            let best = minimise_1d(x[i] - 3.0, x[i] + 3.0, |v| {
+                let mut y = x;
+                y[i] = v;
+                misfit(base, &y, &runs)
+            });
+            x[i] = best;
+        }
+    }
+    let n = runs.len();
+    let mut profile = scaled(base, &x);
+    let mut refits = Vec::new();
+    let names = CPU_FIGURES;
+    let befores: Vec<f64> = {
+        let mut b = base.clone();
+        cpu_figures_mut(&mut b).iter().map(|f| f.value).collect()
+    };
+    for ((f, name), before) in cpu_figures_mut(&mut profile)
+        .into_iter()
+        .zip(names)
+        .zip(befores)
+    {
+        f.value = round4(f.value);
+        f.source = Source::Fitted;
+        f.note = format!(
+            "planner calibrate: CPU compute seconds of {n} executor reports (prefill and decode); was {before} ({})",
+            f.note
+        );
+        refits.push(Refit {
+            figure: name.to_string(),
+            before,
+            after: f.value,
+        });
+    }
+    let (read_bytes, read_s, write_bytes, write_s) =
+        runs.iter().fold((0.0, 0.0, 0.0, 0.0), |a, r| {
+            (
+                a.0 + r.disk_read_bytes as f64,
+                a.1 + r.disk_read_busy_s,
+                a.2 + r.disk_write_bytes as f64,
+                a.3 + r.disk_write_busy_s,
+            )
+        });
+    for (fig, name, bytes, secs) in [
+        (
+            &mut profile.disk.read_gbps,
+            "disk.read_gbps",
+            read_bytes,
+            read_s,
+        ),
+        (
+            &mut profile.disk.write_gbps,
+            "disk.write_gbps",
+            write_bytes,
+            write_s,
+        ),
+    ] {
+        if bytes > 0.0 && secs > 0.0 {
+            let before = fig.value;
+            fig.value = round4(bytes / secs / GBPS);
+            fig.source = Source::Fitted;
+            fig.note = format!(
+                "planner calibrate: {:.2} GB over {:.2} busy seconds in {n} executor reports; was {before} ({})",
+                bytes / GBPS,
+                secs,
+                fig.note
+            );
+            refits.push(Refit {
+                figure: name.to_string(),
+                before,
+                after: fig.value,
+            });
+        }
+    }
+    profile.profile.description = format!(
+        "{} -- calibrated from {n} executor reports",
+        base.profile.description
+    );
+    Ok(Calibration { profile, refits })
+}
+
+fn round4(x: f64) -> f64 {
+    if x == 0.0 || !x.is_finite() {
+        return x;
+    }
+    let scale = 10f64.powi(3 - x.abs().log10().floor() as i32);
+    (x * scale).round() / scale
+}
+
+/// Predicted against measured throughput for one report on a profile.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fidelity {
+    pub predicted_tok_s: f64,
+    pub measured_tok_s: f64,
+}
+
+impl Fidelity {
+    /// |predicted / measured - 1|.
+    pub fn error(&self) -> f64 {
+        (self.predicted_tok_s / self.measured_tok_s - 1.0).abs()
+    }
+}
+
+/// The cost model's throughput for a report's run on `profile`, beside the measured one.
+pub fn fidelity(profile: &Profile, r: &ExecutorReport) -> Result<Fidelity, CostError> {
+    let p = cost::evaluate(&r.model_spec, profile, &r.policy_as_run)?;
+    Ok(Fidelity {
+        predicted_tok_s: p.throughput_tok_s,
+        measured_tok_s: r.total_tokens_per_s,
+    })
+}
+
+/// Median of `v` (the mean of the middle two for an even count); 0 when empty.
+pub fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Policy;
+
+    /// A report whose channel times are exactly what `truth` predicts for `policy`.
+    fn synthetic(truth: &Profile, model: &ModelSpec, policy: &Policy) -> ExecutorReport {
+        let pred = cost::evaluate(model, truth, policy).unwrap();
+        let r0 = ExecutorReport {
+            model_spec: model.clone(),
+            policy_as_run: policy.clone(),
+            prefill_s: pred.prefill_s,
+            decode_s_per_token: pred.decode_s_per_token,
+            decode_steps: policy.workload.gen_len as usize - 1,
+            total_tokens_per_s: pred.throughput_tok_s,
+            prefill_compute_s: 1.0,
+            decode_compute_s: 1.0,
+            disk_read_bytes: 0,
+            disk_read_busy_s: 0.0,
+            disk_write_bytes: 0,
+            disk_write_busy_s: 0.0,
+        };
+        let (pre, dec) = modelled_compute(truth, &r0).unwrap();
+        ExecutorReport {
+            prefill_compute_s: pre,
+            decode_compute_s: dec * r0.decode_steps as f64,
+            ..r0
+        }
+    }
+
+    #[test]
+    fn calibration_recovers_rates_that_generated_the_reports() {
+        let start = Profile::embedded("cpu-2core-24gib").unwrap();
+        let mut truth = start.clone();
+        truth.cpu.matmul_prefill_tflops.value *= 0.5;
+        truth.cpu.dram_gbps.value *= 1.6;
+        let model = ModelSpec::builtin("opt-1.3b").unwrap();
+        let reports: Vec<(String, ExecutorReport)> = [(1, 1), (4, 1), (16, 1), (8, 2)]
+            .iter()
+            .map(|&(gbs, nb)| {
+                let mut p = Policy::all_cpu("opt-1.3b", 64, 8, gbs);
+                p.batch.num_gpu_batches = nb;
+                (format!("{gbs}x{nb}"), synthetic(&truth, &model, &p))
+            })
+            .collect();
+        let before: Vec<f64> = reports
+            .iter()
+            .map(|(_, r)| fidelity(&start, r).unwrap().error())
+            .collect();
+        let cal = calibrate(&start, &reports).unwrap();
+        let after: Vec<f64> = reports
+            .iter()
+            .map(|(_, r)| fidelity(&cal.profile, r).unwrap().error())
+            .collect();
+        assert!(median(&before) > 0.2, "{before:?}");
+        assert!(median(&after) < 0.01, "{after:?}");
+        let fitted = |name: &str| cal.refits.iter().find(|r| r.figure == name).unwrap().after;
+        let rel = |a: f64, b: f64| (a / b - 1.0).abs();
+        assert!(rel(fitted("cpu.dram_gbps"), truth.cpu.dram_gbps.value) < 0.01);
+        assert!(
+            rel(
+                fitted("cpu.matmul_prefill_tflops"),
+                truth.cpu.matmul_prefill_tflops.value
+            ) < 0.01
+        );
+        assert_eq!(cal.profile.cpu.dram_gbps.source, Source::Fitted);
+    }
+
+    #[test]
+    fn disk_rates_are_bytes_over_busy_seconds() {
+        let start = Profile::embedded("cpu-2core-24gib").unwrap();
+        let model = ModelSpec::builtin("opt-125m").unwrap();
+        let p = Policy::all_cpu("opt-125m", 32, 4, 2);
+        let mut r = synthetic(&start, &model, &p);
+        r.disk_read_bytes = 3_000_000_000;
+        r.disk_read_busy_s = 2.0;
+        let cal = calibrate(&start, &[("r".into(), r)]).unwrap();
+        assert_eq!(cal.profile.disk.read_gbps.value, 1.5);
+        // No writes in the reports: the write rate is left alone.
+        assert_eq!(cal.profile.disk.write_gbps, start.disk.write_gbps);
+    }
+
+    #[test]
+    fn a_report_that_is_not_a_policy_run_is_named() {
+        let td = tempfile::tempdir().unwrap();
+        let path = td.path().join("plain.json");
+        std::fs::write(&path, r#"{"model": "opt-125m", "prefill_s": 1.0}"#).unwrap();
+        let e = ExecutorReport::load(&path).unwrap_err().to_string();
+        assert!(e.contains("plain.json") && e.contains("--policy"), "{e}");
+        assert!(median(&[3.0, 1.0, 2.0, 10.0]) == 2.5);
+    }
+}
