@@ -116,6 +116,7 @@ fn check_into(path: &Path, report: &mut CheckReport) -> Result<(), String> {
         gen_len: policy.workload.gen_len,
         overrides: policy.provenance.capacity_overrides,
         allow_compression: policy.provenance.allow_compression,
+        block_limits: policy.provenance.block_limits,
     };
     let fresh = solve::solve(&request).map_err(|e| format!("fresh solve failed: {e}"))?;
     let fresh_pred = fresh

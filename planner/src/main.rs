@@ -57,6 +57,8 @@ enum Command {
   planner solve --model opt-6.7b --profile profiles/t4-flexgen.toml --prompt-len 512 --gen-len 32 -o p.toml
   planner solve --model opt-30b --profile profiles/a10-hetegen.toml --objective latency --batch 1
   planner solve --model opt-1.3b --profile profiles/cpu-2core-24gib.toml --cpu-mem 8
+  planner solve --model opt-6.7b --profile profiles/cpu-2core-24gib.toml --cpu-mem 8 --max-block 16
+  planner solve --model opt-6.7b --profile profiles/cpu-2core-24gib.toml --cpu-mem 8 --block 8x2
 
 Without --profile the embedded profile t4-flexgen is used, and the output says so.
 Embedded profiles can also be named as builtin:NAME (t4-flexgen, a10-hetegen, h100-pcie, cpu-2core-24gib).")]
@@ -98,6 +100,12 @@ Embedded profiles can also be named as builtin:NAME (t4-flexgen, a10-hetegen, h1
         /// Never choose 4-bit compression (compare with uncompressed baselines).
         #[arg(long)]
         no_compression: bool,
+        /// Only this block shape: GPU batch size x number of GPU batches, e.g. 16x4 (throughput).
+        #[arg(long, value_name = "GxN", value_parser = parse_block)]
+        block: Option<[u64; 2]>,
+        /// At most N sequences per block (gbs x nb), e.g. the requests you have at once.
+        #[arg(long, value_name = "N")]
+        max_block: Option<u64>,
         /// Write the policy here (commented TOML) instead of printing it.
         #[arg(short, long, value_name = "FILE")]
         output: Option<PathBuf>,
@@ -201,6 +209,8 @@ fn main() -> ExitCode {
             cpu_mem,
             disk_mem,
             no_compression,
+            block,
+            max_block,
             output,
             json,
         } => run_solve(SolveArgs {
@@ -218,6 +228,10 @@ fn main() -> ExitCode {
             cpu_mem,
             disk_mem,
             no_compression,
+            block_limits: planner::policy::BlockLimits {
+                fixed: block,
+                max_sequences: max_block,
+            },
             output,
             json,
         })
@@ -276,8 +290,20 @@ struct SolveArgs {
     cpu_mem: Option<f64>,
     disk_mem: Option<f64>,
     no_compression: bool,
+    block_limits: planner::policy::BlockLimits,
     output: Option<PathBuf>,
     json: bool,
+}
+
+/// `--block GxN`: two positive numbers around an `x`.
+fn parse_block(text: &str) -> std::result::Result<[u64; 2], String> {
+    let bad = || {
+        format!("'{text}' is not a block shape; expected GxN, e.g. 16x4 (GPU batch size x number of GPU batches)")
+    };
+    let (g, n) = text.split_once(['x', 'X']).ok_or_else(bad)?;
+    let g: u64 = g.trim().parse().map_err(|_| bad())?;
+    let n: u64 = n.trim().parse().map_err(|_| bad())?;
+    Ok([g, n])
 }
 
 /// Loads the profile named on the command line: `(profile, how policies record it, description)`.
@@ -355,6 +381,7 @@ fn run_solve(a: SolveArgs) -> Result<()> {
         gen_len: a.gen_len,
         overrides,
         allow_compression: !a.no_compression,
+        block_limits: a.block_limits,
     };
     let policy = solve::solve(&request)?;
     let prediction = policy

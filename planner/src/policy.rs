@@ -215,6 +215,36 @@ pub struct Provenance {
     /// false); `planner check` re-solves under the same restriction.
     #[serde(default = "default_true", skip_serializing_if = "is_true")]
     pub allow_compression: bool,
+    /// Limits on the block shapes the search could choose (`--block`, `--max-block`); `planner
+    /// check` re-solves under the same limits.
+    #[serde(default, skip_serializing_if = "BlockLimits::is_empty")]
+    pub block_limits: BlockLimits,
+}
+
+/// Limits on the block shapes (gbs x nb) the throughput search enumerates: a user who has at most
+/// so many requests at once, or who wants one shape's best placement to compare with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockLimits {
+    /// Only this shape: [gpu_batch_size, num_gpu_batches].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fixed: Option<[u64; 2]>,
+    /// At most this many sequences per block (gbs * nb).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sequences: Option<u64>,
+}
+
+impl BlockLimits {
+    /// Whether the search is unrestricted.
+    pub fn is_empty(&self) -> bool {
+        self.fixed.is_none() && self.max_sequences.is_none()
+    }
+
+    /// Whether the shape gbs x nb may be chosen.
+    pub fn allows(&self, gbs: u64, nb: u64) -> bool {
+        self.fixed.is_none_or(|[g, n]| (g, n) == (gbs, nb))
+            && self.max_sequences.is_none_or(|m| gbs * nb <= m)
+    }
 }
 
 fn default_true() -> bool {
@@ -416,6 +446,21 @@ impl Policy {
                 }
             }
         }
+        let b = &p.block_limits;
+        if !b.is_empty() {
+            line(w, "");
+            line(
+                w,
+                "# Block shapes the search was limited to (--block GxN, --max-block N).",
+            );
+            line(w, "[provenance.block_limits]");
+            if let Some([g, n]) = b.fixed {
+                line(w, &format!("fixed = [{g}, {n}]"));
+            }
+            if let Some(m) = b.max_sequences {
+                line(w, &format!("max_sequences = {m}"));
+            }
+        }
         line(w, "");
         line(
             w,
@@ -509,6 +554,7 @@ impl Policy {
                 objective: "throughput".into(),
                 capacity_overrides: CapacityOverrides::default(),
                 allow_compression: true,
+                block_limits: BlockLimits::default(),
             },
             model: ModelRef {
                 name: model.to_string(),

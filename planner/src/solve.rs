@@ -13,8 +13,8 @@ use crate::cost::{self, CostInputs, LayerTerms, Prediction, SolverInfo, Stage};
 use crate::memory::{self, MemoryPlan};
 use crate::model::ModelSpec;
 use crate::policy::{
-    Batch, Compression, Compute, ModelRef, Policy, Provenance, Split, Workload, MAX_BATCH,
-    MAX_SEQUENCE_TOKENS,
+    Batch, BlockLimits, Compression, Compute, ModelRef, Policy, Provenance, Split, Workload,
+    MAX_BATCH, MAX_SEQUENCE_TOKENS,
 };
 use crate::profile::{Capacities, CapacityOverrides, Profile, GIB};
 use crate::shares::{AffineForm, Scenario, Shares, GPU_SHARE_INDICES};
@@ -104,6 +104,8 @@ pub struct SolveRequest<'a> {
     pub overrides: CapacityOverrides,
     /// Whether 4-bit compression may be chosen (otherwise only uncompressed configurations).
     pub allow_compression: bool,
+    /// Block shapes the throughput search may choose from.
+    pub block_limits: BlockLimits,
 }
 
 /// Why no policy came out.
@@ -137,10 +139,14 @@ pub struct ProgramOptimum {
 pub fn scenarios(req: &SolveRequest) -> Vec<Scenario> {
     let has_gpu = req.profile.has_gpu();
     let shapes: Vec<(u64, u64)> = match req.objective {
-        Objective::Throughput => GPU_BATCH_SIZES
-            .iter()
-            .flat_map(|&g| NUM_GPU_BATCHES.iter().map(move |&n| (g, n)))
-            .collect(),
+        Objective::Throughput => match req.block_limits.fixed {
+            Some([g, n]) => vec![(g, n)],
+            None => GPU_BATCH_SIZES
+                .iter()
+                .flat_map(|&g| NUM_GPU_BATCHES.iter().map(move |&n| (g, n)))
+                .filter(|&(g, n)| req.block_limits.allows(g, n))
+                .collect(),
+        },
         Objective::Latency => vec![(req.latency_batch, 1)],
     };
     let delegation: &[bool] = if has_gpu { &[true, false] } else { &[true] };
@@ -326,6 +332,7 @@ pub fn policy_from(req: &SolveRequest, sc: &Scenario, shares: &Shares) -> Policy
             objective: req.objective.name().to_string(),
             capacity_overrides: req.overrides,
             allow_compression: req.allow_compression,
+            block_limits: req.block_limits,
         },
         model: ModelRef {
             name: req.model.name.clone(),
@@ -415,6 +422,33 @@ pub fn solve(req: &SolveRequest) -> Result<Policy, SolveError> {
         return Err(SolveError::Invalid(format!(
             "--prompt-len + --gen-len is {}; at most {MAX_SEQUENCE_TOKENS} tokens are supported",
             req.prompt_len.saturating_add(req.gen_len)
+        )));
+    }
+    let limits = req.block_limits;
+    if !limits.is_empty() && req.objective == Objective::Latency {
+        return Err(SolveError::Invalid(
+            "--block and --max-block apply to --objective throughput; latency uses --batch".into(),
+        ));
+    }
+    if let Some([g, n]) = limits.fixed {
+        if g == 0 || n == 0 || g > MAX_BATCH || n > MAX_BATCH {
+            return Err(SolveError::Invalid(format!(
+                "--block {g}x{n}: both numbers must be between 1 and {MAX_BATCH}"
+            )));
+        }
+    }
+    if limits.max_sequences == Some(0) {
+        return Err(SolveError::Invalid("--max-block must be at least 1".into()));
+    }
+    if !limits.is_empty()
+        && !GPU_BATCH_SIZES
+            .iter()
+            .any(|&g| NUM_GPU_BATCHES.iter().any(|&n| limits.allows(g, n)))
+        && limits.fixed.is_none()
+    {
+        return Err(SolveError::Invalid(format!(
+            "--max-block {}: no enumerated block shape is that small",
+            limits.max_sequences.unwrap_or(0)
         )));
     }
     if req.latency_batch > MAX_BATCH {
@@ -555,7 +589,41 @@ mod tests {
                 disk_mem_gib: Some(20.0),
             },
             allow_compression: true,
+            block_limits: Default::default(),
         }
+    }
+
+    #[test]
+    fn block_limits_restrict_the_shapes_and_are_recorded() {
+        let model = ModelSpec::builtin("opt-125m").unwrap();
+        let profile = Profile::embedded("t4-flexgen").unwrap();
+        let mut req = request(&model, &profile, Objective::Throughput);
+        let free = solve(&req).unwrap();
+        assert!(free.batch.gpu_batch_size * free.batch.num_gpu_batches > 16);
+        req.block_limits.max_sequences = Some(16);
+        let capped = solve(&req).unwrap();
+        assert!(capped.batch.gpu_batch_size * capped.batch.num_gpu_batches <= 16);
+        req.block_limits = BlockLimits {
+            fixed: Some([3, 5]),
+            max_sequences: None,
+        };
+        let fixed = solve(&req).unwrap();
+        assert_eq!((fixed.batch.gpu_batch_size, fixed.batch.num_gpu_batches), (3, 5));
+        // Written and read back with the limits, so `planner check` re-solves under them.
+        let back = Policy::parse(&fixed.to_toml(), "fixed.toml").unwrap();
+        assert_eq!(back.provenance.block_limits, req.block_limits);
+        assert_eq!(back, fixed);
+        // Nonsense limits are errors, not panics.
+        req.block_limits.fixed = Some([0, 2]);
+        assert!(matches!(solve(&req), Err(SolveError::Invalid(_))));
+        req.block_limits = BlockLimits {
+            fixed: None,
+            max_sequences: Some(0),
+        };
+        assert!(matches!(solve(&req), Err(SolveError::Invalid(_))));
+        let mut latency = request(&model, &profile, Objective::Latency);
+        latency.block_limits.max_sequences = Some(4);
+        assert!(matches!(solve(&latency), Err(SolveError::Invalid(_))));
     }
 
     /// Pruning (homes over capacity, compute-only lower bound) never discards the best scenario:

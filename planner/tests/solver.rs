@@ -253,6 +253,7 @@ fn solved_prediction_is_the_cost_model_of_the_written_policy() {
             ..Default::default()
         },
         allow_compression: true,
+        block_limits: Default::default(),
     };
     let policy = solve::solve(&request).unwrap();
     let stored = policy.prediction.clone().unwrap();
@@ -303,6 +304,7 @@ proptest! {
             gen_len,
             overrides,
             allow_compression: true,
+            block_limits: Default::default(),
         };
         match solve::solve(&request) {
             Ok(policy) => {
@@ -349,6 +351,7 @@ fn a_model_larger_than_every_tier_cannot_fit() {
         gen_len: 32,
         overrides: CapacityOverrides::default(),
         allow_compression: true,
+        block_limits: Default::default(),
     };
     let e = solve::solve(&request).unwrap_err().to_string();
     // 175B parameters at 4.5 bits are about 92 GiB; the box has 20.4 + 60 GiB.
