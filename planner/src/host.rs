@@ -142,11 +142,11 @@ pub fn measure_profile(
     } else {
         (1024, 4096, 2048)
     };
-    let prefill = measure::linear_flops(pre_rows, pre_out, pre_in, passes);
+    let prefill = measure::linear_flops(pre_rows, pre_out, pre_in, 0, passes);
     step(1, &mut done, progress);
-    let decode = measure::linear_flops(32, 1024, 1024, passes);
-    step(2, &mut done, progress);
     let stream_bytes = if opts.quick { 256 << 20 } else { 1 << 30 };
+    let decode = measure::linear_flops(16, 4096, 2048, stream_bytes, passes);
+    step(2, &mut done, progress);
     let stream = measure::linear_stream_bandwidth(stream_bytes, 4096, 2048, passes);
     let plain = measure::dram_read_bandwidth(stream_bytes, passes);
     step(3, &mut done, progress);
@@ -195,8 +195,9 @@ pub fn measure_profile(
         matmul_decode_tflops: measured(
             decode.median / TFLOPS,
             format!(
-                "{kernel}, 32 rows x [1024, 1024] (weights cache-resident: the compute side of \
-                 the decode roofline): {}",
+                "{kernel}, 16 rows x [4096, 2048] over {} MiB of weights (a decode step of a \
+                 16-sequence batch, weights streaming from DRAM): {}",
+                stream_bytes >> 20,
                 passes_note(&decode, TFLOPS, "TFLOP/s")
             ),
         ),

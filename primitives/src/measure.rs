@@ -71,23 +71,28 @@ fn bf16_values(n: usize, seed: u32) -> Vec<bf16> {
         .collect()
 }
 
-/// FLOP/s of `kernels::linear` for `rows` input rows against one bf16 `[out, inp]` matrix:
-/// 2 rows out inp per call. With many rows (a prefill) this is the product's compute rate; with
-/// few rows and a matrix that fits in cache, the decode-shaped compute rate free of DRAM limits.
-pub fn linear_flops(rows: usize, out: usize, inp: usize, passes: usize) -> Rate {
-    let weights = bf16_values(out * inp, 1);
-    let w = Matrix {
-        data: WeightData::Bf16(&weights),
-        out_features: out,
-        in_features: inp,
-    };
+/// FLOP/s of `kernels::linear` for `rows` input rows against a chain of bf16 `[out, inp]`
+/// matrices totalling about `total_bytes` (at least one): 2 rows out inp per product. With many
+/// rows (a prefill) this is the product's compute rate; with a few rows (a decode step of a GPU
+/// batch) and a chain larger than the last-level cache, it is the rate a decode step gets,
+/// weights streaming from DRAM included.
+pub fn linear_flops(rows: usize, out: usize, inp: usize, total_bytes: usize, passes: usize) -> Rate {
+    let count = total_bytes.div_ceil(out * inp * 2).max(1);
+    let weights: Vec<Vec<bf16>> = (0..count)
+        .map(|i| bf16_values(out * inp, i as u32 + 1))
+        .collect();
     let x: Vec<f32> = (0..rows * inp).map(|i| (i % 17) as f32 * 0.01).collect();
     let mut y = vec![0.0f32; rows * out];
-    // Enough calls per pass that one pass takes a few tens of milliseconds at ~100 GFLOP/s.
+    // Enough products per pass that one pass takes tens of milliseconds at ~100 GFLOP/s.
     let flops_per_call = 2.0 * (rows * out * inp) as f64;
-    let calls = ((3e9 / flops_per_call).ceil() as usize).clamp(1, 1000);
+    let calls = ((3e9 / flops_per_call).ceil() as usize).clamp(count, 1000 * count);
     timed(passes, flops_per_call * calls as f64, || {
-        for _ in 0..calls {
+        for call in 0..calls {
+            let w = Matrix {
+                data: WeightData::Bf16(&weights[call % count]),
+                out_features: out,
+                in_features: inp,
+            };
             kernels::linear(&x, rows, &w, None, &mut y);
         }
         std::hint::black_box(&y);
@@ -325,7 +330,7 @@ mod tests {
         assert!((r.spread() - 0.5).abs() < 1e-12);
         // Tiny shapes: this checks the plumbing (no panics, finite positive rates), not speed.
         for rate in [
-            linear_flops(2, 16, 32, 2),
+            linear_flops(2, 16, 32, 3000, 2),
             linear_stream_bandwidth(1 << 16, 32, 64, 2),
             attention_flops(2, 1, 8, 2, 4, 2),
             dram_read_bandwidth(1 << 16, 2),
