@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod cuda;
+pub mod device;
 pub mod error;
 pub mod generate;
 pub mod kernels;
@@ -16,6 +17,7 @@ pub mod report;
 pub mod rng;
 pub mod run;
 pub mod schedule;
+pub mod sim;
 pub mod storage;
 pub mod tokenizer;
 pub mod weights;
