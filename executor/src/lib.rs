@@ -10,6 +10,7 @@ pub mod cuda;
 pub mod device;
 pub mod error;
 pub mod generate;
+pub mod gpu_tier;
 pub mod kernels;
 pub mod models;
 pub mod quant;
