@@ -32,7 +32,32 @@ pub struct SimDevice {
     state: Mutex<State>,
 }
 
+/// Capacity of `--device sim` when none is given: a 16 GiB GPU (FlexGen's T4).
+pub const DEFAULT_SIM_CAPACITY: u64 = 16 << 30;
+
 impl SimDevice {
+    /// The device a `--device` argument names: `sim` ([`DEFAULT_SIM_CAPACITY`]) or
+    /// `sim:CAPACITY` (`sim:512MiB`, `sim:2GiB`, bytes); anything else is refused with the forms
+    /// that are accepted.
+    pub fn from_arg(text: &str) -> crate::Result<SimDevice> {
+        let bad = |why: &str| {
+            crate::ExecError::InvalidRequest(format!(
+                "--device {text}: {why}; expected sim or sim:CAPACITY (e.g. sim:512MiB, sim:2GiB)"
+            ))
+        };
+        match text.split_once(':') {
+            None if text == "sim" => Ok(SimDevice::new(DEFAULT_SIM_CAPACITY)),
+            Some(("sim", cap)) => crate::device::parse_capacity(cap)
+                .map(SimDevice::new)
+                .ok_or_else(|| bad(&format!("'{cap}' is not a capacity"))),
+            _ if text.starts_with("cuda") => Err(bad(
+                "the CUDA backend does not run the GPU tiers yet (it does not implement the \
+                 Device trait); the sim device runs them on the CPU",
+            )),
+            _ => Err(bad("unknown device")),
+        }
+    }
+
     /// A device that may allocate up to `capacity` bytes.
     pub fn new(capacity: u64) -> SimDevice {
         SimDevice {
@@ -349,6 +374,22 @@ mod tests {
         assert_eq!(dev.used_bytes(), 0);
         assert_eq!(dev.peak_bytes(), 600);
         dev.alloc(1000, "all").unwrap();
+    }
+
+    #[test]
+    fn device_arguments_parse_or_say_what_is_accepted() {
+        assert_eq!(
+            SimDevice::from_arg("sim").unwrap().capacity_bytes(),
+            DEFAULT_SIM_CAPACITY
+        );
+        assert_eq!(
+            SimDevice::from_arg("sim:2MiB").unwrap().capacity_bytes(),
+            2 << 20
+        );
+        for bad in ["gpu", "sim:lots", "cuda:0"] {
+            let e = SimDevice::from_arg(bad).err().unwrap().to_string();
+            assert!(e.contains("expected sim or sim:CAPACITY"), "{e}");
+        }
     }
 
     #[test]
