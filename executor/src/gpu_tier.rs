@@ -383,7 +383,7 @@ impl<'d> GpuTier<'d> {
         let mut staging_bytes = [0usize; 6];
         let mut any_halves = false;
         for l in 0..layers {
-            for i in 0..6 {
+            for (i, staged) in staging_bytes.iter_mut().enumerate() {
                 match tier.place[l][i] {
                     MatrixPlace::Resident => {
                         report.resident_weight_bytes += tier.make_resident(model, l, i)?;
@@ -396,7 +396,7 @@ impl<'d> GpuTier<'d> {
                         if cpu_rows < out {
                             let dev_bytes = (out - cpu_rows) * row_bytes;
                             report.streamed_weight_bytes_per_step += dev_bytes as u64;
-                            staging_bytes[i] = staging_bytes[i].max(dev_bytes);
+                            *staged = (*staged).max(dev_bytes);
                             tier.upload_bias(model, l, i)?;
                             any_halves |= cpu_rows > 0;
                         }
@@ -676,6 +676,7 @@ impl<'d> GpuTier<'d> {
         self.dev.download(&self.y, 0, bytemuck::cast_slice_mut(out))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn linear(
         &self,
         be: &dyn Backend,

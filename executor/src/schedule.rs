@@ -448,15 +448,15 @@ fn run_block(
                 place.push(SeqPlace::Disk { local: disk, slot });
                 disk += 1;
                 slot += 1;
-            } else if {
-                host_index += 1;
-                on_gpu_seq(host_index - 1)
-            } {
-                place.push(SeqPlace::Gpu(gpu));
-                gpu += 1;
             } else {
-                place.push(SeqPlace::Cpu(cpu));
-                cpu += 1;
+                host_index += 1;
+                if on_gpu_seq(host_index - 1) {
+                    place.push(SeqPlace::Gpu(gpu));
+                    gpu += 1;
+                } else {
+                    place.push(SeqPlace::Cpu(cpu));
+                    cpu += 1;
+                }
             }
         }
         batches.push(Batch {
