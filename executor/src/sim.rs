@@ -71,6 +71,24 @@ impl SimDevice {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Bytes `offset..offset + len` of `buf`, or the error that says why a copy does not fit.
+    fn copy_range(
+        &self,
+        buf: &DeviceBuf,
+        offset: usize,
+        len: usize,
+        op: &str,
+    ) -> Result<std::ops::Range<usize>, DeviceError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= buf.bytes() => Ok(offset..end),
+            _ => Err(self.invalid(format!(
+                "{op} of {len} bytes at offset {offset} does not fit buffer {} ({} bytes)",
+                buf.id(),
+                buf.bytes()
+            ))),
+        }
+    }
+
     fn invalid(&self, message: String) -> DeviceError {
         DeviceError::Invalid {
             device: "sim".into(),
@@ -181,46 +199,22 @@ impl Device for SimDevice {
     }
 
     fn upload(&self, dst: &DeviceBuf, offset: usize, src: &[u8]) -> Result<(), DeviceError> {
+        let range = self.copy_range(dst, offset, src.len(), "upload")?;
         let mut st = self.lock();
-        let fits = offset
-            .checked_add(src.len())
-            .is_some_and(|e| e <= dst.bytes());
-        let target = st.bufs.get_mut(dst.id()).and_then(|b| b.as_mut());
-        match target {
-            Some(words) if fits => {
-                bytes_mut(words)[offset..offset + src.len()].copy_from_slice(src);
-            }
-            _ => {
-                return Err(self.invalid(format!(
-                    "upload of {} bytes at offset {offset} does not fit buffer {} ({} bytes)",
-                    src.len(),
-                    dst.id(),
-                    dst.bytes()
-                )))
-            }
-        }
+        let words = st.bufs.get_mut(dst.id()).and_then(|b| b.as_mut());
+        let words = words.ok_or_else(|| self.invalid(format!("buffer {} is freed", dst.id())))?;
+        bytes_mut(words)[range].copy_from_slice(src);
         st.transfers.h2d_bytes += src.len() as u64;
         st.transfers.h2d_calls += 1;
         Ok(())
     }
 
     fn download(&self, src: &DeviceBuf, offset: usize, dst: &mut [u8]) -> Result<(), DeviceError> {
+        let range = self.copy_range(src, offset, dst.len(), "download")?;
         let mut st = self.lock();
-        let range = offset
-            .checked_add(dst.len())
-            .filter(|e| *e <= src.bytes())
-            .map(|e| offset..e);
-        match (st.get(src), range) {
-            (Some(b), Some(r)) => dst.copy_from_slice(&b[r]),
-            _ => {
-                return Err(self.invalid(format!(
-                    "download of {} bytes at offset {offset} does not fit buffer {} ({} bytes)",
-                    dst.len(),
-                    src.id(),
-                    src.bytes()
-                )))
-            }
-        }
+        let b = st.get(src);
+        let b = b.ok_or_else(|| self.invalid(format!("buffer {} is freed", src.id())))?;
+        dst.copy_from_slice(&b[range]);
         st.transfers.d2h_bytes += dst.len() as u64;
         st.transfers.d2h_calls += 1;
         Ok(())

@@ -4,10 +4,10 @@
 
 mod common;
 
-use common::{expected, fixture};
+use common::{assert_same_run, block_prompts, fixture, greedy};
 use executor::backend::CpuBackend;
 use executor::device::Device;
-use executor::generate::{generate, GenerationConfig, GenerationOutput, Sampling};
+use executor::generate::{generate, GenerationOutput};
 use executor::gpu_tier::{GpuPlan, Rates};
 use executor::run::{self, ModelSource};
 use executor::schedule::{generate_blocks_on, BlockPlan, ChannelStats};
@@ -52,21 +52,6 @@ const RATES: Rates = Rates {
     disk_bytes_per_s: 1e9,
 };
 
-fn prompts() -> Vec<Vec<u32>> {
-    let mut p = expected("opt-tiny-preln").prompt_ids.clone();
-    p.push(vec![2, 100, 7, 31, 300, 5]);
-    p.truncate(4);
-    p
-}
-
-fn config(max_new_tokens: usize) -> GenerationConfig {
-    GenerationConfig {
-        max_new_tokens,
-        sampling: Sampling::Greedy,
-        stop_at_eos: false,
-    }
-}
-
 fn gpu_plan(c: &Case) -> GpuPlan {
     GpuPlan {
         weights: c.weights_gpu,
@@ -106,8 +91,8 @@ fn run_case(
     generate_blocks_on(
         &loaded.model,
         &CpuBackend,
-        &prompts(),
-        &config(5),
+        &block_prompts(),
+        &greedy(5),
         &plan,
         &loaded.weights,
         Some((dev as &dyn Device, &gplan)),
@@ -116,18 +101,7 @@ fn run_case(
 
 fn reference(name: &str) -> GenerationOutput {
     let loaded = run::load(&ModelSource::Checkpoint(fixture(name)), false).unwrap();
-    generate(&loaded.model, &CpuBackend, &prompts(), &config(5)).unwrap()
-}
-
-fn assert_same(label: &str, got: &GenerationOutput, want: &GenerationOutput) {
-    assert_eq!(got.tokens, want.tokens, "{label}: tokens");
-    let diff = got
-        .prefill_logits
-        .iter()
-        .zip(&want.prefill_logits)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
-    assert!(diff < 1e-4, "{label}: prefill logits differ by {diff}");
+    generate(&loaded.model, &CpuBackend, &block_prompts(), &greedy(5)).unwrap()
 }
 
 /// Matrix bytes of the fixture's decoder layers.
@@ -152,7 +126,7 @@ fn split_and_resident_weights_give_the_cpu_tokens() {
                 };
                 let dev = SimDevice::new(LARGE);
                 let (got, stats) = run_case(name, c, &dev).unwrap();
-                assert_same(&format!("{name} {c:?}"), &got, &want);
+                assert_same_run(&format!("{name} {c:?}"), &got, &want);
                 let d = stats.device.unwrap();
                 if weights_gpu == 0.0 && alpha < 1.0 {
                     assert!(d.streamed_weight_bytes_per_step > 0, "{c:?}");
@@ -215,7 +189,7 @@ fn every_tier_at_once_gives_the_cpu_tokens() {
     for c in cases {
         let dev = SimDevice::new(LARGE);
         let (got, stats) = run_case("opt-tiny-preln", c, &dev).unwrap();
-        assert_same(&format!("{c:?}"), &got, &want);
+        assert_same_run(&format!("{c:?}"), &got, &want);
         let d = stats.device.unwrap();
         if c.kv_gpu > 0.0 {
             assert!(d.kv_sequences > 0, "{c:?}");
@@ -311,7 +285,7 @@ fn the_parameter_manager_fills_free_memory_most_valuable_first() {
     let off = {
         let dev = SimDevice::new(LARGE);
         let (got, stats) = run_case(name, c, &dev).unwrap();
-        assert_same("manager off", &got, &want);
+        assert_same_run("manager off", &got, &want);
         stats
     };
     let d_off = off.device.unwrap();
@@ -325,7 +299,7 @@ fn the_parameter_manager_fills_free_memory_most_valuable_first() {
     };
     let dev = SimDevice::new(d_off.planned_bytes + total / 3);
     let (got, stats) = run_case(name, on, &dev).unwrap();
-    assert_same("manager on, a third free", &got, &want);
+    assert_same_run("manager on, a third free", &got, &want);
     let d = stats.device.unwrap();
     let pm = &d.param_manager;
     assert!(pm.enabled && !pm.promoted.is_empty());
@@ -342,7 +316,7 @@ fn the_parameter_manager_fills_free_memory_most_valuable_first() {
     // Room for everything: every matrix resident, no weight uploads and no disk reads.
     let dev = SimDevice::new(LARGE);
     let (got, stats) = run_case(name, on, &dev).unwrap();
-    assert_same("manager on, room for all", &got, &want);
+    assert_same_run("manager on, room for all", &got, &want);
     let d = stats.device.unwrap();
     assert_eq!(d.resident_weight_bytes_total, total);
     assert_eq!(d.run_weight_upload_bytes, 0);
@@ -371,6 +345,6 @@ proptest! {
         };
         let dev = SimDevice::new(LARGE);
         let (got, _) = run_case("opt-tiny-preln", c, &dev).unwrap();
-        assert_same(&format!("{c:?}"), &got, &want);
+        assert_same_run(&format!("{c:?}"), &got, &want);
     }
 }
