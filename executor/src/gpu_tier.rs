@@ -217,9 +217,10 @@ pub struct DeviceReport {
     pub resident_weight_bytes: u64,
     /// Matrix bytes resident in all (policy share plus promotions).
     pub resident_weight_bytes_total: u64,
-    /// Matrix bytes of split matrices uploaded and computed on the device, per step.
+    /// Matrix bytes of split matrices uploaded and computed on the device, per step (after the
+    /// parameter manager's promotions).
     pub streamed_weight_bytes_per_step: u64,
-    /// Matrix bytes of split matrices computed on the host, per step.
+    /// Matrix bytes of split matrices computed on the host, per step (after promotions).
     pub host_weight_bytes_per_step: u64,
     /// Sequences whose KV cache lived on the device.
     pub kv_sequences: usize,
@@ -391,11 +392,8 @@ impl<'d> GpuTier<'d> {
                     MatrixPlace::Split { cpu_rows } => {
                         let m = store.meta(model.layer_weight_ids(l)[i]);
                         let (out, inp) = (m.shape[0], m.shape[1]);
-                        let row_bytes = inp * m.dtype.size();
-                        report.host_weight_bytes_per_step += (cpu_rows * row_bytes) as u64;
                         if cpu_rows < out {
-                            let dev_bytes = (out - cpu_rows) * row_bytes;
-                            report.streamed_weight_bytes_per_step += dev_bytes as u64;
+                            let dev_bytes = (out - cpu_rows) * inp * m.dtype.size();
                             *staged = (*staged).max(dev_bytes);
                             tier.upload_bias(model, l, i)?;
                             any_halves |= cpu_rows > 0;
@@ -451,6 +449,18 @@ impl<'d> GpuTier<'d> {
         }
         tier.report.resident_weight_bytes_total =
             tier.report.resident_weight_bytes + tier.report.param_manager.promoted_bytes;
+        // Per-step traffic of the split matrices as run (after any promotions).
+        for l in 0..layers {
+            for (i, id) in model.layer_weight_ids(l).iter().enumerate() {
+                if let MatrixPlace::Split { cpu_rows } = tier.place[l][i] {
+                    let m = store.meta(*id);
+                    let row_bytes = (m.shape[1] * m.dtype.size()) as u64;
+                    let r = &mut tier.report;
+                    r.host_weight_bytes_per_step += cpu_rows as u64 * row_bytes;
+                    r.streamed_weight_bytes_per_step += (m.shape[0] - cpu_rows) as u64 * row_bytes;
+                }
+            }
+        }
         tier.setup = dev.transfers();
         Ok(tier)
     }
