@@ -308,8 +308,12 @@ fn the_parameter_manager_fills_free_memory_most_valuable_first() {
     assert!((pm.estimated_saved_s - 5.0 * pm.estimated_saved_s_per_step).abs() < 1e-12);
     assert!(pm.promoted.windows(2).all(|w| w[0].g >= w[1].g));
     assert!(d.peak_bytes <= dev.capacity_bytes());
-    // Promoted disk matrices are no longer read from disk.
-    assert!(stats.weight_disk_bytes_per_step < off.weight_disk_bytes_per_step);
+    // A third of the model fits in the disk half: every promotion is a disk-resident matrix
+    // (its read makes it the most valuable), which is then no longer read from disk.
+    assert_eq!(
+        off.weight_disk_bytes_per_step - stats.weight_disk_bytes_per_step,
+        pm.promoted_bytes
+    );
     assert!(d.streamed_weight_bytes_per_step < d_off.streamed_weight_bytes_per_step);
     assert!(d.run_weight_upload_bytes < d_off.run_weight_upload_bytes);
 
@@ -350,5 +354,41 @@ proptest! {
         let dev = SimDevice::new(LARGE);
         let (got, _) = run_case("opt-tiny-preln", c, &dev).unwrap();
         assert_same_run(&format!("{c:?}"), &got, &want);
+    }
+}
+
+#[test]
+fn the_resident_share_is_within_a_matrix_and_avoids_disk_matrices() {
+    for (gpu, disk) in [(0.5, 0.0), (0.25, 0.5), (0.5, 0.5), (1.0, 0.0)] {
+        let loaded = run::load_placed(
+            &ModelSource::Checkpoint(fixture("opt-tiny-preln")),
+            false,
+            disk,
+        )
+        .unwrap();
+        let w = &loaded.weights;
+        let resident = executor::gpu_tier::place_resident(&loaded.model, w, gpu);
+        let store = loaded.model.store();
+        let mut bytes = 0u64;
+        let mut largest = 0u64;
+        for (l, row) in resident.iter().enumerate() {
+            for (i, id) in loaded.model.layer_weight_ids(l).iter().enumerate() {
+                let m = store.meta(*id);
+                let b = (m.shape.iter().product::<usize>() * m.dtype.size()) as u64;
+                largest = largest.max(b);
+                if row[i] {
+                    assert!(
+                        !w.on_disk[l][i],
+                        "layer {l} matrix {i} both resident and on disk"
+                    );
+                    bytes += b;
+                }
+            }
+        }
+        let want = gpu * w.layer_bytes as f64;
+        assert!(
+            (bytes as f64 - want).abs() <= largest as f64,
+            "gpu {gpu} disk {disk}: {bytes} resident, want {want}"
+        );
     }
 }
