@@ -317,7 +317,8 @@ pub struct GpuTier<'d> {
     weight_uploads: AtomicU64,
     decode_weight_uploads: AtomicU64,
     decoding: std::sync::atomic::AtomicBool,
-    setup: TransferStats,
+    /// Copy counters when setup ended (the run's copies are counted from here).
+    after_setup: TransferStats,
     report: DeviceReport,
 }
 
@@ -334,6 +335,7 @@ impl<'d> GpuTier<'d> {
     ) -> Result<GpuTier<'d>> {
         let store = model.store();
         let layers = model.num_layers();
+        let before = dev.transfers();
         let resident_by_policy = place_resident(model, weights, plan.weights);
         let mut report = DeviceReport {
             device: dev.name().to_string(),
@@ -354,19 +356,23 @@ impl<'d> GpuTier<'d> {
             place.push(row);
         }
         let none6 = || -> [Option<DeviceBuf>; 6] { Default::default() };
+        // The work buffers; from here on the tier's Drop gives back whatever was allocated.
+        let work = shape.rows * widest(model) * 4;
+        let x = dev.alloc(work, "input rows of a device product")?;
+        let y = match dev.alloc(work, "output rows of a device product") {
+            Ok(y) => y,
+            Err(e) => {
+                dev.free(x);
+                return Err(e.into());
+            }
+        };
         let mut tier = GpuTier {
             dev,
             resident: (0..layers).map(|_| none6()).collect(),
             bias: (0..layers).map(|_| none6()).collect(),
             staging: (0..6).map(|_| None).collect(),
-            x: dev.alloc(
-                shape.rows * widest(model) * 4,
-                "input rows of a device product",
-            )?,
-            y: dev.alloc(
-                shape.rows * widest(model) * 4,
-                "output rows of a device product",
-            )?,
+            x,
+            y,
             halves: None,
             host_half: Mutex::new(Vec::new()),
             kv: Vec::new(),
@@ -376,7 +382,7 @@ impl<'d> GpuTier<'d> {
             weight_uploads: AtomicU64::new(0),
             decode_weight_uploads: AtomicU64::new(0),
             decoding: std::sync::atomic::AtomicBool::new(false),
-            setup: TransferStats::default(),
+            after_setup: TransferStats::default(),
             place,
             report: DeviceReport::default(),
         };
@@ -447,21 +453,26 @@ impl<'d> GpuTier<'d> {
         if plan.param_manager {
             tier.promote(model, weights, &plan.rates)?;
         }
-        tier.report.resident_weight_bytes_total =
-            tier.report.resident_weight_bytes + tier.report.param_manager.promoted_bytes;
-        // Per-step traffic of the split matrices as run (after any promotions).
+        // Weights as run (after any promotions): resident, and per step streamed or on the host.
         for l in 0..layers {
             for (i, id) in model.layer_weight_ids(l).iter().enumerate() {
-                if let MatrixPlace::Split { cpu_rows } = tier.place[l][i] {
-                    let m = store.meta(*id);
-                    let row_bytes = (m.shape[1] * m.dtype.size()) as u64;
-                    let r = &mut tier.report;
-                    r.host_weight_bytes_per_step += cpu_rows as u64 * row_bytes;
-                    r.streamed_weight_bytes_per_step += (m.shape[0] - cpu_rows) as u64 * row_bytes;
+                let m = store.meta(*id);
+                let row_bytes = (m.shape[1] * m.dtype.size()) as u64;
+                let r = &mut tier.report;
+                match tier.place[l][i] {
+                    MatrixPlace::Resident => {
+                        r.resident_weight_bytes_total += m.shape[0] as u64 * row_bytes;
+                    }
+                    MatrixPlace::Split { cpu_rows } => {
+                        r.host_weight_bytes_per_step += cpu_rows as u64 * row_bytes;
+                        r.streamed_weight_bytes_per_step +=
+                            (m.shape[0] - cpu_rows) as u64 * row_bytes;
+                    }
                 }
             }
         }
-        tier.setup = dev.transfers();
+        tier.after_setup = dev.transfers();
+        tier.report.setup_transfers = tier.after_setup.since(&before);
         Ok(tier)
     }
 
@@ -759,8 +770,7 @@ impl<'d> GpuTier<'d> {
     pub fn finish(mut self, steps: usize) -> DeviceReport {
         let r = &mut self.report;
         r.peak_bytes = self.dev.peak_bytes();
-        r.setup_transfers = self.setup;
-        r.run_transfers = self.dev.transfers().since(&self.setup);
+        r.run_transfers = self.dev.transfers().since(&self.after_setup);
         r.run_weight_upload_bytes = self.weight_uploads.load(Ordering::Relaxed);
         r.decode_weight_upload_bytes = self.decode_weight_uploads.load(Ordering::Relaxed);
         r.param_manager.estimated_saved_s =

@@ -254,20 +254,25 @@ fn copy_counters_show_the_placement() {
 
 #[test]
 fn a_device_too_small_for_the_policy_is_a_clear_error() {
-    let dev = SimDevice::new(4096);
     let c = Case {
         weights_gpu: 1.0,
+        kv_gpu: 1.0,
         ..BASE
     };
-    let e = match run_case("opt-tiny-preln", c, &dev) {
-        Err(e) => e.to_string(),
-        Ok(_) => panic!("4 KiB cannot hold the fixture's weights"),
-    };
-    assert!(
-        e.contains("sim device out of memory") && e.contains("of 4096 bytes in use"),
-        "{e}"
-    );
-    assert_eq!(dev.used_bytes(), 0, "buffers left allocated after {e}");
+    // Too small for the first work buffer, for the second, and for the weights.
+    for capacity in [4096, 10_000, 64 << 10] {
+        let dev = SimDevice::new(capacity);
+        let e = match run_case("opt-tiny-preln", c, &dev) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{capacity} bytes cannot hold the fixture's weights"),
+        };
+        assert!(
+            e.contains("sim device out of memory")
+                && e.contains(&format!("of {capacity} bytes in use")),
+            "{e}"
+        );
+        assert_eq!(dev.used_bytes(), 0, "buffers left allocated after {e}");
+    }
 }
 
 #[test]
