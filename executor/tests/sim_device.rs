@@ -113,15 +113,15 @@ fn layer_bytes(name: &str) -> u64 {
 }
 
 #[test]
-fn split_and_resident_weights_give_the_cpu_tokens() {
+fn split_and_resident_weights_give_the_cpu_tokens_with_the_manager_off_and_on() {
     for name in ["opt-tiny-preln", "opt-tiny-postln"] {
         let want = reference(name);
+        let total = layer_bytes(name);
         for alpha in [0.0, 0.3, 0.7, 1.0] {
             for weights_gpu in [0.0, 0.5, 1.0] {
                 let c = Case {
                     alpha,
                     weights_gpu,
-                    weights_disk: 0.0,
                     ..BASE
                 };
                 let dev = SimDevice::new(LARGE);
@@ -137,6 +137,19 @@ fn split_and_resident_weights_give_the_cpu_tokens() {
                 }
                 // Everything allocated was given back.
                 assert_eq!(dev.used_bytes(), 0, "{c:?}");
+
+                // The parameter manager with room for a third of the model beyond the plan.
+                let on = Case {
+                    param_manager: true,
+                    ..c
+                };
+                let dev = SimDevice::new(d.planned_bytes + total / 3);
+                let (got, stats) = run_case(name, on, &dev).unwrap();
+                assert_same_run(&format!("{name} {on:?}"), &got, &want);
+                let pm = stats.device.unwrap().param_manager;
+                if weights_gpu < 1.0 {
+                    assert!(!pm.promoted.is_empty(), "{on:?}");
+                }
             }
         }
     }
