@@ -187,8 +187,19 @@ impl Device for SimDevice {
         }
         st.used += requested;
         st.peak = st.peak.max(st.used);
-        st.bufs.push(Some(vec![0u64; bytes.div_ceil(8)]));
-        Ok(DeviceBuf::new(st.bufs.len() - 1, bytes))
+        let words = Some(vec![0u64; bytes.div_ceil(8)]);
+        // Freed slots are reused: a handle is consumed by `free`, so no stale one can name it.
+        let id = match st.bufs.iter().position(Option::is_none) {
+            Some(id) => {
+                st.bufs[id] = words;
+                id
+            }
+            None => {
+                st.bufs.push(words);
+                st.bufs.len() - 1
+            }
+        };
+        Ok(DeviceBuf::new(id, bytes))
     }
 
     fn free(&self, buf: DeviceBuf) {

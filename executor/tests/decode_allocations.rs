@@ -130,6 +130,70 @@ fn the_block_schedule_in_memory_allocates_nothing_per_decode_step() {
     );
 }
 
+/// The GPU tiers on the sim device allocate their buffers before the prefill too: resident and
+/// split weights, device KV cache and hidden rows add nothing per decode step.
+#[test]
+fn the_block_schedule_on_the_sim_device_allocates_nothing_per_decode_step() {
+    let _turn = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    use executor::device::Device;
+    use executor::gpu_tier::{GpuPlan, Rates};
+    use executor::schedule::{generate_blocks_on, BlockPlan};
+    let loaded = run::load(
+        &ModelSource::Checkpoint(common::fixture("opt-tiny-preln")),
+        false,
+    )
+    .unwrap();
+    let prompts = common::block_prompts();
+    let plan = BlockPlan {
+        gpu_batch_size: 2,
+        num_gpu_batches: 2,
+        weights_disk: 0.0,
+        kv_cache_disk: 0.0,
+        activations_disk: 0.0,
+        cpu_attention: true,
+        offload_parent: std::env::temp_dir(),
+        offload_capacity_limit: None,
+        compress_kv: false,
+    };
+    let gplan = GpuPlan {
+        weights: 0.5,
+        kv_cache: 0.5,
+        activations: 0.5,
+        kv_cache_cpu: 0.5,
+        activations_cpu: 0.5,
+        split: planner::policy::Split::uniform(0.3),
+        param_manager: false,
+        rates: Rates {
+            cpu_bytes_per_s: 16e9,
+            h2d_bytes_per_s: 12e9,
+            disk_bytes_per_s: 1e9,
+        },
+    };
+    let dev = executor::sim::SimDevice::new(64 << 20);
+    let count = |max_new_tokens: usize| {
+        let before = ALLOCATIONS.load(Ordering::Relaxed);
+        let (out, stats) = generate_blocks_on(
+            &loaded.model,
+            &CpuBackend,
+            &prompts,
+            &common::greedy(max_new_tokens),
+            &plan,
+            &loaded.weights,
+            Some((&dev as &dyn Device, &gplan)),
+        )
+        .unwrap();
+        let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
+        drop((out, stats));
+        allocations
+    };
+    count(40);
+    let (short, long) = (count(4), count(40));
+    assert_eq!(
+        short, long,
+        "{short} allocations for 3 decode steps, {long} for 39"
+    );
+}
+
 /// With disk tiers the executor's own buffers are still allocated once, but each I/O request of
 /// `storage::IoPool` allocates its completion state and job (an Arc and a Box): the count grows
 /// with the requests, not with the data. Bounded here so that a regression (a buffer per step)
