@@ -3,7 +3,9 @@
 //! Layout: [`weights`] (where tensors come from: a memory-mapped checkpoint or random weights),
 //! [`models`] (one file per model family, written against [`backend::Backend`]), [`kernels`] (the
 //! CPU backend's arithmetic), [`generate`] (batching, KV cache, sampling), [`run`] (policy checks and
-//! the end-to-end run the command line drives), [`report`] (what a run measured).
+//! the end-to-end run the command line drives), [`report`] (what a run measured), [`schedule`]
+//! (the block schedule over CPU and disk), [`gpu_tier`] (its GPU tiers on a [`device::Device`],
+//! such as the CPU-backed [`sim`] device).
 
 pub mod backend;
 pub mod cuda;
