@@ -4,11 +4,12 @@
 //!   (whole matrices, chosen in layer order like the disk share, among the host-resident ones).
 //!   Every other matrix is split by the policy's alpha for its kind (HeteGen): output rows
 //!   `0..cpu_rows` (`cpu_rows = round(alpha * out)`) are computed on the host from host memory
-//!   (the memory map, or the disk tier's staging buffer), while rows `cpu_rows..out` are uploaded
-//!   into a per-slot staging buffer once per layer per step (shared by all GPU batches, as the
-//!   zig-zag schedule intends) and computed on the device at the same time (`rayon::join`); the
-//!   host half is then uploaded and the two halves joined on the device. alpha = 1 keeps a matrix
-//!   on the host entirely.
+//!   (the memory map, or the disk tier's staging buffer), while, at the same time
+//!   (`rayon::join`), rows `cpu_rows..out` are uploaded into a per-slot staging buffer and
+//!   computed on the device. The upload happens once per layer per step, by the first GPU batch
+//!   (the others reuse it, as the zig-zag schedule intends), so the copy overlaps the host half
+//!   as in HeteGen. The host half is then uploaded and the two halves joined on the device.
+//!   alpha = 1 keeps a matrix on the host entirely.
 //! - **KV cache**: the policy's GPU share of the block's sequences (whole sequences, spread evenly
 //!   over the sequences not on disk) keeps its cache on the device; attention over it runs there.
 //! - **Activations**: the policy's GPU share of each batch's hidden rows between two layers (the
@@ -30,13 +31,13 @@ use crate::backend::Backend;
 use crate::device::{Device, DeviceBuf, DeviceError, DeviceMatrix, TransferStats};
 use crate::error::Result;
 use crate::kernels::{Matrix, WeightData};
-use crate::models::opt::{LayerMatrices, OptModel, LAYER_MATRICES};
+use crate::models::opt::{OptModel, LAYER_MATRICES};
 use crate::models::{CausalLm, NewRows, PlacedLinear};
 use crate::schedule::WeightPlacement;
 use crate::weights::ElementType;
 use planner::policy::Split;
 use serde::Serialize;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// FlexGen's fitted CPU-to-GPU rate (12.89 GiB/s, design section 7): the parameter manager's copy
@@ -274,17 +275,6 @@ fn first_rows<'a>(m: &Matrix<'a>, rows: usize) -> Matrix<'a> {
     }
 }
 
-fn slot<'m, 'a>(mats: &'m LayerMatrices<'a>, i: usize) -> &'m Matrix<'a> {
-    match i {
-        0 => &mats.q,
-        1 => &mats.k,
-        2 => &mats.v,
-        3 => &mats.out,
-        4 => &mats.fc1,
-        _ => &mats.fc2,
-    }
-}
-
 /// The shape of the run the device buffers are sized for.
 #[derive(Debug, Clone)]
 pub struct TierShape {
@@ -316,7 +306,7 @@ pub struct GpuTier<'d> {
     error: Mutex<Option<DeviceError>>,
     weight_uploads: AtomicU64,
     decode_weight_uploads: AtomicU64,
-    decoding: std::sync::atomic::AtomicBool,
+    decoding: AtomicBool,
     /// Copy counters when setup ended (the run's copies are counted from here).
     after_setup: TransferStats,
     report: DeviceReport,
@@ -381,7 +371,7 @@ impl<'d> GpuTier<'d> {
             error: Mutex::new(None),
             weight_uploads: AtomicU64::new(0),
             decode_weight_uploads: AtomicU64::new(0),
-            decoding: std::sync::atomic::AtomicBool::new(false),
+            decoding: AtomicBool::new(false),
             after_setup: TransferStats::default(),
             place,
             report: DeviceReport::default(),
@@ -591,35 +581,36 @@ impl<'d> GpuTier<'d> {
         self.decoding.store(true, Ordering::Relaxed);
     }
 
-    /// Uploads the device rows of layer `l`'s split matrices from their host copies (once per
-    /// layer per step, for all GPU batches).
-    pub fn begin_layer(&self, l: usize, mats: &LayerMatrices) -> Result<()> {
-        for i in 0..6 {
-            let MatrixPlace::Split { cpu_rows } = self.place[l][i] else {
-                continue;
-            };
-            let m = slot(mats, i);
-            if cpu_rows >= m.out_features {
-                continue;
-            }
-            let (Some(buf), inp) = (&self.staging[i], m.in_features) else {
-                continue;
-            };
-            let bytes = element_bytes(&m.data, cpu_rows * inp, m.out_features * inp);
-            self.dev.upload(buf, 0, bytes)?;
-            self.weight_uploads
-                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            if self.decoding.load(Ordering::Relaxed) {
-                self.decode_weight_uploads
-                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            }
+    /// Uploads rows `cpu_rows..` of a split matrix's host copy into its slot's staging buffer
+    /// (counted as weight traffic).
+    fn upload_rows(&self, i: usize, dense: &Matrix, cpu_rows: usize) -> Result<(), DeviceError> {
+        let inp = dense.in_features;
+        let bytes = element_bytes(&dense.data, cpu_rows * inp, dense.out_features * inp);
+        let buf = self.staging[i]
+            .as_ref()
+            .ok_or_else(|| DeviceError::Invalid {
+                device: self.dev.name().to_string(),
+                message: format!("no staging buffer for {}", LAYER_MATRICES[i]),
+            })?;
+        self.dev.upload(buf, 0, bytes)?;
+        let n = bytes.len() as u64;
+        self.weight_uploads.fetch_add(n, Ordering::Relaxed);
+        if self.decoding.load(Ordering::Relaxed) {
+            self.decode_weight_uploads.fetch_add(n, Ordering::Relaxed);
         }
         Ok(())
     }
 
     /// The products of layer `l`, for the model's layer function.
+    /// Built once per layer per step and shared by the GPU batches, so that a split matrix's
+    /// device rows are uploaded once for all of them.
     pub fn layer<'t>(&'t self, be: &'t dyn Backend, l: usize) -> LayerOnDevice<'t, 'd> {
-        LayerOnDevice { tier: self, be, l }
+        LayerOnDevice {
+            tier: self,
+            be,
+            l,
+            uploaded: Default::default(),
+        }
     }
 
     fn record(&self, e: DeviceError) {
@@ -697,75 +688,6 @@ impl<'d> GpuTier<'d> {
         self.dev.download(&self.y, 0, bytemuck::cast_slice_mut(out))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn linear(
-        &self,
-        be: &dyn Backend,
-        l: usize,
-        i: usize,
-        x: &[f32],
-        rows: usize,
-        dense: &Matrix,
-        bias: Option<&[f32]>,
-        y: &mut [f32],
-    ) -> Result<(), DeviceError> {
-        let (out, inp) = (dense.out_features, dense.in_features);
-        let dev = self.dev;
-        dev.upload(&self.x, 0, bytemuck::cast_slice(&x[..rows * inp]))?;
-        let bias_buf = self.bias[l][i].as_ref();
-        let missing = |what: &str| DeviceError::Invalid {
-            device: dev.name().to_string(),
-            message: format!("layer {l} {}: no {what}", LAYER_MATRICES[i]),
-        };
-        match self.place[l][i] {
-            MatrixPlace::Resident => {
-                let w = self.resident[l][i]
-                    .as_ref()
-                    .ok_or_else(|| missing("resident buffer"))?;
-                let m = DeviceMatrix {
-                    buf: w,
-                    offset: 0,
-                    dtype: dtype_of(&dense.data),
-                    out_features: out,
-                    in_features: inp,
-                    bias: bias_buf.map(|b| (b, 0)),
-                };
-                dev.linear(&self.x, rows, &m, &self.y)?;
-            }
-            MatrixPlace::Split { cpu_rows } => {
-                let w = self.staging[i]
-                    .as_ref()
-                    .ok_or_else(|| missing("staging buffer"))?;
-                let m = DeviceMatrix {
-                    buf: w,
-                    offset: 0,
-                    dtype: dtype_of(&dense.data),
-                    out_features: out - cpu_rows,
-                    in_features: inp,
-                    bias: bias_buf.map(|b| (b, cpu_rows * 4)),
-                };
-                if cpu_rows == 0 {
-                    dev.linear(&self.x, rows, &m, &self.y)?;
-                } else {
-                    let (host_y, dev_y) = self.halves.as_ref().ok_or_else(|| missing("halves"))?;
-                    let mut host = self.host_half.lock().unwrap_or_else(|p| p.into_inner());
-                    let host = &mut host[..rows * cpu_rows];
-                    let hm = first_rows(dense, cpu_rows);
-                    let host_bias = bias.map(|b| &b[..cpu_rows]);
-                    // The host half from host memory while the device computes its rows.
-                    let ((), on_device) = rayon::join(
-                        || be.linear(x, rows, &hm, host_bias, host),
-                        || dev.linear(&self.x, rows, &m, dev_y),
-                    );
-                    on_device?;
-                    dev.upload(host_y, 0, bytemuck::cast_slice(host))?;
-                    dev.join_columns(host_y, cpu_rows, dev_y, out - cpu_rows, rows, &self.y)?;
-                }
-            }
-        }
-        dev.download(&self.y, 0, bytemuck::cast_slice_mut(&mut y[..rows * out]))
-    }
-
     /// The report, with the estimated saving over `steps` steps (prefill + decode).
     pub fn finish(mut self, steps: usize) -> DeviceReport {
         let r = &mut self.report;
@@ -813,6 +735,87 @@ pub struct LayerOnDevice<'t, 'd> {
     tier: &'t GpuTier<'d>,
     be: &'t dyn Backend,
     l: usize,
+    /// Whether each split matrix's device rows are in its staging buffer for this layer.
+    uploaded: [AtomicBool; 6],
+}
+
+impl LayerOnDevice<'_, '_> {
+    /// Matrix `i` on the device (resident), or split: the host half from host memory while the
+    /// device half is uploaded (first batch of the layer only) and computed, then joined on the
+    /// device.
+    fn product(
+        &self,
+        i: usize,
+        x: &[f32],
+        rows: usize,
+        dense: &Matrix,
+        bias: Option<&[f32]>,
+        y: &mut [f32],
+    ) -> Result<(), DeviceError> {
+        let (t, l, be) = (self.tier, self.l, self.be);
+        let (out, inp) = (dense.out_features, dense.in_features);
+        let dev = t.dev;
+        dev.upload(&t.x, 0, bytemuck::cast_slice(&x[..rows * inp]))?;
+        let bias_buf = t.bias[l][i].as_ref();
+        let missing = |what: &str| DeviceError::Invalid {
+            device: dev.name().to_string(),
+            message: format!("layer {l} {}: no {what}", LAYER_MATRICES[i]),
+        };
+        match t.place[l][i] {
+            MatrixPlace::Resident => {
+                let w = t.resident[l][i]
+                    .as_ref()
+                    .ok_or_else(|| missing("resident buffer"))?;
+                let m = DeviceMatrix {
+                    buf: w,
+                    offset: 0,
+                    dtype: dtype_of(&dense.data),
+                    out_features: out,
+                    in_features: inp,
+                    bias: bias_buf.map(|b| (b, 0)),
+                };
+                dev.linear(&t.x, rows, &m, &t.y)?;
+            }
+            MatrixPlace::Split { cpu_rows } => {
+                let w = t.staging[i]
+                    .as_ref()
+                    .ok_or_else(|| missing("staging buffer"))?;
+                let m = DeviceMatrix {
+                    buf: w,
+                    offset: 0,
+                    dtype: dtype_of(&dense.data),
+                    out_features: out - cpu_rows,
+                    in_features: inp,
+                    bias: bias_buf.map(|b| (b, cpu_rows * 4)),
+                };
+                // The device half: its rows copied over (once per layer), then computed.
+                let device_half = |y_dev: &DeviceBuf| {
+                    if !self.uploaded[i].swap(true, Ordering::Relaxed) {
+                        t.upload_rows(i, dense, cpu_rows)?;
+                    }
+                    dev.linear(&t.x, rows, &m, y_dev)
+                };
+                if cpu_rows == 0 {
+                    device_half(&t.y)?;
+                } else {
+                    let (host_y, dev_y) = t.halves.as_ref().ok_or_else(|| missing("halves"))?;
+                    let mut host = t.host_half.lock().unwrap_or_else(|p| p.into_inner());
+                    let host = &mut host[..rows * cpu_rows];
+                    let hm = first_rows(dense, cpu_rows);
+                    let host_bias = bias.map(|b| &b[..cpu_rows]);
+                    // The host half from host memory while the device half is copied and computed.
+                    let ((), on_device) = rayon::join(
+                        || be.linear(x, rows, &hm, host_bias, host),
+                        || device_half(dev_y),
+                    );
+                    on_device?;
+                    dev.upload(host_y, 0, bytemuck::cast_slice(host))?;
+                    dev.join_columns(host_y, cpu_rows, dev_y, out - cpu_rows, rows, &t.y)?;
+                }
+            }
+        }
+        dev.download(&t.y, 0, bytemuck::cast_slice_mut(&mut y[..rows * out]))
+    }
 }
 
 impl PlacedLinear for LayerOnDevice<'_, '_> {
@@ -830,10 +833,7 @@ impl PlacedLinear for LayerOnDevice<'_, '_> {
                 return false;
             }
         }
-        if let Err(e) = self
-            .tier
-            .linear(self.be, self.l, i, x, rows, dense, bias, y)
-        {
+        if let Err(e) = self.product(i, x, rows, dense, bias, y) {
             self.tier.record(e);
         }
         true

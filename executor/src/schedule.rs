@@ -792,10 +792,6 @@ fn run_block(
                     }
                 }
             }
-            if let Some(t) = &gpu_tier {
-                // The device rows of this layer's split matrices, once for all batches.
-                t.begin_layer(l, &mats)?;
-            }
 
             for k in 0..nb {
                 std::mem::swap(&mut current, &mut next);
