@@ -739,85 +739,6 @@ pub struct LayerOnDevice<'t, 'd> {
     uploaded: [AtomicBool; 6],
 }
 
-impl LayerOnDevice<'_, '_> {
-    /// Matrix `i` on the device (resident), or split: the host half from host memory while the
-    /// device half is uploaded (first batch of the layer only) and computed, then joined on the
-    /// device.
-    fn product(
-        &self,
-        i: usize,
-        x: &[f32],
-        rows: usize,
-        dense: &Matrix,
-        bias: Option<&[f32]>,
-        y: &mut [f32],
-    ) -> Result<(), DeviceError> {
-        let (t, l, be) = (self.tier, self.l, self.be);
-        let (out, inp) = (dense.out_features, dense.in_features);
-        let dev = t.dev;
-        dev.upload(&t.x, 0, bytemuck::cast_slice(&x[..rows * inp]))?;
-        let bias_buf = t.bias[l][i].as_ref();
-        let missing = |what: &str| DeviceError::Invalid {
-            device: dev.name().to_string(),
-            message: format!("layer {l} {}: no {what}", LAYER_MATRICES[i]),
-        };
-        match t.place[l][i] {
-            MatrixPlace::Resident => {
-                let w = t.resident[l][i]
-                    .as_ref()
-                    .ok_or_else(|| missing("resident buffer"))?;
-                let m = DeviceMatrix {
-                    buf: w,
-                    offset: 0,
-                    dtype: dtype_of(&dense.data),
-                    out_features: out,
-                    in_features: inp,
-                    bias: bias_buf.map(|b| (b, 0)),
-                };
-                dev.linear(&t.x, rows, &m, &t.y)?;
-            }
-            MatrixPlace::Split { cpu_rows } => {
-                let w = t.staging[i]
-                    .as_ref()
-                    .ok_or_else(|| missing("staging buffer"))?;
-                let m = DeviceMatrix {
-                    buf: w,
-                    offset: 0,
-                    dtype: dtype_of(&dense.data),
-                    out_features: out - cpu_rows,
-                    in_features: inp,
-                    bias: bias_buf.map(|b| (b, cpu_rows * 4)),
-                };
-                // The device half: its rows copied over (once per layer), then computed.
-                let device_half = |y_dev: &DeviceBuf| {
-                    if !self.uploaded[i].swap(true, Ordering::Relaxed) {
-                        t.upload_rows(i, dense, cpu_rows)?;
-                    }
-                    dev.linear(&t.x, rows, &m, y_dev)
-                };
-                if cpu_rows == 0 {
-                    device_half(&t.y)?;
-                } else {
-                    let (host_y, dev_y) = t.halves.as_ref().ok_or_else(|| missing("halves"))?;
-                    let mut host = t.host_half.lock().unwrap_or_else(|p| p.into_inner());
-                    let host = &mut host[..rows * cpu_rows];
-                    let hm = first_rows(dense, cpu_rows);
-                    let host_bias = bias.map(|b| &b[..cpu_rows]);
-                    // The host half from host memory while the device half is copied and computed.
-                    let ((), on_device) = rayon::join(
-                        || be.linear(x, rows, &hm, host_bias, host),
-                        || device_half(dev_y),
-                    );
-                    on_device?;
-                    dev.upload(host_y, 0, bytemuck::cast_slice(host))?;
-                    dev.join_columns(host_y, cpu_rows, dev_y, out - cpu_rows, rows, &t.y)?;
-                }
-            }
-        }
-        dev.download(&t.y, 0, bytemuck::cast_slice_mut(&mut y[..rows * out]))
-    }
-}
-
 impl PlacedLinear for LayerOnDevice<'_, '_> {
     fn linear(
         &self,
@@ -833,7 +754,59 @@ impl PlacedLinear for LayerOnDevice<'_, '_> {
                 return false;
             }
         }
-        if let Err(e) = self.product(i, x, rows, dense, bias, y) {
+        // On the device (resident), or split: the host half from host memory while the device
+        // half is uploaded (first batch of the layer only) and computed, then joined on the
+        // device. Failures are recorded for `GpuTier::take_error`.
+        let mut product = || -> Result<(), DeviceError> {
+            let (t, l, be) = (self.tier, self.l, self.be);
+            let (out, inp) = (dense.out_features, dense.in_features);
+            let dev = t.dev;
+            dev.upload(&t.x, 0, bytemuck::cast_slice(&x[..rows * inp]))?;
+            let missing = |what: &str| DeviceError::Invalid {
+                device: dev.name().to_string(),
+                message: format!("layer {l} {}: no {what}", LAYER_MATRICES[i]),
+            };
+            // The device's rows: all of a resident matrix, rows `cpu_rows..` of a split one.
+            let (buf, cpu_rows) = match t.place[l][i] {
+                MatrixPlace::Resident => (&t.resident[l][i], 0),
+                MatrixPlace::Split { cpu_rows } => (&t.staging[i], cpu_rows),
+            };
+            let m = DeviceMatrix {
+                buf: buf.as_ref().ok_or_else(|| missing("weight buffer"))?,
+                offset: 0,
+                dtype: dtype_of(&dense.data),
+                out_features: out - cpu_rows,
+                in_features: inp,
+                bias: t.bias[l][i].as_ref().map(|b| (b, cpu_rows * 4)),
+            };
+            // The device half: a split matrix's rows copied over (once per layer), then computed.
+            let device_half = |y_dev: &DeviceBuf| {
+                let split = matches!(t.place[l][i], MatrixPlace::Split { .. });
+                if split && !self.uploaded[i].swap(true, Ordering::Relaxed) {
+                    t.upload_rows(i, dense, cpu_rows)?;
+                }
+                dev.linear(&t.x, rows, &m, y_dev)
+            };
+            if cpu_rows == 0 {
+                device_half(&t.y)?;
+            } else {
+                let (host_y, dev_y) = t.halves.as_ref().ok_or_else(|| missing("halves"))?;
+                let mut host = t.host_half.lock().unwrap_or_else(|p| p.into_inner());
+                let host = &mut host[..rows * cpu_rows];
+                let hm = first_rows(dense, cpu_rows);
+                let host_bias = bias.map(|b| &b[..cpu_rows]);
+                // The host half from host memory while the device half is copied and computed.
+                let ((), on_device) = rayon::join(
+                    || be.linear(x, rows, &hm, host_bias, host),
+                    || device_half(dev_y),
+                );
+                on_device?;
+                dev.upload(host_y, 0, bytemuck::cast_slice(host))?;
+                dev.join_columns(host_y, cpu_rows, dev_y, out - cpu_rows, rows, &t.y)?;
+            }
+            dev.download(&t.y, 0, bytemuck::cast_slice_mut(&mut y[..rows * out]))
+        };
+        if let Err(e) = product() {
             self.tier.record(e);
         }
         true
