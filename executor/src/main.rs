@@ -55,7 +55,7 @@ Examples:
   # Run a policy with GPU shares (resident weights, the HeteGen split, GPU KV cache) on the
   # simulated device, a CPU-backed GPU stand-in with 256 MiB of memory: same tokens as the CPU
   # run, and the report counts every host<->device copy and what the parameter manager promoted
-  executor --model ~/models/opt-125m --policy gpu-policy.toml --device sim:256MiB \
+  executor --model ~/models/opt-125m --policy gpu-policy.toml --device sim:256MiB \\
            --param-manager on --report run.json";
 
 /// Run an OPT model on the CPU, as a planner policy says, and report prefill and decode speed.
