@@ -812,3 +812,33 @@ impl PlacedLinear for LayerOnDevice<'_, '_> {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_and_alphas_follow_the_policy() {
+        // Host-or-device items split by gpu / (gpu + cpu); a share above 0 gets at least one.
+        assert_eq!(GpuPlan::device_share(0.0, 1.0, 4), 0);
+        assert_eq!(GpuPlan::device_share(0.25, 0.25, 4), 2);
+        assert_eq!(GpuPlan::device_share(0.1, 0.9, 4), 1);
+        assert_eq!(GpuPlan::device_share(0.5, 0.0, 3), 3);
+        let split = Split {
+            qkv: 0.1,
+            out_proj: 0.2,
+            fc1: 0.3,
+            fc2: 0.4,
+        };
+        let alphas: Vec<f64> = (0..6).map(|i| alpha_for(&split, i)).collect();
+        assert_eq!(alphas, [0.1, 0.1, 0.1, 0.2, 0.3, 0.4]);
+    }
+
+    #[test]
+    fn rates_come_from_the_profile_with_flexgens_copy_rate_without_a_gpu() {
+        let cpu = planner::profile::Profile::embedded("cpu-2core-24gib").unwrap();
+        let r = Rates::from_profile(&cpu);
+        assert_eq!(r.h2d_bytes_per_s, DEFAULT_H2D_BYTES_PER_S);
+        assert!(r.cpu_bytes_per_s > 1e9 && r.disk_bytes_per_s > 1e8);
+    }
+}
