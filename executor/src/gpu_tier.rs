@@ -275,6 +275,24 @@ fn first_rows<'a>(m: &Matrix<'a>, rows: usize) -> Matrix<'a> {
     }
 }
 
+/// Two buffers of `bytes` (named `what` and `what, second`), or neither: the first is given back
+/// when the second does not fit.
+fn alloc_pair(
+    dev: &dyn Device,
+    bytes: usize,
+    what: &str,
+    second: &str,
+) -> Result<(DeviceBuf, DeviceBuf), DeviceError> {
+    let a = dev.alloc(bytes, what)?;
+    match dev.alloc(bytes, &format!("{what}, {second}")) {
+        Ok(b) => Ok((a, b)),
+        Err(e) => {
+            dev.free(a);
+            Err(e)
+        }
+    }
+}
+
 /// The shape of the run the device buffers are sized for.
 #[derive(Debug, Clone)]
 pub struct TierShape {
@@ -348,14 +366,7 @@ impl<'d> GpuTier<'d> {
         let none6 = || -> [Option<DeviceBuf>; 6] { Default::default() };
         // The work buffers; from here on the tier's Drop gives back whatever was allocated.
         let work = shape.rows * widest(model) * 4;
-        let x = dev.alloc(work, "input rows of a device product")?;
-        let y = match dev.alloc(work, "output rows of a device product") {
-            Ok(y) => y,
-            Err(e) => {
-                dev.free(x);
-                return Err(e.into());
-            }
-        };
+        let (x, y) = alloc_pair(dev, work, "input rows of a device product", "output rows")?;
         let mut tier = GpuTier {
             dev,
             resident: (0..layers).map(|_| none6()).collect(),
@@ -406,25 +417,31 @@ impl<'d> GpuTier<'d> {
         }
         if any_halves {
             let bytes = shape.rows * widest(model) * 4;
-            tier.halves = Some((
-                dev.alloc(bytes, "host half of a split product")?,
-                dev.alloc(bytes, "device half of a split product")?,
-            ));
+            tier.halves = Some(alloc_pair(
+                dev,
+                bytes,
+                "host half of a split product",
+                "device half",
+            )?);
             *tier.host_half.lock().unwrap_or_else(|e| e.into_inner()) =
                 vec![0.0; shape.rows * widest(model)];
         }
         for &seqs in &shape.kv_sequences {
-            let mut per_layer = Vec::with_capacity(layers);
+            // Each buffer goes into the tier as soon as it exists, so that a later failure
+            // gives it back.
+            tier.kv.push(Vec::with_capacity(layers));
             for l in 0..layers {
-                per_layer.push(if seqs > 0 {
+                let pair = if seqs > 0 {
                     let bytes = seqs * tier.seq_floats * 4;
                     let what = format!("KV cache of layer {l}");
-                    Some((dev.alloc(bytes, &what)?, dev.alloc(bytes, &what)?))
+                    Some(alloc_pair(dev, bytes, &what, "values")?)
                 } else {
                     None
-                });
+                };
+                if let Some(batch) = tier.kv.last_mut() {
+                    batch.push(pair);
+                }
             }
-            tier.kv.push(per_layer);
             report.kv_sequences += seqs;
             let act = (shape.act_rows > 0)
                 .then(|| {
@@ -477,9 +494,7 @@ impl<'d> GpuTier<'d> {
         };
         let bytes = element_bytes(&data, 0, n);
         let what = format!("resident layer {l} {}", LAYER_MATRICES[i]);
-        let buf = self.dev.alloc(bytes.len(), &what)?;
-        self.dev.upload(&buf, 0, bytes)?;
-        self.resident[l][i] = Some(buf);
+        self.resident[l][i] = Some(self.alloc_with(bytes, &what)?);
         self.place[l][i] = MatrixPlace::Resident;
         self.upload_bias(model, l, i)?;
         Ok(bytes.len() as u64)
@@ -488,11 +503,21 @@ impl<'d> GpuTier<'d> {
     fn upload_bias(&mut self, model: &OptModel, l: usize, i: usize) -> Result<()> {
         if let (Some(b), None) = (model.layer_biases(l)[i], &self.bias[l][i]) {
             let what = format!("bias of layer {l} {}", LAYER_MATRICES[i]);
-            let buf = self.dev.alloc(b.len() * 4, &what)?;
-            self.dev.upload(&buf, 0, bytemuck::cast_slice(b))?;
-            self.bias[l][i] = Some(buf);
+            self.bias[l][i] = Some(self.alloc_with(bytemuck::cast_slice(b), &what)?);
         }
         Ok(())
+    }
+
+    /// A buffer holding a copy of `bytes` (given back if the copy fails).
+    fn alloc_with(&self, bytes: &[u8], what: &str) -> Result<DeviceBuf, DeviceError> {
+        let buf = self.dev.alloc(bytes.len(), what)?;
+        match self.dev.upload(&buf, 0, bytes) {
+            Ok(()) => Ok(buf),
+            Err(e) => {
+                self.dev.free(buf);
+                Err(e)
+            }
+        }
     }
 
     /// The parameter manager: promotes non-resident matrices into the free device memory, most

@@ -286,6 +286,39 @@ fn a_device_too_small_for_the_policy_is_a_clear_error() {
         );
         assert_eq!(dev.used_bytes(), 0, "buffers left allocated after {e}");
     }
+    // Every capacity below the plan fails at some allocation, and gives back what it took.
+    let c = Case {
+        weights_gpu: 0.5,
+        kv_gpu: 0.5,
+        act_gpu: 0.5,
+        alpha: 0.3,
+        ..BASE
+    };
+    let planned = {
+        let dev = SimDevice::new(LARGE);
+        run_case("opt-tiny-preln", c, &dev)
+            .unwrap()
+            .1
+            .device
+            .unwrap()
+            .planned_bytes
+    };
+    let mut messages = std::collections::BTreeSet::new();
+    for k in 0..48 {
+        let capacity = planned * k / 48;
+        let dev = SimDevice::new(capacity);
+        let e = run_case("opt-tiny-preln", c, &dev)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("sim device out of memory"), "{e}");
+        assert_eq!(dev.used_bytes(), 0, "buffers left allocated after {e}");
+        messages.insert(e.split(" (").next().unwrap().to_string());
+    }
+    // The sweep failed at several different buffers.
+    assert!(messages.len() >= 4, "{messages:?}");
+    let dev = SimDevice::new(planned);
+    run_case("opt-tiny-preln", c, &dev).unwrap();
 }
 
 #[test]
