@@ -28,6 +28,7 @@ struct Case {
     act_disk: f64,
     alpha: f64,
     param_manager: bool,
+    cpu_attention: bool,
 }
 
 const BASE: Case = Case {
@@ -41,6 +42,7 @@ const BASE: Case = Case {
     act_disk: 0.0,
     alpha: 1.0,
     param_manager: false,
+    cpu_attention: true,
 };
 
 /// Plenty for the fixtures (a few hundred KiB of weights).
@@ -82,7 +84,7 @@ fn run_case(
         weights_disk: c.weights_disk,
         kv_cache_disk: c.kv_disk,
         activations_disk: c.act_disk,
-        cpu_attention: true,
+        cpu_attention: c.cpu_attention,
         offload_parent: parent.path().to_path_buf(),
         offload_capacity_limit: None,
         compress_kv: false,
@@ -114,7 +116,7 @@ fn layer_bytes(name: &str) -> u64 {
 
 #[test]
 fn split_and_resident_weights_give_the_cpu_tokens_with_the_manager_off_and_on() {
-    for name in ["opt-tiny-preln", "opt-tiny-postln"] {
+    for name in ["opt-tiny-preln", "opt-tiny-postln", "opt-tiny-preln-f16"] {
         let want = reference(name);
         let total = layer_bytes(name);
         for alpha in [0.0, 0.3, 0.7, 1.0] {
@@ -197,15 +199,19 @@ fn every_tier_at_once_gives_the_cpu_tokens() {
             act_disk: 0.5,
             alpha: 0.3,
             param_manager: true,
+            cpu_attention: true,
         },
     ];
     for c in cases {
-        let dev = SimDevice::new(LARGE);
-        let (got, stats) = run_case("opt-tiny-preln", c, &dev).unwrap();
-        assert_same_run(&format!("{c:?}"), &got, &want);
-        let d = stats.device.unwrap();
-        if c.kv_gpu > 0.0 {
-            assert!(d.kv_sequences > 0, "{c:?}");
+        for cpu_attention in [true, false] {
+            let c = Case { cpu_attention, ..c };
+            let dev = SimDevice::new(LARGE);
+            let (got, stats) = run_case("opt-tiny-preln", c, &dev).unwrap();
+            assert_same_run(&format!("{c:?}"), &got, &want);
+            let d = stats.device.unwrap();
+            if c.kv_gpu > 0.0 {
+                assert!(d.kv_sequences > 0, "{c:?}");
+            }
         }
     }
 }
