@@ -18,6 +18,11 @@
 //!
 //! Counts use [`split_count`]: a fraction above 0 gets at least one item, below 1 keeps at least
 //! one item in memory, so every tier the policy names is exercised.
+//!
+//! With a device ([`generate_blocks_on`]), the GPU tiers of [`crate::gpu_tier`] join in: resident
+//! and split matrices through the layer's [`crate::models::PlacedLinear`], device-resident
+//! sequences through [`LayerKv::attend`], and the device's share of hidden rows between the
+//! host's and the disk's.
 
 use crate::backend::Backend;
 use crate::device::Device;
