@@ -131,6 +131,9 @@ pub enum ExecError {
     /// The disk tier failed (the message names the file, offset and sizes).
     #[error(transparent)]
     Storage(#[from] crate::storage::StorageError),
+    /// A device (the `sim` device, or a GPU) refused an allocation or an operation.
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
     /// The host has less memory available than the policy's memory plan needs.
     #[error("the policy needs {needed_gib:.3} GiB of CPU memory ({detail}) but only {available_gib:.3} GiB is available (MemAvailable); move more weights, KV cache or activations to disk, or use a smaller block")]
     OutOfMemory {

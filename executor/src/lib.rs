@@ -3,17 +3,22 @@
 //! Layout: [`weights`] (where tensors come from: a memory-mapped checkpoint or random weights),
 //! [`models`] (one file per model family, written against [`backend::Backend`]), [`kernels`] (the
 //! CPU backend's arithmetic), [`generate`] (batching, KV cache, sampling), [`run`] (policy checks and
-//! the end-to-end run the command line drives), [`report`] (what a run measured).
+//! the end-to-end run the command line drives), [`report`] (what a run measured), [`schedule`]
+//! (the block schedule over CPU and disk), [`gpu_tier`] (its GPU tiers on a [`device::Device`],
+//! such as the CPU-backed [`sim`] device).
 
 pub mod backend;
 pub mod cuda;
+pub mod device;
 pub mod error;
 pub mod generate;
+pub mod gpu_tier;
 pub mod models;
 pub mod report;
 pub mod rng;
 pub mod run;
 pub mod schedule;
+pub mod sim;
 pub mod tokenizer;
 pub mod weights;
 

@@ -3,16 +3,25 @@
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
 use executor::backend::{Backend, CpuBackend};
+use executor::device::Device;
 use executor::generate::{generate, GenerationConfig, Sampling};
+use executor::gpu_tier::{GpuPlan, Rates};
 use executor::models::opt::OptConfig;
 use executor::run::{self, ModelSource, Prompt};
 use executor::schedule::{self, BlockPlan};
+use executor::sim::SimDevice;
 use executor::weights::ElementType;
 use planner::policy::Policy;
 use planner::profile::Profile;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Switch {
+    On,
+    Off,
+}
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum DtypeArg {
@@ -40,7 +49,13 @@ Examples:
   # checkpoint with direct I/O, KV cache and activations in an offload directory; prints the
   # planner's prediction next to the measurements
   executor --model ~/models/opt-6.7b --policy my-policy.toml --offload-dir /mnt/nvme \
-           --batch-size 8 --prompt-len 128 --max-new-tokens 32 --report run.json";
+           --batch-size 8 --prompt-len 128 --max-new-tokens 32 --report run.json
+
+  # Run a policy with GPU shares (resident weights, the HeteGen split, GPU KV cache) on the
+  # simulated device, a CPU-backed GPU stand-in with 256 MiB of memory: same tokens as the CPU
+  # run, and the report counts every host<->device copy and what the parameter manager promoted
+  executor --model ~/models/opt-125m --policy gpu-policy.toml --device sim:256MiB \\
+           --param-manager on --report run.json";
 
 /// Run an OPT model on the CPU, as a planner policy says, and report prefill and decode speed.
 #[derive(Debug, Parser)]
@@ -138,6 +153,22 @@ struct Cli {
     #[arg(long, value_name = "PROFILE")]
     profile: Option<String>,
 
+    /// Run the policy's GPU tiers on a device (needs --policy). `sim` is a CPU-backed device with
+    /// its own memory, counted host<->device copies and a capacity (default 16GiB;
+    /// `sim:512MiB` sets it): GPU-resident weights, the HeteGen split, GPU KV cache and
+    /// activations and the parameter manager run there with the CPU kernels and give the CPU
+    /// run's tokens (its timings say nothing about a GPU). A policy too large for the capacity
+    /// is refused with the numbers. Without --device, a policy that needs a GPU is refused on a
+    /// host without one.
+    #[arg(long, value_name = "sim[:CAPACITY]")]
+    device: Option<String>,
+
+    /// The parameter manager (with --device): when the device has memory beyond the policy's
+    /// buffers, keep more weight matrices resident, most valuable first (CPU time saved per
+    /// device byte); the report lists them and the estimated time saved.
+    #[arg(long, value_enum, default_value_t = Switch::On, value_name = "on|off")]
+    param_manager: Switch,
+
     /// Print only the generated text/ids and the report table, no progress bars.
     #[arg(long)]
     quiet: bool,
@@ -165,6 +196,27 @@ fn main() -> ExitCode {
     }
 }
 
+/// The hardware profile named by `--profile` (a file or builtin:NAME), or the embedded CPU profile
+/// of this GPU-less host, with a note saying so.
+fn resolve_profile(name: Option<&str>) -> anyhow::Result<(String, Profile)> {
+    Ok(match name {
+        Some(name) => match name.strip_prefix("builtin:") {
+            Some(b) => (name.to_string(), Profile::embedded(b)?),
+            None => (name.to_string(), Profile::load(std::path::Path::new(name))?),
+        },
+        None => {
+            eprintln!(
+                "note: predicting with the embedded profile builtin:cpu-2core-24gib (this host \
+                 has no GPU); pass --profile for another"
+            );
+            (
+                "builtin:cpu-2core-24gib".to_string(),
+                Profile::embedded("cpu-2core-24gib")?,
+            )
+        }
+    })
+}
+
 fn run_cli(cli: Cli) -> anyhow::Result<()> {
     if let Some(n) = cli.threads {
         rayon::ThreadPoolBuilder::new()
@@ -173,26 +225,38 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
             .context("cannot configure the thread pool")?;
     }
 
+    let sim = cli.device.as_deref().map(SimDevice::from_arg).transpose()?;
     let policy = match &cli.policy {
         Some(path) => {
             let policy = Policy::load(path)?;
             run::check_policy(&policy, &path.display().to_string())?;
-            // GPU tiers: refused with the reason on a host without a GPU.
-            let gpu = executor::cuda::require_gpu_for(&policy)?;
-            if gpu.is_some() {
-                bail!(
-                    "policy {} places work on the GPU; the block schedule runs the CPU and disk \
-                     tiers only so far (GPU tiers in the block schedule are a follow-up)",
-                    path.display()
-                );
+            // GPU tiers: run on the device when one is named, else refused with the reason on a
+            // host without a GPU.
+            if sim.is_none() {
+                let gpu = executor::cuda::require_gpu_for(&policy)?;
+                if gpu.is_some() {
+                    bail!(
+                        "policy {} places work on the GPU; the CUDA backend does not run the \
+                         block schedule's GPU tiers yet (--device sim runs them on a simulated \
+                         device)",
+                        path.display()
+                    );
+                }
             }
             Some(policy)
         }
         None => None,
     };
-    if policy.is_none() && (cli.offload_dir.is_some() || cli.profile.is_some()) {
-        bail!("--offload-dir and --profile apply only with --policy");
+    if policy.is_none()
+        && (cli.offload_dir.is_some() || cli.profile.is_some() || cli.device.is_some())
+    {
+        bail!("--offload-dir, --profile and --device apply only with --policy");
     }
+    // The profile of the prediction; its rates also value matrices for the parameter manager.
+    let profile = match &policy {
+        Some(_) => Some(resolve_profile(cli.profile.as_deref())?),
+        None => None,
+    };
 
     // Read the prompts before loading, which can take long for a large checkpoint.
     let mut prompts: Vec<Prompt> = cli.prompt.iter().cloned().map(Prompt::Text).collect();
@@ -374,13 +438,26 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
                 offload_capacity_limit: None,
                 compress_kv: p.compression.kv_cache,
             };
-            let (out, stats) = schedule::generate_blocks(
+            let gpu_plan = match (&sim, &profile) {
+                (Some(_), Some((_, prof))) => Some(GpuPlan::from_policy(
+                    p,
+                    cli.param_manager == Switch::On,
+                    Rates::from_profile(prof),
+                )),
+                _ => None,
+            };
+            let device = sim
+                .as_ref()
+                .zip(gpu_plan.as_ref())
+                .map(|(d, g)| (d as &dyn Device, g));
+            let (out, stats) = schedule::generate_blocks_on(
                 &loaded.model,
                 &backend,
                 &prompt_ids,
                 &config,
                 &plan,
                 &loaded.weights,
+                device,
             )?;
             for note in &stats.notes {
                 eprintln!("note: {note}");
@@ -418,22 +495,9 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
         );
         let run_policy = run::policy_for_run(p, out.padded_prompt_len, max_new_tokens, gbs, nb);
         let spec = &loaded.model.config().spec;
-        let planned = planner::memory::plan_for_policy(spec, &run_policy, false);
-        let (profile_name, profile) = match &cli.profile {
-            Some(name) => match name.strip_prefix("builtin:") {
-                Some(b) => (name.clone(), Profile::embedded(b)?),
-                None => (name.clone(), Profile::load(std::path::Path::new(name))?),
-            },
-            None => {
-                eprintln!(
-                    "note: predicting with the embedded profile builtin:cpu-2core-24gib (this \
-                     host has no GPU); pass --profile for another"
-                );
-                (
-                    "builtin:cpu-2core-24gib".to_string(),
-                    Profile::embedded("cpu-2core-24gib")?,
-                )
-            }
+        let planned = planner::memory::plan_for_policy(spec, &run_policy, sim.is_some());
+        let Some((profile_name, profile)) = &profile else {
+            bail!("internal: a policy run without a profile");
         };
         if let Some(measured_on) = &profile.profile.hardware {
             let gpu = executor::cuda::probe().ok().map(|info| info.name);
@@ -445,7 +509,7 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
-        let prediction = match planner::cost::evaluate(spec, &profile, &run_policy) {
+        let prediction = match planner::cost::evaluate(spec, profile, &run_policy) {
             Ok(pr) => Some(pr),
             Err(e) => {
                 eprintln!("warning: no prediction: {e}");

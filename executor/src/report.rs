@@ -112,6 +112,11 @@ pub struct TierReport {
     pub ratio_decode_per_token: Option<f64>,
     /// Measured / predicted throughput.
     pub ratio_throughput: Option<f64>,
+    /// GPU bytes of the planner's memory plan for this run's policy (runs on a device only).
+    pub planned_gpu_bytes: Option<f64>,
+    /// What the device tiers held and moved, and the parameter manager's choices (runs on a
+    /// device, `--device sim`, only).
+    pub device: Option<crate::gpu_tier::DeviceReport>,
 }
 
 impl RunReport {
@@ -247,6 +252,67 @@ impl RunReport {
                         opt(t.ratio_decode_per_token, ""),
                         opt(t.ratio_throughput, "")
                     ),
+                ),
+            ]);
+        }
+        if let Some(d) = &t.device {
+            let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+            let pm = &d.param_manager;
+            rows.extend([
+                (
+                    "device",
+                    format!(
+                        "{}: {:.3} MiB of {:.3} MiB peak (plan {:.3} MiB; planner {})",
+                        d.device,
+                        mib(d.peak_bytes),
+                        mib(d.capacity_bytes),
+                        mib(d.planned_bytes),
+                        t.planned_gpu_bytes.map_or("-".into(), |b| format!(
+                            "{:.3} MiB",
+                            b / (1u64 << 20) as f64
+                        ))
+                    ),
+                ),
+                (
+                    "device weights",
+                    format!(
+                        "{:.3} MiB resident ({:.3} MiB by the policy), per step {:.3} MiB \
+                         streamed + {:.3} MiB on the host",
+                        mib(d.resident_weight_bytes_total),
+                        mib(d.resident_weight_bytes),
+                        mib(d.streamed_weight_bytes_per_step),
+                        mib(d.host_weight_bytes_per_step)
+                    ),
+                ),
+                (
+                    "device copies",
+                    format!(
+                        "h2d {:.3} MiB in {} calls ({:.3} MiB weights, {:.3} MiB in decode), \
+                         d2h {:.3} MiB in {} calls; setup h2d {:.3} MiB",
+                        mib(d.run_transfers.h2d_bytes),
+                        d.run_transfers.h2d_calls,
+                        mib(d.run_weight_upload_bytes),
+                        mib(d.decode_weight_upload_bytes),
+                        mib(d.run_transfers.d2h_bytes),
+                        d.run_transfers.d2h_calls,
+                        mib(d.setup_transfers.h2d_bytes)
+                    ),
+                ),
+                (
+                    "param manager",
+                    if pm.enabled {
+                        format!(
+                            "{} matrices promoted ({:.3} MiB of {:.3} MiB free), est. saved \
+                             {:.4} s/step, {:.4} s in all",
+                            pm.promoted.len(),
+                            mib(pm.promoted_bytes),
+                            mib(pm.free_bytes),
+                            pm.estimated_saved_s_per_step,
+                            pm.estimated_saved_s
+                        )
+                    } else {
+                        "off".into()
+                    },
                 ),
             ]);
         }

@@ -423,6 +423,10 @@ pub fn add_tiers(
     t.policy_as_run = Some(policy.clone());
     t.offload_dir_bytes = stats.offload_bytes;
     t.planned_cpu_bytes = Some(planned.cpu.total());
+    if let Some(d) = &stats.device {
+        t.device = Some(d.clone());
+        t.planned_gpu_bytes = Some(planned.gpu.total());
+    }
     t.planned_disk_bytes = Some(planned.disk.total());
     if let Some((name, p)) = prediction {
         let ratio = |m: f64, p: f64| (p > 0.0 && m > 0.0).then(|| m / p);

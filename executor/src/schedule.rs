@@ -18,10 +18,17 @@
 //!
 //! Counts use [`split_count`]: a fraction above 0 gets at least one item, below 1 keeps at least
 //! one item in memory, so every tier the policy names is exercised.
+//!
+//! With a device ([`generate_blocks_on`]), the GPU tiers of [`crate::gpu_tier`] join in: resident
+//! and split matrices through the layer's [`crate::models::PlacedLinear`], device-resident
+//! sequences through [`LayerKv::attend`], and the device's share of hidden rows between the
+//! host's and the disk's.
 
 use crate::backend::Backend;
+use crate::device::Device;
 use crate::error::{ExecError, Result};
 use crate::generate::{GenerationConfig, GenerationOutput, PromptLayout, Sampler};
+use crate::gpu_tier::{DeviceReport, GpuPlan, GpuTier, TierShape};
 use crate::kernels::WeightData;
 use crate::models::opt::{LayerMatrices, OptModel, OptWorkspace};
 use crate::models::{CausalLm, LayerKv, Step};
@@ -190,6 +197,8 @@ pub struct ChannelStats {
     pub kv_disk_sequences: usize,
     /// Lines to print: files that fell back to buffered I/O, and why.
     pub notes: Vec<String>,
+    /// What the device tiers held and moved (runs on a device only).
+    pub device: Option<DeviceReport>,
 }
 
 impl ChannelStats {
@@ -203,11 +212,13 @@ impl ChannelStats {
     }
 }
 
-/// Where a sequence's KV cache lives: index into its batch's CPU home or its disk slot.
+/// Where a sequence's KV cache lives: index into its batch's CPU home, its disk slot, or its
+/// batch's device cache.
 #[derive(Debug, Clone, Copy)]
 enum SeqPlace {
     Cpu(usize),
     Disk { local: usize, slot: usize },
+    Gpu(usize),
 }
 
 /// KV rows of one batch at one layer, for the model's layer function.
@@ -221,13 +232,25 @@ struct BatchKv<'a> {
     stage_k: &'a mut [f32],
     stage_v: &'a mut [f32],
     in_place: bool,
+    /// The device tier, this batch's index and the layer (device-resident sequences).
+    gpu: Option<(&'a GpuTier<'a>, usize, usize)>,
 }
 
 impl LayerKv for BatchKv<'_> {
     fn compressed(&mut self, seq: usize) -> Option<(&mut QuantizedKv, &mut QuantizedKv)> {
         match self.place[seq] {
             SeqPlace::Cpu(i) => self.packed.get_mut(i).map(|(k, v)| (k, v)),
-            SeqPlace::Disk { .. } => None,
+            SeqPlace::Disk { .. } | SeqPlace::Gpu(_) => None,
+        }
+    }
+
+    fn attend(&mut self, seq: usize, rows: &crate::models::NewRows, out: &mut [f32]) -> bool {
+        match (self.place[seq], self.gpu) {
+            (SeqPlace::Gpu(local), Some((tier, batch, layer))) => {
+                tier.attend(batch, layer, local, rows, out);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -248,6 +271,8 @@ impl LayerKv for BatchKv<'_> {
                 &mut self.stage_k[local * n..(local + 1) * n],
                 &mut self.stage_v[local * n..(local + 1) * n],
             ),
+            // Device-resident rows are attended through `attend`, never handed to the host.
+            SeqPlace::Gpu(_) => (&mut [], &mut []),
         }
     }
 }
@@ -345,10 +370,33 @@ pub fn generate_blocks(
     plan: &BlockPlan,
     weights: &WeightPlacement,
 ) -> Result<(GenerationOutput, ChannelStats)> {
+    generate_blocks_on(model, backend, prompts, cfg, plan, weights, None)
+}
+
+/// [`generate_blocks`] with GPU tiers on `device` as `gpu` says (see [`crate::gpu_tier`]): the
+/// policy's GPU share of weights resident there, the rest split between host and device by alpha,
+/// the GPU shares of KV cache and activations held there. Same tokens as the all-CPU run.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_blocks_on(
+    model: &OptModel,
+    backend: &dyn Backend,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+    plan: &BlockPlan,
+    weights: &WeightPlacement,
+    device: Option<(&dyn Device, &GpuPlan)>,
+) -> Result<(GenerationOutput, ChannelStats)> {
     crate::generate::check_request(model, prompts, cfg)?;
+    if device.is_some() && (plan.compress_kv || weights.compressed.is_some()) {
+        return Err(ExecError::Unsupported(
+            "4-bit compression together with GPU tiers is not supported by the executor yet; \
+             turn compression off or run without a device"
+                .into(),
+        ));
+    }
     // On a rayon worker, as generate does: kernels called from outside the pool inject their jobs
     // through rayon's global queue, which allocates.
-    rayon::scope(|_| run_block(model, backend, prompts, cfg, plan, weights))
+    rayon::scope(|_| run_block(model, backend, prompts, cfg, plan, weights, device))
 }
 
 fn run_block(
@@ -358,6 +406,7 @@ fn run_block(
     cfg: &GenerationConfig,
     plan: &BlockPlan,
     weights: &WeightPlacement,
+    device: Option<(&dyn Device, &GpuPlan)>,
 ) -> Result<(GenerationOutput, ChannelStats)> {
     let vocab = model.vocab_size();
     let bls = prompts.len();
@@ -384,6 +433,15 @@ fn run_block(
         )));
     }
     let on_disk_seq = |g: usize| (g + 1) * kv_disk_total / bls > g * kv_disk_total / bls;
+    // Of the sequences not on disk, the device's share (spread evenly over them).
+    let kv_host_total = bls - kv_disk_total;
+    let kv_gpu_total = device.map_or(0, |(_, g)| {
+        GpuPlan::device_share(g.kv_cache, g.kv_cache_cpu, kv_host_total)
+    });
+    let on_gpu_seq =
+        |j: usize| (j + 1) * kv_gpu_total / kv_host_total > j * kv_gpu_total / kv_host_total;
+    let mut host_index = 0;
+    let mut kv_gpu_per_batch = Vec::with_capacity(nb_asked);
     let seq_floats = max_len * width;
     let kv_slot = align_up((seq_floats * 4) as u64) as usize;
     let mut batches: Vec<Batch> = Vec::with_capacity(nb);
@@ -392,15 +450,21 @@ fn run_block(
         let first = k * gbs;
         let len = gbs.min(bls - first);
         let mut place = Vec::with_capacity(len);
-        let (mut cpu, mut disk) = (0, 0);
+        let (mut cpu, mut disk, mut gpu) = (0, 0, 0);
         for g in first..first + len {
             if on_disk_seq(g) {
                 place.push(SeqPlace::Disk { local: disk, slot });
                 disk += 1;
                 slot += 1;
             } else {
-                place.push(SeqPlace::Cpu(cpu));
-                cpu += 1;
+                host_index += 1;
+                if on_gpu_seq(host_index - 1) {
+                    place.push(SeqPlace::Gpu(gpu));
+                    gpu += 1;
+                } else {
+                    place.push(SeqPlace::Cpu(cpu));
+                    cpu += 1;
+                }
             }
         }
         batches.push(Batch {
@@ -451,6 +515,7 @@ fn run_block(
             writes: Vec::with_capacity(2 * disk + 2),
             disk_seqs: disk,
         });
+        kv_gpu_per_batch.push(gpu);
     }
     stats.kv_disk_sequences = kv_disk_total;
     let max_disk_per_batch = batches.iter().map(|b| b.disk_seqs).max().unwrap_or(0);
@@ -463,6 +528,30 @@ fn run_block(
         b.held = vec![0.0; cpu_rows * hidden];
     }
     let act_slot = align_up((act_rows(prefill_rows).max(act_rows(gbs)) * hidden * 4) as u64);
+    // The device's share of the rows not on disk sits between the host's and the disk's.
+    let gpu_act_rows = |rows: usize| {
+        device.map_or(0, |(_, g)| {
+            GpuPlan::device_share(g.activations, g.activations_cpu, rows - act_rows(rows))
+        })
+    };
+
+    // The device tier: resident weights, staging for split matrices, KV and hidden rows.
+    let gpu_tier = match device {
+        Some((dev, gplan)) => Some(GpuTier::new(
+            dev,
+            model,
+            gplan,
+            weights,
+            &TierShape {
+                rows: prefill_rows,
+                max_len,
+                kv_sequences: kv_gpu_per_batch.clone(),
+                act_rows: gpu_act_rows(prefill_rows).max(gpu_act_rows(gbs)),
+            },
+        )?),
+        None => None,
+    };
+    let resident = |l: usize, i: usize| gpu_tier.as_ref().is_some_and(|t| t.is_resident(l, i));
 
     // The disk tier: checkpoint files for weights, the offload directory for cache and hidden
     // states.
@@ -481,7 +570,7 @@ fn run_block(
         let ids = model.layer_weight_ids(l);
         let mut row: [Option<DiskRange>; 6] = Default::default();
         for i in 0..6 {
-            if !weights.on_disk[l][i] {
+            if !weights.on_disk[l][i] || resident(l, i) {
                 continue;
             }
             let Some((path, offset, len)) = store.file_range(ids[i]) else {
@@ -506,7 +595,13 @@ fn run_block(
         }
         tier.ranges.push(row);
     }
-    stats.weight_disk_bytes_per_step = weights.disk_bytes;
+    stats.weight_disk_bytes_per_step = tier
+        .ranges
+        .iter()
+        .flatten()
+        .flatten()
+        .map(|r| r.2 as u64)
+        .sum();
     for &size in max_read.iter() {
         if size == 0 {
             tier.weight_pools.push(None);
@@ -682,8 +777,12 @@ fn run_block(
             }
             stats.io_wait_s += wait.elapsed().as_secs_f64();
             let ids = model.layer_weight_ids(l);
+            let on_device = gpu_tier.as_ref().map(|t| t.layer(backend, l));
             let mut mats: LayerMatrices = model.store_matrices(l);
             mats.compressed = weights.compressed.as_ref().map(|c| c.layers[l].as_slice());
+            mats.placed = on_device
+                .as_ref()
+                .map(|d| d as &dyn crate::models::PlacedLinear);
             {
                 let slots: [&mut crate::kernels::Matrix; 6] = [
                     &mut mats.q,
@@ -750,12 +849,16 @@ fn run_block(
                 if l == 0 {
                     model.embed(backend, &step, &mut ws);
                 } else {
-                    let cpu_part = (rows - disk_rows) * hidden;
+                    let host_part = (rows - disk_rows) * hidden;
+                    let cpu_part = host_part - gpu_act_rows(rows) * hidden;
                     let h = ws.hidden_mut();
                     h[..cpu_part].copy_from_slice(&batch.held[..cpu_part]);
+                    if let (Some(t), true) = (&gpu_tier, cpu_part < host_part) {
+                        t.load_act(k, &mut h[cpu_part..host_part])?;
+                    }
                     if let Some(a) = &act {
                         let src: &[f32] = bytemuck::cast_slice(a.bytes());
-                        h[cpu_part..rows * hidden].copy_from_slice(&src[..disk_rows * hidden]);
+                        h[host_part..rows * hidden].copy_from_slice(&src[..disk_rows * hidden]);
                     }
                 }
                 drop(act);
@@ -782,8 +885,12 @@ fn run_block(
                         stage_k: &mut stage_k,
                         stage_v: &mut stage_v,
                         in_place: plan.cpu_attention,
+                        gpu: gpu_tier.as_ref().map(|t| (t, k, l)),
                     };
                     model.layer(backend, l, &mats, &step, &mut kv, &mut ws);
+                }
+                if let Some(t) = &gpu_tier {
+                    t.take_error()?;
                 }
                 let last_layer = l + 1 == layers;
                 if last_layer {
@@ -835,12 +942,16 @@ fn run_block(
                 staged.clear();
                 if !last_layer {
                     let next_rows = act_rows(rows);
-                    let cpu_part = (rows - next_rows) * hidden;
+                    let host_part = (rows - next_rows) * hidden;
+                    let cpu_part = host_part - gpu_act_rows(rows) * hidden;
                     let h = ws.hidden_mut();
                     batch.held[..cpu_part].copy_from_slice(&h[..cpu_part]);
+                    if let (Some(t), true) = (&gpu_tier, cpu_part < host_part) {
+                        t.save_act(k, &h[cpu_part..host_part])?;
+                    }
                     if next_rows > 0 {
                         if let (Some(pool), Some(file)) = (&tier.cache_pool, &tier.act_file) {
-                            let bytes: &[u8] = bytemuck::cast_slice(&h[cpu_part..rows * hidden]);
+                            let bytes: &[u8] = bytemuck::cast_slice(&h[host_part..rows * hidden]);
                             let len = align_up(bytes.len() as u64) as usize;
                             let mut out = pool.buffers().get(len).map_err(storage_err)?;
                             out.as_mut_slice()[..bytes.len()].copy_from_slice(bytes);
@@ -879,6 +990,9 @@ fn run_block(
             prefill_s = started.elapsed().as_secs_f64();
             stats.prefill_compute_s = stats.cpu_compute_s;
             first = false;
+            if let Some(t) = &gpu_tier {
+                t.set_decoding();
+            }
         } else {
             steps += 1;
         }
@@ -912,7 +1026,9 @@ fn run_block(
                 * 4) as u64
         })
         .sum::<u64>()
-        + (layers * kv_disk_total * 2 * kv_slot) as u64;
+        + (layers * kv_disk_total * 2 * kv_slot) as u64
+        + (layers * kv_gpu_total * 2 * seq_floats * 4) as u64;
+    stats.device = gpu_tier.map(|t| t.finish(steps + 1));
     Ok((
         GenerationOutput {
             tokens: tokens_out,

@@ -4,9 +4,9 @@
 
 mod common;
 
-use common::{expected, fixture};
+use common::fixture;
 use executor::backend::CpuBackend;
-use executor::generate::{generate, GenerationConfig, GenerationOutput, Sampling};
+use executor::generate::{generate, GenerationConfig, GenerationOutput};
 use executor::run::{self, ModelSource};
 use executor::schedule::{generate_blocks, BlockPlan, ChannelStats};
 use proptest::prelude::*;
@@ -32,21 +32,11 @@ const ALL_CPU: Shape = Shape {
 };
 
 fn prompts() -> Vec<Vec<u32>> {
-    let want = expected("opt-tiny-preln");
-    let mut p = want.prompt_ids.clone();
-    // Four prompts of different lengths (left padding inside and across GPU batches).
-    p.push(vec![2, 100, 7, 31, 300, 5]);
-    p.push(vec![2, 55]);
-    p.truncate(4);
-    p
+    common::block_prompts()
 }
 
 fn config(max_new_tokens: usize) -> GenerationConfig {
-    GenerationConfig {
-        max_new_tokens,
-        sampling: Sampling::Greedy,
-        stop_at_eos: false,
-    }
+    common::greedy(max_new_tokens)
 }
 
 fn run_shape(
@@ -89,18 +79,7 @@ fn reference(name: &str, prompts: &[Vec<u32>]) -> GenerationOutput {
 }
 
 fn assert_same(name: &str, shape: Shape, got: &GenerationOutput, want: &GenerationOutput) {
-    assert_eq!(got.tokens, want.tokens, "{name} {shape:?}: tokens");
-    // Per-sequence arithmetic is the same; only the row count of the matrix products differs.
-    let diff = got
-        .prefill_logits
-        .iter()
-        .zip(&want.prefill_logits)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
-    assert!(
-        diff < 1e-4,
-        "{name} {shape:?}: prefill logits differ by {diff}"
-    );
+    common::assert_same_run(&format!("{name} {shape:?}"), got, want);
 }
 
 fn empty(dir: &Path) -> bool {

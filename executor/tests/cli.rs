@@ -345,3 +345,90 @@ fn help_shows_examples() {
         "{stdout}"
     );
 }
+
+#[test]
+fn a_gpu_policy_runs_on_the_sim_device_and_reports_its_copies() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("opt-tiny-preln").display().to_string();
+    let gpu = write_policy(dir.path(), |p| {
+        p.model.name = "opt-tiny-preln".into();
+        p.placement.weights = planner::policy::Placement {
+            gpu: 0.5,
+            cpu: 0.5,
+            disk: 0.0,
+        };
+        p.placement.kv_cache = planner::policy::Placement::ALL_GPU;
+        p.compute.split = planner::policy::Split::uniform(0.3);
+    });
+    let args = |extra: &[&str]| {
+        let mut a: Vec<String> = ["--model", &model, "--prompt-ids", "2,100,7", "--prompt-ids"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(["2,9", "--max-new-tokens", "4"].map(String::from));
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let plain: Vec<String> = args(&[]);
+    let plain: Vec<&str> = plain.iter().map(String::as_str).collect();
+    let (want, _) = succeeds(&plain);
+
+    let report = dir.path().join("r.json");
+    let report_s = report.display().to_string();
+    let on_sim = args(&[
+        "--policy",
+        &gpu,
+        "--device",
+        "sim:64MiB",
+        "--report",
+        &report_s,
+    ]);
+    let on_sim: Vec<&str> = on_sim.iter().map(String::as_str).collect();
+    let (got, stderr) = succeeds(&on_sim);
+    assert_eq!(got, want, "tokens on the sim device");
+    assert!(stderr.contains("param manager"), "{stderr}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let d = &json["device"];
+    assert_eq!(d["device"], "sim", "{json}");
+    assert_eq!(d["capacity_bytes"].as_u64(), Some(64 << 20));
+    assert!(d["run_transfers"]["h2d_bytes"].as_u64().unwrap() > 0, "{d}");
+    assert!(d["param_manager"]["enabled"].as_bool().unwrap());
+    // 64 MiB holds the whole fixture: the manager promoted every streamed matrix.
+    assert_eq!(d["run_weight_upload_bytes"].as_u64(), Some(0), "{d}");
+    assert!(!d["param_manager"]["promoted"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+
+    let off = args(&[
+        "--policy",
+        &gpu,
+        "--device",
+        "sim:64MiB",
+        "--param-manager",
+        "off",
+    ]);
+    let off: Vec<&str> = off.iter().map(String::as_str).collect();
+    let (got, stderr) = succeeds(&off);
+    assert_eq!(got, want, "tokens with the parameter manager off");
+    assert!(stderr.contains("param manager  off"), "{stderr}");
+
+    let small = args(&[
+        "--policy",
+        &gpu,
+        "--device",
+        "sim:4k",
+        "--profile",
+        "builtin:cpu-2core-24gib",
+    ]);
+    let small: Vec<&str> = small.iter().map(String::as_str).collect();
+    let e = fails(&small);
+    assert!(e.contains("sim device out of memory"), "{e}");
+    let e = fails(&["--model", &model, "--device", "sim"]);
+    assert!(e.contains("only with --policy"), "{e}");
+    let bad = args(&["--policy", &gpu, "--device", "tpu"]);
+    let bad: Vec<&str> = bad.iter().map(String::as_str).collect();
+    let e = fails(&bad);
+    assert!(e.contains("expected sim or sim:CAPACITY"), "{e}");
+}

@@ -79,10 +79,14 @@ fn allocations_do_not_grow_with_decode_steps() {
     }
 }
 
+/// In memory, the block schedule allocates all its buffers before the prefill; so do the GPU
+/// tiers on the sim device (resident and split weights, device KV cache and hidden rows).
 #[test]
 fn the_block_schedule_in_memory_allocates_nothing_per_decode_step() {
     let _turn = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    use executor::schedule::{generate_blocks, BlockPlan};
+    use executor::device::Device;
+    use executor::gpu_tier::{GpuPlan, Rates};
+    use executor::schedule::{generate_blocks_on, BlockPlan};
     let want = common::expected("opt-tiny-preln");
     let loaded = run::load(
         &ModelSource::Checkpoint(common::fixture("opt-tiny-preln")),
@@ -102,32 +106,50 @@ fn the_block_schedule_in_memory_allocates_nothing_per_decode_step() {
         offload_capacity_limit: None,
         compress_kv: false,
     };
-    let count = |max_new_tokens: usize| {
-        let cfg = GenerationConfig {
-            max_new_tokens,
-            sampling: Sampling::Greedy,
-            stop_at_eos: false,
-        };
-        let before = ALLOCATIONS.load(Ordering::Relaxed);
-        let (out, stats) = generate_blocks(
-            &loaded.model,
-            &CpuBackend,
-            &prompts,
-            &cfg,
-            &plan,
-            &loaded.weights,
-        )
-        .unwrap();
-        let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
-        drop((out, stats));
-        allocations
+    let gpu = GpuPlan {
+        weights: 0.5,
+        kv_cache: 0.5,
+        activations: 0.5,
+        kv_cache_cpu: 0.5,
+        activations_cpu: 0.5,
+        split: planner::policy::Split::uniform(0.3),
+        param_manager: false,
+        rates: Rates {
+            cpu_bytes_per_s: 16e9,
+            h2d_bytes_per_s: 12e9,
+            disk_bytes_per_s: 1e9,
+        },
     };
-    count(40);
-    let (short, long) = (count(4), count(40));
-    assert_eq!(
-        short, long,
-        "{short} allocations for 3 decode steps, {long} for 39"
-    );
+    let sim = executor::sim::SimDevice::new(64 << 20);
+    for device in [None, Some((&sim as &dyn Device, &gpu))] {
+        let count = |max_new_tokens: usize| {
+            let before = ALLOCATIONS.load(Ordering::Relaxed);
+            let (out, stats) = generate_blocks_on(
+                &loaded.model,
+                &CpuBackend,
+                &prompts,
+                &common::greedy(max_new_tokens),
+                &plan,
+                &loaded.weights,
+                device,
+            )
+            .unwrap();
+            let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
+            drop((out, stats));
+            allocations
+        };
+        count(40);
+        let (short, long) = (count(4), count(40));
+        let on = if device.is_some() {
+            "sim device"
+        } else {
+            "cpu"
+        };
+        assert_eq!(
+            short, long,
+            "{on}: {short} allocations for 3 decode steps, {long} for 39"
+        );
+    }
 }
 
 /// With disk tiers the executor's own buffers are still allocated once, but each I/O request of

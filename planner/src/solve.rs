@@ -608,7 +608,10 @@ mod tests {
             max_sequences: None,
         };
         let fixed = solve(&req).unwrap();
-        assert_eq!((fixed.batch.gpu_batch_size, fixed.batch.num_gpu_batches), (3, 5));
+        assert_eq!(
+            (fixed.batch.gpu_batch_size, fixed.batch.num_gpu_batches),
+            (3, 5)
+        );
         // Written and read back with the limits, so `planner check` re-solves under them.
         let back = Policy::parse(&fixed.to_toml(), "fixed.toml").unwrap();
         assert_eq!(back.provenance.block_limits, req.block_limits);

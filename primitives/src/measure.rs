@@ -76,7 +76,13 @@ fn bf16_values(n: usize, seed: u32) -> Vec<bf16> {
 /// rows (a prefill) this is the product's compute rate; with a few rows (a decode step of a GPU
 /// batch) and a chain larger than the last-level cache, it is the rate a decode step gets,
 /// weights streaming from DRAM included.
-pub fn linear_flops(rows: usize, out: usize, inp: usize, total_bytes: usize, passes: usize) -> Rate {
+pub fn linear_flops(
+    rows: usize,
+    out: usize,
+    inp: usize,
+    total_bytes: usize,
+    passes: usize,
+) -> Rate {
     let count = total_bytes.div_ceil(out * inp * 2).max(1);
     let weights: Vec<Vec<bf16>> = (0..count)
         .map(|i| bf16_values(out * inp, i as u32 + 1))

@@ -12,6 +12,14 @@
 //! [`backend`] ([`CudaBackend`]: streams, pinned staging, grow-only device buffers), `probe`
 //! (device discovery and free-memory queries), `policy` (the refusal path for policies that
 //! need a GPU on a machine without one).
+//!
+//! Not yet here: an implementation of [`crate::device::Device`], the trait the block schedule's
+//! GPU tiers run on (today only [`crate::sim::SimDevice`] implements it). It needs a handle table
+//! of `CudaSlice<u8>` with a capacity from NVML's free memory, the copies on the copy streams
+//! ordered by events, cuBLAS over a row range of a weight buffer (the device half of a split
+//! layer), attention over a device KV buffer at an offset, and one NVRTC kernel for
+//! `join_columns`; the per-call grow-only buffers of [`CudaBackend`] do not fit that shape, so it
+//! was left for a machine where it can be tested (`--device cuda` is refused with this reason).
 
 pub mod backend;
 pub mod kernels;

@@ -104,6 +104,57 @@ pub trait LayerKv {
         let _ = seq;
         None
     }
+
+    /// Appends the step's rows of sequence `seq` to a cache that lives on a device and attends
+    /// there, writing `[q_len, width]` to `out`; returns false when the sequence's cache is in
+    /// host memory (the layer then uses [`LayerKv::rows`]). Device failures are recorded by the
+    /// implementation and surface after the layer (the layer itself cannot fail).
+    fn attend(&mut self, seq: usize, rows: &NewRows, out: &mut [f32]) -> bool {
+        let _ = (seq, rows, out);
+        false
+    }
+}
+
+/// Where a layer's matrix products run when some of them are not plain host products: the GPU
+/// tiers put whole matrices on a device, or split a matrix's output rows between the host and
+/// the device (HeteGen). The model calls it for each of the six matrices (q, k, v, out, fc1,
+/// fc2) before falling back to the backend.
+pub trait PlacedLinear {
+    /// Computes `y = x W^T + bias` for matrix `i` of the layer over `rows` rows, `dense` being
+    /// its host copy (which the host share of a split reads); returns false to leave the product
+    /// to the backend. Device failures are recorded by the implementation and surface after the
+    /// layer.
+    #[allow(clippy::too_many_arguments)]
+    fn linear(
+        &self,
+        i: usize,
+        x: &[f32],
+        rows: usize,
+        dense: &crate::kernels::Matrix,
+        bias: Option<&[f32]>,
+        y: &mut [f32],
+    ) -> bool;
+}
+
+/// One sequence's attention inputs for a cache that lives on a device (see
+/// [`LayerKv::attend`]): the step's query, key and value rows and where they go.
+pub struct NewRows<'a> {
+    /// Queries, `[q_len, width]` (already scaled).
+    pub q: &'a [f32],
+    /// The step's keys and values, `[q_len, width]` each.
+    pub k: &'a [f32],
+    /// See `k`.
+    pub v: &'a [f32],
+    /// Cache position of the first new row.
+    pub start: usize,
+    /// New rows (queries).
+    pub q_len: usize,
+    /// Whether each of the first `start + q_len` cache positions holds a real token.
+    pub key_valid: &'a [bool],
+    /// Attention heads.
+    pub num_heads: usize,
+    /// Values per head.
+    pub head_dim: usize,
 }
 
 /// A decoder-only language model the generation loop can drive.

@@ -8,7 +8,7 @@
 //! - The final LayerNorm exists only in pre-LN models (and not with `_remove_final_layer_norm`).
 //! - ReLU FFN, queries scaled by `head_dim^-0.5`, LM head tied to the token embedding.
 
-use super::{CausalLm, KvCache, LayerKv, Step};
+use super::{CausalLm, KvCache, LayerKv, NewRows, PlacedLinear, Step};
 use crate::backend::{attention_scratch_len, Backend};
 use crate::error::{ExecError, Result};
 use crate::kernels::Matrix;
@@ -513,6 +513,8 @@ pub struct LayerMatrices<'a> {
     /// 4-bit group-wise copies of the six matrices (q, k, v, out, fc1, fc2), used instead of the
     /// dense ones when present (policy `compression.weights`).
     pub compressed: Option<&'a [QuantizedMatrix]>,
+    /// Products that run (partly) on a device: the GPU tiers' resident and split matrices.
+    pub placed: Option<&'a dyn PlacedLinear>,
 }
 
 /// Names of the six matrices of a layer, in the order of [`OptModel::layer_weight_ids`].
@@ -533,6 +535,13 @@ impl OptModel {
         ]
     }
 
+    /// Biases of layer `l`'s matrices (f32, held in host memory), in the order of
+    /// [`OptModel::layer_weight_ids`]: the GPU tiers copy the device share of them.
+    pub fn layer_biases(&self, l: usize) -> [Option<&[f32]>; 6] {
+        let x = &self.layers[l];
+        [&x.q, &x.k, &x.v, &x.out, &x.fc1, &x.fc2].map(|lin| lin.bias.as_deref())
+    }
+
     /// Layer `l`'s matrices read from the store in place.
     pub fn store_matrices(&self, l: usize) -> LayerMatrices<'_> {
         let ids = self.layer_weight_ids(l);
@@ -544,6 +553,7 @@ impl OptModel {
             fc1: self.matrix(ids[4]),
             fc2: self.matrix(ids[5]),
             compressed: None,
+            placed: None,
         }
     }
 
@@ -670,6 +680,19 @@ impl OptModel {
                     );
                     continue;
                 }
+                let rows_in = NewRows {
+                    q,
+                    k: &ws.k[span.clone()],
+                    v: &ws.v[span.clone()],
+                    start: step.start,
+                    q_len: t_new,
+                    key_valid: valid,
+                    num_heads: d.heads,
+                    head_dim: d.head_dim,
+                };
+                if kv.attend(b, &rows_in, out) {
+                    continue;
+                }
                 let (keys, values) = kv.rows(b);
                 let at = step.start * h;
                 keys[at..at + seq_rows].copy_from_slice(&ws.k[span.clone()]);
@@ -782,8 +805,8 @@ impl OptModel {
     }
 }
 
-/// Matrix `i` of a layer: the compressed copy through `linear_q4` when there is one, else the dense
-/// matrix through the backend.
+/// Matrix `i` of a layer: on the device when the GPU tiers place it there, else the compressed
+/// copy through `linear_q4` when there is one, else the dense matrix through the backend.
 #[allow(clippy::too_many_arguments)]
 fn linear_any(
     be: &dyn Backend,
@@ -795,6 +818,11 @@ fn linear_any(
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) {
+    if let Some(p) = mats.placed {
+        if p.linear(i, x, rows, dense, bias, y) {
+            return;
+        }
+    }
     match mats.compressed {
         Some(q) => linear_q4(x, rows, &q[i], bias, y),
         None => be.linear(x, rows, dense, bias, y),

@@ -127,3 +127,40 @@ pub fn copy_fixture(name: &str) -> tempfile::TempDir {
     }
     dir
 }
+
+/// Four prompts of different lengths (the fixture's three, then a fourth): left padding inside
+/// and across GPU batches, for the block schedule's tests.
+pub fn block_prompts() -> Vec<Vec<u32>> {
+    let mut p = expected("opt-tiny-preln").prompt_ids.clone();
+    p.push(vec![2, 100, 7, 31, 300, 5]);
+    p.push(vec![2, 55]);
+    p.truncate(4);
+    p
+}
+
+/// Greedy decoding of `max_new_tokens` tokens that does not stop at EOS (every run does the same
+/// steps).
+pub fn greedy(max_new_tokens: usize) -> executor::generate::GenerationConfig {
+    executor::generate::GenerationConfig {
+        max_new_tokens,
+        sampling: executor::generate::Sampling::Greedy,
+        stop_at_eos: false,
+    }
+}
+
+/// The invariant of every placement: the tokens of the in-memory run, and prefill logits within
+/// 1e-4 (the arithmetic per sequence is the same; only the row count of the products differs).
+pub fn assert_same_run(
+    label: &str,
+    got: &executor::generate::GenerationOutput,
+    want: &executor::generate::GenerationOutput,
+) {
+    assert_eq!(got.tokens, want.tokens, "{label}: tokens");
+    let diff = got
+        .prefill_logits
+        .iter()
+        .zip(&want.prefill_logits)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff < 1e-4, "{label}: prefill logits differ by {diff}");
+}
