@@ -137,15 +137,14 @@ pub fn measure_profile(
     };
 
     step(0, &mut done, progress);
-    let (pre_rows, pre_out, pre_in) = if opts.quick {
-        (256, 4096, 2048)
-    } else {
-        (1024, 4096, 2048)
-    };
-    let prefill = measure::linear_flops(pre_rows, pre_out, pre_in, 0, passes);
+    // One layer's products of a 2048-wide model (OPT-1.3B; wider models have the same shapes
+    // scaled), at 256 rows: a GPU batch of 8 prompts of 32 tokens, or 2 of 128.
+    let shapes = measure::layer_shapes(2048);
+    let pre_rows = 256;
+    let prefill = measure::linear_flops(pre_rows, &shapes, 0, passes);
     step(1, &mut done, progress);
     let stream_bytes = if opts.quick { 256 << 20 } else { 1 << 30 };
-    let decode = measure::linear_flops(16, 4096, 2048, stream_bytes, passes);
+    let decode = measure::linear_flops(16, &shapes, stream_bytes, passes);
     step(2, &mut done, progress);
     let stream = measure::linear_stream_bandwidth(stream_bytes, 4096, 2048, passes);
     let plain = measure::dram_read_bandwidth(stream_bytes, passes);
@@ -188,14 +187,20 @@ pub fn measure_profile(
         matmul_prefill_tflops: measured(
             prefill.median / TFLOPS,
             format!(
-                "{kernel}, {pre_rows} rows x [{pre_out}, {pre_in}]: {}",
+                "{kernel}, {pre_rows} rows x one layer's products [{}, {}], [{}, {}], [{}, {}]: {}",
+                shapes[0].0,
+                shapes[0].1,
+                shapes[1].0,
+                shapes[1].1,
+                shapes[2].0,
+                shapes[2].1,
                 passes_note(&prefill, TFLOPS, "TFLOP/s")
             ),
         ),
         matmul_decode_tflops: measured(
             decode.median / TFLOPS,
             format!(
-                "{kernel}, 16 rows x [4096, 2048] over {} MiB of weights (a decode step of a \
+                "{kernel}, 16 rows x the same shapes over {} MiB of weights (a decode step of a \
                  16-sequence batch, weights streaming from DRAM): {}",
                 stream_bytes >> 20,
                 passes_note(&decode, TFLOPS, "TFLOP/s")

@@ -71,35 +71,52 @@ fn bf16_values(n: usize, seed: u32) -> Vec<bf16> {
         .collect()
 }
 
-/// FLOP/s of `kernels::linear` for `rows` input rows against a chain of bf16 `[out, inp]`
-/// matrices totalling about `total_bytes` (at least one): 2 rows out inp per product. With many
-/// rows (a prefill) this is the product's compute rate; with a few rows (a decode step of a GPU
-/// batch) and a chain larger than the last-level cache, it is the rate a decode step gets,
-/// weights streaming from DRAM included.
+/// The shapes of one transformer layer's products with hidden size `h`, as `[out, in]`: the
+/// attention projections (`[h, h]`), the FFN up (`[4h, h]`) and down (`[h, 4h]`) projections.
+pub fn layer_shapes(h: usize) -> [(usize, usize); 3] {
+    [(h, h), (4 * h, h), (h, 4 * h)]
+}
+
+/// FLOP/s of `kernels::linear` for `rows` input rows against a chain of bf16 matrices cycling
+/// through `shapes` (`[out, in]`) until they total about `total_bytes` (at least one of each):
+/// 2 rows out in per product. With many rows (a prefill) this is the products' compute rate; with
+/// a few rows (a decode step of a GPU batch) and a chain larger than the last-level cache, the
+/// rate a decode step gets, weights streaming from DRAM included.
 pub fn linear_flops(
     rows: usize,
-    out: usize,
-    inp: usize,
+    shapes: &[(usize, usize)],
     total_bytes: usize,
     passes: usize,
 ) -> Rate {
-    let count = total_bytes.div_ceil(out * inp * 2).max(1);
-    let weights: Vec<Vec<bf16>> = (0..count)
-        .map(|i| bf16_values(out * inp, i as u32 + 1))
+    let mut chain: Vec<(usize, usize, Vec<bf16>)> = Vec::new();
+    let mut bytes = 0;
+    while chain.len() < shapes.len() || bytes < total_bytes {
+        let (out, inp) = shapes[chain.len() % shapes.len()];
+        chain.push((out, inp, bf16_values(out * inp, chain.len() as u32 + 1)));
+        bytes += out * inp * 2;
+    }
+    let widest_in = shapes.iter().map(|s| s.1).max().unwrap_or(0);
+    let widest_out = shapes.iter().map(|s| s.0).max().unwrap_or(0);
+    let x: Vec<f32> = (0..rows * widest_in)
+        .map(|i| (i % 17) as f32 * 0.01)
         .collect();
-    let x: Vec<f32> = (0..rows * inp).map(|i| (i % 17) as f32 * 0.01).collect();
-    let mut y = vec![0.0f32; rows * out];
-    // Enough products per pass that one pass takes tens of milliseconds at ~100 GFLOP/s.
-    let flops_per_call = 2.0 * (rows * out * inp) as f64;
-    let calls = ((3e9 / flops_per_call).ceil() as usize).clamp(count, 1000 * count);
-    timed(passes, flops_per_call * calls as f64, || {
-        for call in 0..calls {
-            let w = Matrix {
-                data: WeightData::Bf16(&weights[call % count]),
-                out_features: out,
-                in_features: inp,
-            };
-            kernels::linear(&x, rows, &w, None, &mut y);
+    let mut y = vec![0.0f32; rows * widest_out];
+    let chain_flops: f64 = chain
+        .iter()
+        .map(|(out, inp, _)| 2.0 * (rows * out * inp) as f64)
+        .sum();
+    // Whole passes over the chain, enough that one timed pass takes tens of milliseconds.
+    let repeats = ((3e9 / chain_flops).ceil() as usize).clamp(1, 1000);
+    timed(passes, chain_flops * repeats as f64, || {
+        for _ in 0..repeats {
+            for (out, inp, w) in &chain {
+                let m = Matrix {
+                    data: WeightData::Bf16(w),
+                    out_features: *out,
+                    in_features: *inp,
+                };
+                kernels::linear(&x[..rows * inp], rows, &m, None, &mut y[..rows * out]);
+            }
         }
         std::hint::black_box(&y);
     })
@@ -336,7 +353,7 @@ mod tests {
         assert!((r.spread() - 0.5).abs() < 1e-12);
         // Tiny shapes: this checks the plumbing (no panics, finite positive rates), not speed.
         for rate in [
-            linear_flops(2, 16, 32, 3000, 2),
+            linear_flops(2, &layer_shapes(16), 3000, 2),
             linear_stream_bandwidth(1 << 16, 32, 64, 2),
             attention_flops(2, 1, 8, 2, 4, 2),
             dram_read_bandwidth(1 << 16, 2),

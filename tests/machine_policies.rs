@@ -1,0 +1,101 @@
+//! The policies checked in for this class of machine (`policies/*-cpu-2core-24gib*.toml`, solved
+//! on `profiles/cpu-2core-24gib.toml`) run with the executor: each policy's placement, block shape
+//! and offloading on a small model (random OPT-125m weights, short prompts), so CI catches a
+//! policy the executor can no longer run. `planner check policies/` verifies them against the
+//! planner separately.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A workspace binary built in the same target directory as this test.
+fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("path of the test executable");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in <target>/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo test --workspace`, which builds both programs",
+        path.display()
+    );
+    path
+}
+
+#[test]
+fn this_machines_policies_run_on_a_small_model() {
+    let root = repo_root();
+    let mut policies: Vec<PathBuf> = std::fs::read_dir(root.join("policies"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "toml")
+                && p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .contains("cpu-2core-24gib")
+        })
+        .collect();
+    policies.sort();
+    assert!(
+        !policies.is_empty(),
+        "no policies for this class of machine in policies/ (*-cpu-2core-24gib*.toml)"
+    );
+    let work = tempfile::tempdir().unwrap();
+    for policy in &policies {
+        let text = std::fs::read_to_string(policy).unwrap();
+        let parsed: toml::Table = toml::from_str(&text).unwrap();
+        assert!(
+            parsed["provenance"]["profile"]
+                .as_str()
+                .unwrap()
+                .contains("cpu-2core-24gib"),
+            "{}: not solved on the cpu-2core-24gib profile",
+            policy.display()
+        );
+        let report = work.path().join("report.json");
+        let out = Command::new(binary("executor"))
+            .current_dir(&root)
+            .arg("--policy")
+            .arg(policy)
+            .args(["--random-weights", "--model-name", "opt-125m"])
+            .args(["--prompt-len", "8", "--max-new-tokens", "3", "--ignore-eos"])
+            .args(["--quiet", "--offload-dir"])
+            .arg(work.path())
+            .arg("--report")
+            .arg(&report)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{} failed:\n{}",
+            policy.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        let gbs = parsed["batch"]["gpu_batch_size"].as_integer().unwrap();
+        let nb = parsed["batch"]["num_gpu_batches"].as_integer().unwrap();
+        assert_eq!(
+            json["batch_size"].as_i64().unwrap(),
+            gbs * nb,
+            "{}: the block size as run",
+            policy.display()
+        );
+        assert!(!json["predicted_total_tokens_per_s"].is_null());
+        eprintln!(
+            "{}: ran {}x{} on opt-125m, {:.1} tok/s",
+            policy.display(),
+            gbs,
+            nb,
+            json["total_tokens_per_s"].as_f64().unwrap()
+        );
+    }
+    // Offload directories are removed; only the last report remains.
+    assert_eq!(std::fs::read_dir(work.path()).unwrap().count(), 1);
+}
