@@ -1,7 +1,8 @@
 //! The policies checked in for this class of machine (`policies/*-cpu-2core-24gib*.toml`, solved
 //! on `profiles/cpu-2core-24gib.toml`) run with the executor: each policy's placement, block shape
-//! and offloading on a small model (random OPT-125m weights, short prompts), so CI catches a
-//! policy the executor can no longer run. `planner check policies/` verifies them against the
+//! and offloading (weights read from the checkpoint with direct I/O, KV cache and activations in an
+//! offload directory) on the small fixture checkpoint `tests/fixtures/opt-tiny-preln` with short
+//! random prompts, so CI catches a policy the executor can no longer run. `planner check policies/` verifies them against the
 //! planner separately.
 
 use std::path::{Path, PathBuf};
@@ -63,7 +64,8 @@ fn this_machines_policies_run_on_a_small_model() {
             .current_dir(&root)
             .arg("--policy")
             .arg(policy)
-            .args(["--random-weights", "--model-name", "opt-125m"])
+            .arg("--model")
+            .arg(root.join("tests/fixtures/opt-tiny-preln"))
             .args(["--prompt-len", "8", "--max-new-tokens", "3", "--ignore-eos"])
             .args(["--quiet", "--offload-dir"])
             .arg(work.path())
@@ -89,11 +91,12 @@ fn this_machines_policies_run_on_a_small_model() {
         );
         assert!(!json["predicted_total_tokens_per_s"].is_null());
         eprintln!(
-            "{}: ran {}x{} on opt-125m, {:.1} tok/s",
+            "{}: ran {}x{} on the fixture, {:.1} tok/s, {} disk bytes read",
             policy.display(),
             gbs,
             nb,
-            json["total_tokens_per_s"].as_f64().unwrap()
+            json["total_tokens_per_s"].as_f64().unwrap(),
+            json["disk_read_bytes"].as_u64().unwrap()
         );
     }
     // Offload directories are removed; only the last report remains.
