@@ -5,28 +5,11 @@
 //! random prompts, so CI catches a policy the executor can no longer run. `planner check policies/` verifies them against the
 //! planner separately.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{binary, repo_root};
+use std::path::PathBuf;
 use std::process::Command;
-
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A workspace binary built in the same target directory as this test.
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("path of the test executable");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable lives in <target>/<profile>/deps");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo test --workspace`, which builds both programs",
-        path.display()
-    );
-    path
-}
 
 #[test]
 fn this_machines_policies_run_on_a_small_model() {

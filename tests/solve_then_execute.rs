@@ -7,28 +7,10 @@
 //! The binaries are the ones `cargo test --workspace` builds for the planner's and executor's own
 //! CLI tests, next to this test's executable.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{binary, repo_root};
 use std::process::{Command, Output};
-
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A workspace binary built in the same target directory as this test.
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("path of the test executable");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable lives in <target>/<profile>/deps");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo test --workspace`, which builds both programs",
-        path.display()
-    );
-    path
-}
 
 fn run(cmd: &mut Command) -> Output {
     let out = cmd.output().expect("spawn");

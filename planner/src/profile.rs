@@ -277,52 +277,12 @@ impl Profile {
 
     /// Checks that every figure is a finite number in its allowed range.
     pub fn validate(&self, path: &str) -> Result<(), ProfileError> {
-        let mut checks: Vec<(String, &Figure, bool)> = Vec::new();
-        // (field, figure, zero allowed)
-        if let Some(g) = &self.gpu {
-            for (name, fig, zero_ok) in [
-                ("memory_gib", &g.memory_gib, false),
-                ("reserved_gib", &g.reserved_gib, true),
-                ("matmul_prefill_tflops", &g.matmul_prefill_tflops, false),
-                ("matmul_decode_tflops", &g.matmul_decode_tflops, false),
-                (
-                    "attention_prefill_tflops",
-                    &g.attention_prefill_tflops,
-                    false,
-                ),
-                ("attention_decode_tflops", &g.attention_decode_tflops, false),
-                ("hbm_gbps", &g.hbm_gbps, false),
-                ("h2d_pinned_gbps", &g.h2d_pinned_gbps, false),
-                ("h2d_pageable_gbps", &g.h2d_pageable_gbps, false),
-                ("d2h_pinned_gbps", &g.d2h_pinned_gbps, false),
-                ("d2h_pageable_gbps", &g.d2h_pageable_gbps, false),
-            ] {
-                checks.push((format!("gpu.{name}.value"), fig, zero_ok));
-            }
-        }
         let c = &self.cpu;
-        for (name, fig, zero_ok) in [
-            ("cores", &c.cores, false),
-            ("memory_gib", &c.memory_gib, false),
-            ("reserved_gib", &c.reserved_gib, true),
-            ("matmul_prefill_tflops", &c.matmul_prefill_tflops, false),
-            ("matmul_decode_tflops", &c.matmul_decode_tflops, false),
-            ("attention_tflops", &c.attention_tflops, false),
-            ("dram_gbps", &c.dram_gbps, false),
-        ] {
-            checks.push((format!("cpu.{name}.value"), fig, zero_ok));
-        }
-        let d = &self.disk;
-        for (name, fig) in [
-            ("capacity_gib", &d.capacity_gib),
-            ("read_gbps", &d.read_gbps),
-            ("write_gbps", &d.write_gbps),
-        ] {
-            checks.push((format!("disk.{name}.value"), fig, name == "capacity_gib"));
-        }
-        if let Some(fig) = &d.buffered_read_gbps {
-            checks.push(("disk.buffered_read_gbps.value".into(), fig, false));
-        }
+        // Reserves and the disk's capacity may be 0; every rate and size must be positive.
+        let checks = self.figures().into_iter().map(|(field, fig)| {
+            let zero_ok = field.ends_with("reserved_gib") || field == "disk.capacity_gib";
+            (format!("{field}.value"), fig, zero_ok)
+        });
         for (field, fig, zero_ok) in checks {
             let v = fig.value;
             let ok = v.is_finite() && (v > 0.0 || (zero_ok && v == 0.0));
@@ -441,25 +401,76 @@ impl Profile {
     }
 }
 
+impl GpuProfile {
+    /// Every figure with its field name, in file order.
+    pub fn named_figures(&self) -> [(&'static str, &Figure); 11] {
+        [
+            ("memory_gib", &self.memory_gib),
+            ("reserved_gib", &self.reserved_gib),
+            ("matmul_prefill_tflops", &self.matmul_prefill_tflops),
+            ("matmul_decode_tflops", &self.matmul_decode_tflops),
+            ("attention_prefill_tflops", &self.attention_prefill_tflops),
+            ("attention_decode_tflops", &self.attention_decode_tflops),
+            ("hbm_gbps", &self.hbm_gbps),
+            ("h2d_pinned_gbps", &self.h2d_pinned_gbps),
+            ("h2d_pageable_gbps", &self.h2d_pageable_gbps),
+            ("d2h_pinned_gbps", &self.d2h_pinned_gbps),
+            ("d2h_pageable_gbps", &self.d2h_pageable_gbps),
+        ]
+    }
+}
+
+impl CpuProfile {
+    /// Every figure with its field name, in file order.
+    pub fn named_figures(&self) -> [(&'static str, &Figure); 7] {
+        [
+            ("cores", &self.cores),
+            ("memory_gib", &self.memory_gib),
+            ("reserved_gib", &self.reserved_gib),
+            ("matmul_prefill_tflops", &self.matmul_prefill_tflops),
+            ("matmul_decode_tflops", &self.matmul_decode_tflops),
+            ("attention_tflops", &self.attention_tflops),
+            ("dram_gbps", &self.dram_gbps),
+        ]
+    }
+}
+
+impl DiskProfile {
+    /// Every figure with its field name, in file order (the optional one when present).
+    pub fn named_figures(&self) -> Vec<(&'static str, &Figure)> {
+        let mut v = vec![
+            ("capacity_gib", &self.capacity_gib),
+            ("read_gbps", &self.read_gbps),
+            ("write_gbps", &self.write_gbps),
+        ];
+        if let Some(f) = &self.buffered_read_gbps {
+            v.push(("buffered_read_gbps", f));
+        }
+        v
+    }
+}
+
 impl Profile {
+    /// Each section's name, the name of its device and its figures, in file order.
+    fn sections(&self) -> Vec<(&'static str, &str, Vec<(&'static str, &Figure)>)> {
+        let mut v = Vec::new();
+        if let Some(g) = &self.gpu {
+            v.push(("gpu", g.name.as_str(), g.named_figures().to_vec()));
+        }
+        v.push((
+            "cpu",
+            self.cpu.name.as_str(),
+            self.cpu.named_figures().to_vec(),
+        ));
+        v.push(("disk", self.disk.name.as_str(), self.disk.named_figures()));
+        v
+    }
+
     /// The profile as TOML in the shipped files' style (one inline table per figure), under
     /// `comment` (each line written as a `#` comment). Reading it back gives the same profile.
     pub fn to_toml(&self, comment: &str) -> String {
         fn quoted(s: &str) -> String {
             toml::Value::String(s.to_string()).to_string()
-        }
-        fn figure(out: &mut String, name: &str, f: &Figure) {
-            let source = match f.source {
-                Source::Measured => "measured",
-                Source::Fitted => "fitted",
-                Source::Datasheet => "datasheet",
-                Source::Assumed => "assumed",
-            };
-            out.push_str(&format!(
-                "{name} = {{ value = {}, source = \"{source}\", note = {} }}\n",
-                toml::Value::Float(f.value),
-                quoted(&f.note)
-            ));
         }
         let mut out = String::new();
         for line in comment.lines() {
@@ -474,91 +485,36 @@ impl Profile {
         if let Some(h) = &self.profile.hardware {
             out.push_str(&format!("hardware = {}\n", quoted(h)));
         }
-        if let Some(g) = &self.gpu {
-            out.push_str(&format!("\n[gpu]\nname = {}\n", quoted(&g.name)));
-            for (n, f) in [
-                ("memory_gib", &g.memory_gib),
-                ("reserved_gib", &g.reserved_gib),
-                ("matmul_prefill_tflops", &g.matmul_prefill_tflops),
-                ("matmul_decode_tflops", &g.matmul_decode_tflops),
-                ("attention_prefill_tflops", &g.attention_prefill_tflops),
-                ("attention_decode_tflops", &g.attention_decode_tflops),
-                ("hbm_gbps", &g.hbm_gbps),
-                ("h2d_pinned_gbps", &g.h2d_pinned_gbps),
-                ("h2d_pageable_gbps", &g.h2d_pageable_gbps),
-                ("d2h_pinned_gbps", &g.d2h_pinned_gbps),
-                ("d2h_pageable_gbps", &g.d2h_pageable_gbps),
-            ] {
-                figure(&mut out, n, f);
+        for (section, device, figures) in self.sections() {
+            out.push_str(&format!("\n[{section}]\nname = {}\n", quoted(device)));
+            for (name, f) in figures {
+                let source = match f.source {
+                    Source::Measured => "measured",
+                    Source::Fitted => "fitted",
+                    Source::Datasheet => "datasheet",
+                    Source::Assumed => "assumed",
+                };
+                out.push_str(&format!(
+                    "{name} = {{ value = {}, source = \"{source}\", note = {} }}\n",
+                    toml::Value::Float(f.value),
+                    quoted(&f.note)
+                ));
             }
-        }
-        let c = &self.cpu;
-        out.push_str(&format!("\n[cpu]\nname = {}\n", quoted(&c.name)));
-        for (n, f) in [
-            ("cores", &c.cores),
-            ("memory_gib", &c.memory_gib),
-            ("reserved_gib", &c.reserved_gib),
-            ("matmul_prefill_tflops", &c.matmul_prefill_tflops),
-            ("matmul_decode_tflops", &c.matmul_decode_tflops),
-            ("attention_tflops", &c.attention_tflops),
-            ("dram_gbps", &c.dram_gbps),
-        ] {
-            figure(&mut out, n, f);
-        }
-        let d = &self.disk;
-        out.push_str(&format!("\n[disk]\nname = {}\n", quoted(&d.name)));
-        for (n, f) in [
-            ("capacity_gib", &d.capacity_gib),
-            ("read_gbps", &d.read_gbps),
-            ("write_gbps", &d.write_gbps),
-        ] {
-            figure(&mut out, n, f);
-        }
-        if let Some(f) = &d.buffered_read_gbps {
-            figure(&mut out, "buffered_read_gbps", f);
         }
         out
     }
 
     /// Every figure with its dotted field name (`cpu.dram_gbps`), in file order: what
-    /// `planner profile --compare` and `planner calibrate` walk over.
+    /// `planner profile --compare` walks over.
     pub fn figures(&self) -> Vec<(String, &Figure)> {
-        let mut v: Vec<(String, &Figure)> = Vec::new();
-        if let Some(g) = &self.gpu {
-            for (n, f) in [
-                ("memory_gib", &g.memory_gib),
-                ("matmul_prefill_tflops", &g.matmul_prefill_tflops),
-                ("matmul_decode_tflops", &g.matmul_decode_tflops),
-                ("attention_prefill_tflops", &g.attention_prefill_tflops),
-                ("attention_decode_tflops", &g.attention_decode_tflops),
-                ("hbm_gbps", &g.hbm_gbps),
-                ("h2d_pinned_gbps", &g.h2d_pinned_gbps),
-                ("h2d_pageable_gbps", &g.h2d_pageable_gbps),
-                ("d2h_pinned_gbps", &g.d2h_pinned_gbps),
-                ("d2h_pageable_gbps", &g.d2h_pageable_gbps),
-            ] {
-                v.push((format!("gpu.{n}"), f));
-            }
-        }
-        let c = &self.cpu;
-        for (n, f) in [
-            ("cores", &c.cores),
-            ("memory_gib", &c.memory_gib),
-            ("matmul_prefill_tflops", &c.matmul_prefill_tflops),
-            ("matmul_decode_tflops", &c.matmul_decode_tflops),
-            ("attention_tflops", &c.attention_tflops),
-            ("dram_gbps", &c.dram_gbps),
-        ] {
-            v.push((format!("cpu.{n}"), f));
-        }
-        let d = &self.disk;
-        v.push(("disk.capacity_gib".into(), &d.capacity_gib));
-        v.push(("disk.read_gbps".into(), &d.read_gbps));
-        v.push(("disk.write_gbps".into(), &d.write_gbps));
-        if let Some(f) = &d.buffered_read_gbps {
-            v.push(("disk.buffered_read_gbps".into(), f));
-        }
-        v
+        self.sections()
+            .into_iter()
+            .flat_map(|(section, _, figures)| {
+                figures
+                    .into_iter()
+                    .map(move |(name, f)| (format!("{section}.{name}"), f))
+            })
+            .collect()
     }
 }
 
