@@ -450,9 +450,12 @@ impl DiskProfile {
     }
 }
 
+/// One section of a profile file: its name, the name of its device, its figures by field name.
+type Section<'a> = (&'static str, &'a str, Vec<(&'static str, &'a Figure)>);
+
 impl Profile {
     /// Each section's name, the name of its device and its figures, in file order.
-    fn sections(&self) -> Vec<(&'static str, &str, Vec<(&'static str, &Figure)>)> {
+    fn sections(&self) -> Vec<Section<'_>> {
         let mut v = Vec::new();
         if let Some(g) = &self.gpu {
             v.push(("gpu", g.name.as_str(), g.named_figures().to_vec()));
