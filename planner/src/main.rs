@@ -125,7 +125,7 @@ Embedded profiles can also be named as builtin:NAME (t4-flexgen, a10-hetegen, h1
     /// Measure this machine (CPU kernels, DRAM, disk, GPU when present) into a profile TOML.
     #[command(after_help = "Examples:
   planner profile --quick
-      about 20 s; prints the figures (each with how it was measured)
+      about 5 s; prints the figures (each with how it was measured); without --quick about 30 s
   planner profile --offload-dir /mnt/nvme -o profiles/my-host.toml
   planner profile --quick -o b.toml --compare a.toml
       a second run next to a first one: flags every figure that moved by more than 15%
@@ -158,8 +158,8 @@ profile has no [gpu] section and the output says why.")]
   planner calibrate --profile profiles/this-host.toml --report a.json --report b.json -o calibrated.toml
   planner calibrate --profile p.toml --report fit1.json --report fit2.json --score held1.json --score held2.json
 
-Disk rates become bytes over busy seconds; the CPU rates are fitted to the CPU compute seconds of the
-prefill and decode steps (docs/cost-model.md, Calibration). --score sets predicted beside measured
+The disk rates are fitted to the disk's busy time and the CPU rates to the CPU compute seconds of the
+prefill and decode steps of each report (docs/cost-model.md, section 9, Calibration). --score sets predicted beside measured
 throughput for runs the fit did not see, before and after calibration.")]
     Calibrate {
         /// The profile to start from (file or builtin:NAME).
