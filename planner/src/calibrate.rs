@@ -13,6 +13,9 @@
 //!   prefill and decode of every report, by coordinate descent. Rates the reports carry no signal
 //!   for (their terms never bind) stay where they were, held by a small pull toward the start.
 //!
+//! On a profile with a GPU only the disk rates are refitted (the CPU seconds of a GPU run are not
+//! its whole compute, and GPU rates are not fitted yet).
+//!
 //! Fitting never looks at end-to-end times, so how well the calibrated model predicts
 //! throughput is a real test of the model (overlap, overheads), not of the fit.
 
@@ -212,7 +215,10 @@ pub fn calibrate(
     }
     let runs: Vec<ExecutorReport> = reports.iter().map(|(_, r)| r.clone()).collect();
     let mut x = [0.0f64; 4];
-    for _round in 0..12 {
+    // With a GPU, a run's compute is split between CPU and GPU and the report's CPU seconds are
+    // only part of it: the CPU rates are left alone there (GPU rates are not fitted yet).
+    let fit_cpu = !base.has_gpu();
+    for _round in 0..if fit_cpu { 12 } else { 0 } {
         for i in 0..4 {
             let best = minimise_1d(x[i] - 3.0, x[i] + 3.0, |v| {
                 let mut y = x;
@@ -234,6 +240,7 @@ pub fn calibrate(
         .into_iter()
         .zip(names)
         .zip(befores)
+        .filter(|_| fit_cpu)
     {
         f.value = round4(f.value);
         f.source = Source::Fitted;
