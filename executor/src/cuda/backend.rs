@@ -24,141 +24,19 @@
 //! driver rejects) is reported by [`CudaBackend::new`] instead. The `try_*` methods return those
 //! run-time failures as values for callers that can handle them.
 
-use super::kernels::{self, KernelSource};
-use super::probe::{describe_driver_error, device_memory, probe_context, CudaInfo, DeviceMemory};
+use super::launch::{
+    elem_cfg, gemm_rows, load_functions, DevBuf, Functions, PinnedBuf, RowMajorGemm, ROW_THREADS,
+};
+use super::probe::{device_memory, probe_context, CudaInfo, DeviceMemory};
 use super::CudaError;
 use crate::backend::Backend;
 use crate::kernels::{Matrix, WeightData};
 use cudarc::cublas::{sys as blas_sys, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{
-    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
-    DeviceRepr, LaunchConfig, PinnedHostSlice, PushKernelArg, ValidAsZeroBits,
+    CudaContext, CudaEvent, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
+    PushKernelArg,
 };
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-
-/// Threads per block for the row kernels (layer norm, attention): a multiple of 32, and enough
-/// to cover a 128-wide head in one pass.
-const ROW_THREADS: u32 = 256;
-/// Threads per block for the element-wise kernels.
-const ELEM_THREADS: u32 = 256;
-/// Cap on element-wise grid size; the kernels are grid-stride loops, so this bounds only how
-/// many blocks are in flight, not what they cover.
-const MAX_ELEM_BLOCKS: u64 = 65_535;
-/// Smallest allocation of any grow-only buffer, in elements: avoids a string of tiny
-/// reallocations while a run warms up, and zero-sized allocations.
-const MIN_CAPACITY: usize = 4096;
-
-/// The kernels of every module, looked up once.
-struct Functions {
-    by_name: HashMap<&'static str, CudaFunction>,
-}
-
-impl Functions {
-    fn get(&self, name: &str) -> &CudaFunction {
-        // Every name used below is listed in kernels::SOURCES, and `load` checked that each
-        // listed name exists in its module, so this lookup cannot miss.
-        &self.by_name[name]
-    }
-}
-
-/// A grow-only page-locked host buffer.
-struct PinnedBuf<T> {
-    buf: Option<PinnedHostSlice<T>>,
-    /// 0 for memory the CPU reads, `CU_MEMHOSTALLOC_WRITECOMBINED` for upload staging.
-    flags: u32,
-}
-
-impl<T: DeviceRepr + ValidAsZeroBits> PinnedBuf<T> {
-    fn new(flags: u32) -> Self {
-        PinnedBuf { buf: None, flags }
-    }
-
-    /// The first `n` elements, reallocating (and dropping the old contents) when smaller.
-    ///
-    /// Callers size a buffer once per operation, before the first copy out of it is enqueued,
-    /// and every operation starts by waiting for the copy stream, so a reallocation never frees
-    /// memory that a copy is still reading.
-    fn ensure(&mut self, ctx: &Arc<CudaContext>, n: usize) -> Result<&mut [T], CudaError> {
-        let have = self.buf.as_ref().map_or(0, |b| b.len());
-        if have < n || self.buf.is_none() {
-            self.buf = None;
-            let cap = grow(have, n);
-            // SAFETY: the memory is uninitialised; every caller writes a prefix (staging) or has
-            // the GPU write it (downloads) before reading that prefix.
-            let b = unsafe { ctx.alloc_pinned_with_flags::<T>(cap, self.flags) }
-                .map_err(|e| CudaError::driver(format!("allocating {cap} pinned elements"), e))?;
-            self.buf = Some(b);
-        }
-        match self.buf.as_mut() {
-            Some(b) => {
-                let s = b
-                    .as_mut_slice()
-                    .map_err(|e| CudaError::driver("waiting for a pinned buffer", e))?;
-                Ok(&mut s[..n])
-            }
-            None => Err(internal("pinned buffer missing after allocation")),
-        }
-    }
-}
-
-/// A grow-only device buffer, allocated on the compute stream.
-struct DevBuf<T> {
-    buf: Option<CudaSlice<T>>,
-}
-
-impl<T: DeviceRepr> DevBuf<T> {
-    fn new() -> Self {
-        DevBuf { buf: None }
-    }
-
-    /// Makes room for at least `n` elements. A new allocation is made on the compute stream and
-    /// the stream is synchronised, so that the copy stream may write into it at once
-    /// (stream-ordered allocations are otherwise valid only in the allocating stream's order).
-    fn ensure(&mut self, compute: &Arc<CudaStream>, n: usize) -> Result<(), CudaError> {
-        let have = self.buf.as_ref().map_or(0, |b| b.len());
-        if have < n || self.buf.is_none() {
-            self.buf = None;
-            let cap = grow(have, n);
-            // SAFETY: uninitialised device memory; every use writes before it reads (uploads,
-            // kernel outputs), and reads only the prefix that was written.
-            let b = unsafe { compute.alloc::<T>(cap) }.map_err(|e| {
-                CudaError::driver(
-                    format!(
-                        "allocating {} MiB on the GPU",
-                        (cap * std::mem::size_of::<T>()) >> 20
-                    ),
-                    e,
-                )
-            })?;
-            compute
-                .synchronize()
-                .map_err(|e| CudaError::driver("synchronising after an allocation", e))?;
-            self.buf = Some(b);
-        }
-        Ok(())
-    }
-
-    fn get(&self) -> Result<&CudaSlice<T>, CudaError> {
-        self.buf
-            .as_ref()
-            .ok_or_else(|| internal("device buffer used before it was sized"))
-    }
-
-    fn get_mut(&mut self) -> Result<&mut CudaSlice<T>, CudaError> {
-        self.buf
-            .as_mut()
-            .ok_or_else(|| internal("device buffer used before it was sized"))
-    }
-}
-
-fn grow(have: usize, need: usize) -> usize {
-    need.max(have + have / 2).max(MIN_CAPACITY)
-}
-
-fn internal(what: &str) -> CudaError {
-    CudaError::Shape(format!("internal error: {what}"))
-}
 
 /// Everything one operation touches, behind the backend's mutex.
 struct Scratch {
@@ -291,18 +169,6 @@ impl CudaBackend {
             .synchronize()
             .map_err(|e| CudaError::driver("waiting for earlier uploads", e))?;
         Ok(guard)
-    }
-
-    /// Element-wise launch shape for `n` elements.
-    fn elem_cfg(n: usize) -> LaunchConfig {
-        let blocks = (n as u64)
-            .div_ceil(ELEM_THREADS as u64)
-            .clamp(1, MAX_ELEM_BLOCKS);
-        LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (ELEM_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        }
     }
 
     /// Enqueues a copy of `src` (a slice of pinned staging) into the front of `dst` on the copy
@@ -464,7 +330,7 @@ impl CudaBackend {
                         .arg(db)
                         .arg(&rows)
                         .arg(&cols)
-                        .launch(Self::elem_cfg(y_len))
+                        .launch(elem_cfg(y_len))
                 }
                 .map_err(|e| CudaError::driver("launching fill_rows_f32", e))?;
                 1.0f32
@@ -487,7 +353,7 @@ impl CudaBackend {
                             .arg(dw)
                             .arg(src)
                             .arg(&n_w)
-                            .launch(Self::elem_cfg(w_elems))
+                            .launch(elem_cfg(w_elems))
                     }
                     .map_err(|e| CudaError::driver("launching widen_f16_f32", e))?;
                 }
@@ -525,7 +391,7 @@ impl CudaBackend {
                             .arg(dx16)
                             .arg(dx)
                             .arg(&n_x)
-                            .launch(Self::elem_cfg(x.len()))
+                            .launch(elem_cfg(x.len()))
                     }
                     .map_err(|e| CudaError::driver("launching round_f32_bf16", e))?;
                 }
@@ -535,35 +401,25 @@ impl CudaBackend {
                 let (a_ptr, _ra) = dw16.device_ptr(&self.compute);
                 let (b_ptr, _rb) = dx16.device_ptr(&self.compute);
                 let (c_ptr, _rc) = dy.device_ptr_mut(&self.compute);
-                let alpha = 1.0f32;
-                // SAFETY: same geometry as the SGEMM above, with A and B as bf16 (CUDA_R_16BF)
-                // and C as f32; alpha and beta are host f32 values because the compute type is
-                // 32F. The device pointers stay valid while their guards (_ra, _rb, _rc) live,
-                // and the guards record the reads and the write on the compute stream.
-                unsafe {
-                    cudarc::cublas::result::gemm_ex(
-                        *self.blas.handle(),
-                        blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                        blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                        m,
-                        n,
-                        k,
-                        &alpha as *const f32 as *const _,
-                        a_ptr as *const _,
-                        blas_sys::cudaDataType_t::CUDA_R_16BF,
-                        k,
-                        b_ptr as *const _,
-                        blas_sys::cudaDataType_t::CUDA_R_16BF,
-                        k,
-                        &beta as *const f32 as *const _,
-                        c_ptr as *mut _,
-                        blas_sys::cudaDataType_t::CUDA_R_32F,
-                        m,
-                        blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                        blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                    )
-                }
-                .map_err(|e| CudaError::blas("bf16 GemmEx for linear", e))?;
+                let g = RowMajorGemm {
+                    out: m,
+                    tokens: n,
+                    inp: k,
+                    w: a_ptr,
+                    w_type: blas_sys::cudaDataType_t::CUDA_R_16BF,
+                    x: b_ptr,
+                    x_type: blas_sys::cudaDataType_t::CUDA_R_16BF,
+                    y: c_ptr,
+                    ldy: m,
+                    beta,
+                };
+                // SAFETY: same geometry as the SGEMM above, with W and x as bf16 and y as f32;
+                // the scratch buffers hold at least those extents (sized above). The device
+                // pointers stay valid while their guards (_ra, _rb, _rc) live, and the guards
+                // record the reads and the write on the compute stream; begin() made the context
+                // current.
+                unsafe { gemm_rows(&self.blas, &g) }
+                    .map_err(|e| CudaError::blas("bf16 GemmEx for linear", e))?;
             }
         }
         self.download(&s.computed, &s.y, &mut s.down_f32, y)
@@ -680,7 +536,7 @@ impl CudaBackend {
         // SAFETY: relu_f32(float* x, u64 n), scale_f32(float* x, float factor, u64 n) and
         // add_f32(float* acc, const float* x, u64 n) get the arguments pushed above in that
         // order; every buffer holds n floats.
-        unsafe { b.launch(Self::elem_cfg(n)) }
+        unsafe { b.launch(elem_cfg(n)) }
             .map_err(|e| CudaError::driver(format!("launching {kernel}"), e))?;
         drop(b);
         self.download(&s.computed, &s.y, &mut s.down_f32, x)
@@ -879,7 +735,7 @@ impl CudaBackend {
         // SAFETY: embedding_gather(float* out, const void* table, const unsigned* ids,
         // u64 tokens, u64 width, u64 vocab, int dtype): out holds tokens*width floats, the table
         // vocab*width elements of the dtype `dtype` names, ids `tokens` entries, each < vocab.
-        unsafe { b.launch(Self::elem_cfg(out.len())) }
+        unsafe { b.launch(elem_cfg(out.len())) }
             .map_err(|e| CudaError::driver("launching embedding_gather", e))?;
         drop(b);
         self.download(&s.computed, &s.y, &mut s.down_f32, out)
@@ -892,33 +748,6 @@ fn check(ok: bool, message: impl FnOnce() -> String) -> Result<(), CudaError> {
     } else {
         Err(CudaError::Shape(message()))
     }
-}
-
-/// Compiles (once per process) and loads every module into `ctx`, and looks up each kernel.
-fn load_functions(ctx: &Arc<CudaContext>, driver_version: i32) -> Result<Functions, CudaError> {
-    let mut by_name = HashMap::new();
-    for (src, ptx) in kernels::compile_all()? {
-        let KernelSource {
-            name, functions, ..
-        } = src;
-        let module = ctx.load_module(ptx).map_err(|e| CudaError::Driver {
-            context: format!("loading the PTX of {name}"),
-            message: format!(
-                "{} (CUDA_ERROR_UNSUPPORTED_PTX_VERSION means libnvrtc is newer than the \
-                 driver, which supports CUDA {}.{}: use an NVRTC no newer than the driver)",
-                describe_driver_error(&e),
-                driver_version / 1000,
-                (driver_version % 1000) / 10
-            ),
-        })?;
-        for f in functions {
-            let func = module
-                .load_function(f)
-                .map_err(|e| CudaError::driver(format!("finding kernel {f} in {name}"), e))?;
-            by_name.insert(*f, func);
-        }
-    }
-    Ok(Functions { by_name })
 }
 
 /// Panics with the CUDA failure: the trait cannot return it (see the module documentation).
