@@ -25,9 +25,9 @@
 //! run-time failures as values for callers that can handle them.
 
 use super::launch::{
-    elem_cfg, gemm_rows, load_functions, DevBuf, Functions, PinnedBuf, RowMajorGemm, ROW_THREADS,
+    elem_cfg, gemm_rows, new_event, DevBuf, Functions, Gpu, PinnedBuf, RowMajorGemm, ROW_THREADS,
 };
-use super::probe::{device_memory, probe_context, CudaInfo, DeviceMemory};
+use super::probe::{device_memory, CudaInfo, DeviceMemory};
 use super::CudaError;
 use crate::backend::Backend;
 use crate::kernels::{Matrix, WeightData};
@@ -95,21 +95,17 @@ impl CudaBackend {
                 "only GPU 0 is supported for now (asked for GPU {ordinal})"
             )));
         }
-        let (info, ctx) = probe_context()?;
-        let stream = |what: &str| {
-            ctx.new_stream()
-                .map_err(|e| CudaError::driver(format!("creating the {what} stream"), e))
-        };
-        let h2d = stream("host-to-device")?;
-        let compute = stream("compute")?;
-        let d2h = stream("device-to-host")?;
-        let blas = CudaBlas::new(compute.clone())
-            .map_err(|e| CudaError::blas("creating the cuBLAS handle", e))?;
-        let functions = load_functions(&ctx, info.driver_version)?;
-        let event = |what: &str| {
-            ctx.new_event(None)
-                .map_err(|e| CudaError::driver(format!("creating the {what} event"), e))
-        };
+        let gpu = Gpu::open()?;
+        let Gpu {
+            info,
+            ctx,
+            h2d,
+            compute,
+            d2h,
+            blas,
+            functions,
+        } = gpu;
+        let event = |what: &str| new_event(&ctx, what);
         let wc = cudarc::driver::sys::CU_MEMHOSTALLOC_WRITECOMBINED;
         let scratch = Scratch {
             up_f32: PinnedBuf::new(wc),

@@ -34,9 +34,9 @@
 //! never a panic; every length and offset is checked before memory is touched.
 
 use super::launch::{
-    elem_cfg, gemm_rows, load_functions, DevBuf, Functions, PinnedBuf, RowMajorGemm, ROW_THREADS,
+    elem_cfg, gemm_rows, new_event, DevBuf, Functions, Gpu, PinnedBuf, RowMajorGemm, ROW_THREADS,
 };
-use super::probe::{device_memory, probe_context, CudaInfo};
+use super::probe::{device_memory, CudaInfo};
 use super::CudaError;
 use crate::device::{Device, DeviceBuf, DeviceError, DeviceMatrix, TransferStats};
 use crate::weights::ElementType;
@@ -162,8 +162,8 @@ impl CudaDevice {
     /// rejects, a capacity beyond the free memory) is an error here, never a panic, so that
     /// `--device cuda` fails before the run starts.
     pub fn new(capacity: Option<u64>) -> Result<CudaDevice, CudaError> {
-        let (info, ctx) = probe_context()?;
-        let free = device_memory(&ctx)
+        let gpu = Gpu::open()?;
+        let free = device_memory(&gpu.ctx)
             .map_err(|e| CudaError::driver("reading free memory", e))?
             .free;
         let capacity = match capacity {
@@ -176,20 +176,16 @@ impl CudaDevice {
             Some(c) => c,
             None => free.saturating_sub(DEFAULT_CUDA_RESERVE),
         };
-        let stream = |what: &str| {
-            ctx.new_stream()
-                .map_err(|e| CudaError::driver(format!("creating the {what} stream"), e))
-        };
-        let h2d = stream("host-to-device")?;
-        let compute = stream("compute")?;
-        let d2h = stream("device-to-host")?;
-        let blas = CudaBlas::new(compute.clone())
-            .map_err(|e| CudaError::blas("creating the cuBLAS handle", e))?;
-        let functions = load_functions(&ctx, info.driver_version)?;
-        let event = |what: &str| {
-            ctx.new_event(None)
-                .map_err(|e| CudaError::driver(format!("creating the {what} event"), e))
-        };
+        let Gpu {
+            info,
+            ctx,
+            h2d,
+            compute,
+            d2h,
+            blas,
+            functions,
+        } = gpu;
+        let event = |what: &str| new_event(&ctx, what);
         let wc = drv_sys::CU_MEMHOSTALLOC_WRITECOMBINED;
         let scratch = Scratch {
             up: [PinnedBuf::new(wc), PinnedBuf::new(wc)],

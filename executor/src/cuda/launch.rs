@@ -5,12 +5,12 @@
 //! wrong (grid limits, which pinned flags the CPU may read, stream-ordered allocation).
 
 use super::kernels::{self, KernelSource};
-use super::probe::describe_driver_error;
+use super::probe::{describe_driver_error, probe_context, CudaInfo};
 use super::CudaError;
 use cudarc::cublas::{result::CublasError, sys as blas_sys, CudaBlas};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PinnedHostSlice,
-    ValidAsZeroBits,
+    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
+    PinnedHostSlice, ValidAsZeroBits,
 };
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,6 +26,51 @@ pub(super) const MAX_ELEM_BLOCKS: u64 = 65_535;
 /// Smallest allocation of any grow-only buffer, in elements: avoids a string of tiny
 /// reallocations while a run warms up, and zero-sized allocations.
 pub(super) const MIN_CAPACITY: usize = 4096;
+
+/// An opened GPU with what both users need: the context, three streams (copies in, compute,
+/// copies out), cuBLAS bound to the compute stream, and every kernel loaded.
+pub(super) struct Gpu {
+    pub info: CudaInfo,
+    pub ctx: Arc<CudaContext>,
+    pub h2d: Arc<CudaStream>,
+    pub compute: Arc<CudaStream>,
+    pub d2h: Arc<CudaStream>,
+    pub blas: CudaBlas,
+    pub functions: Functions,
+}
+
+impl Gpu {
+    /// Opens GPU 0: every configuration problem (no driver or device, a missing library, PTX the
+    /// driver rejects) is an error here, never a panic.
+    pub(super) fn open() -> Result<Gpu, CudaError> {
+        let (info, ctx) = probe_context()?;
+        let stream = |what: &str| {
+            ctx.new_stream()
+                .map_err(|e| CudaError::driver(format!("creating the {what} stream"), e))
+        };
+        let h2d = stream("host-to-device")?;
+        let compute = stream("compute")?;
+        let d2h = stream("device-to-host")?;
+        let blas = CudaBlas::new(compute.clone())
+            .map_err(|e| CudaError::blas("creating the cuBLAS handle", e))?;
+        let functions = load_functions(&ctx, info.driver_version)?;
+        Ok(Gpu {
+            info,
+            ctx,
+            h2d,
+            compute,
+            d2h,
+            blas,
+            functions,
+        })
+    }
+}
+
+/// An event for ordering work across streams (`what` names it in the error).
+pub(super) fn new_event(ctx: &Arc<CudaContext>, what: &str) -> Result<CudaEvent, CudaError> {
+    ctx.new_event(None)
+        .map_err(|e| CudaError::driver(format!("creating the {what} event"), e))
+}
 
 /// The kernels of every module, looked up once.
 pub(super) struct Functions {
@@ -143,10 +188,7 @@ pub(super) fn internal(what: &str) -> CudaError {
 }
 
 /// Compiles (once per process) and loads every module into `ctx`, and looks up each kernel.
-pub(super) fn load_functions(
-    ctx: &Arc<CudaContext>,
-    driver_version: i32,
-) -> Result<Functions, CudaError> {
+fn load_functions(ctx: &Arc<CudaContext>, driver_version: i32) -> Result<Functions, CudaError> {
     let mut by_name = HashMap::new();
     for (src, ptx) in kernels::compile_all()? {
         let KernelSource {
