@@ -862,14 +862,7 @@ fn block_schedule_on_the_gpu_gives_the_cpu_tokens() {
 fn executor_device_cuda_gives_the_cpu_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let model = common::fixture("opt-tiny-preln").display().to_string();
-    let mut policy = planner::policy::Policy::all_cpu("opt-tiny-preln", 6, 3, 2);
-    policy.placement.weights = planner::policy::Placement {
-        gpu: 0.5,
-        cpu: 0.5,
-        disk: 0.0,
-    };
-    policy.placement.kv_cache = planner::policy::Placement::ALL_GPU;
-    policy.compute.split = planner::policy::Split::uniform(0.3);
+    let policy = common::gpu_split_policy("opt-tiny-preln");
     let path = dir.path().join("policy.toml");
     policy.save(&path).unwrap();
     let run = |extra: &[&str]| {

@@ -25,18 +25,15 @@
 //! run-time failures as values for callers that can handle them.
 
 use super::launch::{
-    elem_cfg, gemm_rows, new_event, DevBuf, Functions, Gpu, PinnedBuf, RowMajorGemm, ROW_THREADS,
+    elem_cfg, gemm_rows, new_event, DevBuf, Gpu, PinnedBuf, RowMajorGemm, ROW_THREADS,
 };
 use super::probe::{device_memory, CudaInfo, DeviceMemory};
 use super::CudaError;
 use crate::backend::Backend;
 use crate::kernels::{Matrix, WeightData};
-use cudarc::cublas::{sys as blas_sys, CudaBlas, Gemm, GemmConfig};
-use cudarc::driver::{
-    CudaContext, CudaEvent, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
-    PushKernelArg,
-};
-use std::sync::{Arc, Mutex, MutexGuard};
+use cudarc::cublas::{sys as blas_sys, Gemm, GemmConfig};
+use cudarc::driver::{CudaEvent, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use std::sync::{Mutex, MutexGuard};
 
 /// Everything one operation touches, behind the backend's mutex.
 struct Scratch {
@@ -67,20 +64,14 @@ struct Scratch {
 
 /// The executor's operations on one NVIDIA GPU; see the module documentation.
 pub struct CudaBackend {
-    info: CudaInfo,
-    ctx: Arc<CudaContext>,
-    h2d: Arc<CudaStream>,
-    compute: Arc<CudaStream>,
-    d2h: Arc<CudaStream>,
-    blas: CudaBlas,
-    functions: Functions,
+    gpu: Gpu,
     scratch: Mutex<Scratch>,
 }
 
 impl std::fmt::Debug for CudaBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CudaBackend")
-            .field("info", &self.info)
+            .field("info", &self.gpu.info)
             .finish_non_exhaustive()
     }
 }
@@ -96,16 +87,7 @@ impl CudaBackend {
             )));
         }
         let gpu = Gpu::open()?;
-        let Gpu {
-            info,
-            ctx,
-            h2d,
-            compute,
-            d2h,
-            blas,
-            functions,
-        } = gpu;
-        let event = |what: &str| new_event(&ctx, what);
+        let event = |what: &str| new_event(&gpu.ctx, what);
         let wc = cudarc::driver::sys::CU_MEMHOSTALLOC_WRITECOMBINED;
         let scratch = Scratch {
             up_f32: PinnedBuf::new(wc),
@@ -128,26 +110,20 @@ impl CudaBackend {
             computed: event("compute")?,
         };
         Ok(CudaBackend {
-            info,
-            ctx,
-            h2d,
-            compute,
-            d2h,
-            blas,
-            functions,
+            gpu,
             scratch: Mutex::new(scratch),
         })
     }
 
     /// What [`probe`](super::probe) found when the backend was opened.
     pub fn info(&self) -> &CudaInfo {
-        &self.info
+        &self.gpu.info
     }
 
     /// Free and total device memory now (NVML when available, else `cuMemGetInfo`): what the
     /// parameter manager will read to decide how much more it may keep resident.
     pub fn memory(&self) -> Result<DeviceMemory, CudaError> {
-        device_memory(&self.ctx).map_err(|e| CudaError::driver("reading free memory", e))
+        device_memory(&self.gpu.ctx).map_err(|e| CudaError::driver("reading free memory", e))
     }
 
     /// Takes the scratch lock and waits until no copy from a staging buffer is in flight, so
@@ -158,10 +134,12 @@ impl CudaBackend {
         let guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
         // cuBLAS and the raw device pointers below do not make the context current themselves,
         // and the calling thread (a rayon worker, say) may never have used it.
-        self.ctx
+        self.gpu
+            .ctx
             .bind_to_thread()
             .map_err(|e| CudaError::driver("making the CUDA context current", e))?;
-        self.h2d
+        self.gpu
+            .h2d
             .synchronize()
             .map_err(|e| CudaError::driver("waiting for earlier uploads", e))?;
         Ok(guard)
@@ -175,9 +153,10 @@ impl CudaBackend {
         src: &[T],
         dst: &mut DevBuf<T>,
     ) -> Result<(), CudaError> {
-        dst.ensure(&self.compute, src.len())?;
+        dst.ensure(&self.gpu.compute, src.len())?;
         let d = dst.get_mut()?;
-        self.h2d
+        self.gpu
+            .h2d
             .memcpy_htod(src, &mut d.slice_mut(..src.len()))
             .map_err(|e| CudaError::driver(format!("uploading {what}"), e))
     }
@@ -185,8 +164,8 @@ impl CudaBackend {
     /// Orders everything enqueued on the copy stream before what compute enqueues next.
     fn uploads_done(&self, uploaded: &CudaEvent) -> Result<(), CudaError> {
         uploaded
-            .record(&self.h2d)
-            .and_then(|_| self.compute.wait(uploaded))
+            .record(&self.gpu.h2d)
+            .and_then(|_| self.gpu.compute.wait(uploaded))
             .map_err(|e| CudaError::driver("ordering uploads before compute", e))
     }
 
@@ -201,15 +180,17 @@ impl CudaBackend {
     ) -> Result<(), CudaError> {
         let n = dst.len();
         computed
-            .record(&self.compute)
-            .and_then(|_| self.d2h.wait(computed))
+            .record(&self.gpu.compute)
+            .and_then(|_| self.gpu.d2h.wait(computed))
             .map_err(|e| CudaError::driver("ordering compute before the download", e))?;
         let src = src.get()?.slice(..n);
-        let host = landing.ensure(&self.ctx, n)?;
-        self.d2h
+        let host = landing.ensure(&self.gpu.ctx, n)?;
+        self.gpu
+            .d2h
             .memcpy_dtoh(&src, host)
             .map_err(|e| CudaError::driver("copying a result to the host", e))?;
-        self.d2h
+        self.gpu
+            .d2h
             .synchronize()
             .map_err(|e| CudaError::driver("waiting for a result", e))?;
         dst.copy_from_slice(host);
@@ -282,7 +263,9 @@ impl CudaBackend {
             WeightData::F32(d) => d.len(),
             _ => 0,
         };
-        let staged = s.up_f32.ensure(&self.ctx, x.len() + bias_len + w32_len)?;
+        let staged = s
+            .up_f32
+            .ensure(&self.gpu.ctx, x.len() + bias_len + w32_len)?;
         let (sx, rest) = staged.split_at_mut(x.len());
         let (sb, sw) = rest.split_at_mut(bias_len);
         sx.copy_from_slice(x);
@@ -297,12 +280,12 @@ impl CudaBackend {
                 self.upload("W", sw, &mut s.w)?;
             }
             WeightData::F16(d) => {
-                let st = s.up_u16.ensure(&self.ctx, d.len())?;
+                let st = s.up_u16.ensure(&self.gpu.ctx, d.len())?;
                 st.copy_from_slice(bytemuck::cast_slice(d));
                 self.upload("f16 W", st, &mut s.w16)?;
             }
             WeightData::Bf16(d) => {
-                let st = s.up_u16.ensure(&self.ctx, d.len())?;
+                let st = s.up_u16.ensure(&self.gpu.ctx, d.len())?;
                 st.copy_from_slice(bytemuck::cast_slice(d));
                 self.upload("bf16 W", st, &mut s.w16)?;
             }
@@ -311,7 +294,7 @@ impl CudaBackend {
 
         // y starts as the bias rows (GEMM beta = 1) or is overwritten (beta = 0).
         let y_len = tokens * n_out;
-        s.y.ensure(&self.compute, y_len)?;
+        s.y.ensure(&self.gpu.compute, y_len)?;
         let beta = match bias {
             Some(_) => {
                 let (rows, cols) = (tokens as u64, n_out as u64);
@@ -320,8 +303,9 @@ impl CudaBackend {
                 // SAFETY: fill_rows_f32(float* y, const float* bias, u64 rows, u64 cols) writes
                 // rows*cols = y_len floats of y and reads cols floats of bias (uploaded above).
                 unsafe {
-                    self.compute
-                        .launch_builder(self.functions.get("fill_rows_f32"))
+                    self.gpu
+                        .compute
+                        .launch_builder(self.gpu.functions.get("fill_rows_f32"))
                         .arg(dy)
                         .arg(db)
                         .arg(&rows)
@@ -337,15 +321,16 @@ impl CudaBackend {
         match &w.data {
             WeightData::F32(_) | WeightData::F16(_) => {
                 if let WeightData::F16(_) = &w.data {
-                    s.w.ensure(&self.compute, w_elems)?;
+                    s.w.ensure(&self.gpu.compute, w_elems)?;
                     let n_w = w_elems as u64;
                     let src = s.w16.get()?;
                     let dw = s.w.get_mut()?;
                     // SAFETY: widen_f16_f32(float* out, const u16* in, u64 n) with n = W's
                     // element count, within both buffers.
                     unsafe {
-                        self.compute
-                            .launch_builder(self.functions.get("widen_f16_f32"))
+                        self.gpu
+                            .compute
+                            .launch_builder(self.gpu.functions.get("widen_f16_f32"))
                             .arg(dw)
                             .arg(src)
                             .arg(&n_w)
@@ -371,19 +356,20 @@ impl CudaBackend {
                 // SAFETY: the row-major operands seen column-major: A = W as [k=in, m=out],
                 // lda = in, transposed; B = x as [k=in, n=tokens], ldb = in; C = y as
                 // [m=out, n=tokens], ldc = out. Each view holds exactly those elements.
-                unsafe { self.blas.gemm(cfg, &dw, &dx, &mut dy) }
+                unsafe { self.gpu.blas.gemm(cfg, &dw, &dx, &mut dy) }
                     .map_err(|e| CudaError::blas("SGEMM for linear", e))?;
             }
             WeightData::Bf16(_) => {
-                s.x16.ensure(&self.compute, x.len())?;
+                s.x16.ensure(&self.gpu.compute, x.len())?;
                 let n_x = x.len() as u64;
                 {
                     let dx = s.x.get()?;
                     let dx16 = s.x16.get_mut()?;
                     // SAFETY: round_f32_bf16(u16* out, const float* in, u64 n), n = x.len().
                     unsafe {
-                        self.compute
-                            .launch_builder(self.functions.get("round_f32_bf16"))
+                        self.gpu
+                            .compute
+                            .launch_builder(self.gpu.functions.get("round_f32_bf16"))
                             .arg(dx16)
                             .arg(dx)
                             .arg(&n_x)
@@ -394,9 +380,9 @@ impl CudaBackend {
                 let dw16 = s.w16.get()?;
                 let dx16 = s.x16.get()?;
                 let dy = s.y.get_mut()?;
-                let (a_ptr, _ra) = dw16.device_ptr(&self.compute);
-                let (b_ptr, _rb) = dx16.device_ptr(&self.compute);
-                let (c_ptr, _rc) = dy.device_ptr_mut(&self.compute);
+                let (a_ptr, _ra) = dw16.device_ptr(&self.gpu.compute);
+                let (b_ptr, _rb) = dx16.device_ptr(&self.gpu.compute);
+                let (c_ptr, _rc) = dy.device_ptr_mut(&self.gpu.compute);
                 let g = RowMajorGemm {
                     out: m,
                     tokens: n,
@@ -414,7 +400,7 @@ impl CudaBackend {
                 // pointers stay valid while their guards (_ra, _rb, _rc) live, and the guards
                 // record the reads and the write on the compute stream; begin() made the context
                 // current.
-                unsafe { gemm_rows(&self.blas, &g) }
+                unsafe { gemm_rows(&self.gpu.blas, &g) }
                     .map_err(|e| CudaError::blas("bf16 GemmEx for linear", e))?;
             }
         }
@@ -452,7 +438,7 @@ impl CudaBackend {
         let mut guard = self.begin()?;
         let s = &mut *guard;
         // x into `x`; gamma then beta into `bias`.
-        let staged = s.up_f32.ensure(&self.ctx, x.len() + 2 * width)?;
+        let staged = s.up_f32.ensure(&self.gpu.ctx, x.len() + 2 * width)?;
         let (sx, sgb) = staged.split_at_mut(x.len());
         sx.copy_from_slice(x);
         sgb[..width].copy_from_slice(gamma);
@@ -460,7 +446,7 @@ impl CudaBackend {
         self.upload("x", sx, &mut s.x)?;
         self.upload("gamma and beta", sgb, &mut s.bias)?;
         self.uploads_done(&s.uploaded)?;
-        s.y.ensure(&self.compute, x.len())?;
+        s.y.ensure(&self.gpu.compute, x.len())?;
         let dx = s.x.get()?;
         let dgb = s.bias.get()?;
         let gamma_d = dgb.slice(..width);
@@ -476,8 +462,9 @@ impl CudaBackend {
         // const float* beta, u64 width, float eps): one block per row; x and y hold
         // rows * width floats, gamma and beta width each.
         unsafe {
-            self.compute
-                .launch_builder(self.functions.get("layer_norm_f32"))
+            self.gpu
+                .compute
+                .launch_builder(self.gpu.functions.get("layer_norm_f32"))
                 .arg(dx)
                 .arg(dy)
                 .arg(&gamma_d)
@@ -509,7 +496,7 @@ impl CudaBackend {
         let mut guard = self.begin()?;
         let s = &mut *guard;
         let other_len = other.map_or(0, |o| o.len());
-        let staged = s.up_f32.ensure(&self.ctx, n + other_len)?;
+        let staged = s.up_f32.ensure(&self.gpu.ctx, n + other_len)?;
         let (sx, so) = staged.split_at_mut(n);
         sx.copy_from_slice(x);
         self.upload("x", sx, &mut s.y)?;
@@ -519,9 +506,9 @@ impl CudaBackend {
         }
         self.uploads_done(&s.uploaded)?;
         let n_u = n as u64;
-        let f = self.functions.get(kernel);
+        let f = self.gpu.functions.get(kernel);
         let dy = s.y.get_mut()?;
-        let mut b = self.compute.launch_builder(f);
+        let mut b = self.gpu.compute.launch_builder(f);
         b.arg(dy);
         if other.is_some() {
             b.arg(s.x.get()?);
@@ -599,7 +586,7 @@ impl CudaBackend {
         let kv = kv_len * d;
         let mut guard = self.begin()?;
         let s = &mut *guard;
-        let staged = s.up_f32.ensure(&self.ctx, q.len() + 2 * kv)?;
+        let staged = s.up_f32.ensure(&self.gpu.ctx, q.len() + 2 * kv)?;
         let (sq, skv) = staged.split_at_mut(q.len());
         let (sk, sv) = skv.split_at_mut(kv);
         sq.copy_from_slice(q);
@@ -608,14 +595,15 @@ impl CudaBackend {
         self.upload("q", sq, &mut s.x)?;
         self.upload("the key cache", sk, &mut s.k)?;
         self.upload("the value cache", sv, &mut s.v)?;
-        let mask = s.up_u8.ensure(&self.ctx, kv_len)?;
+        let mask = s.up_u8.ensure(&self.gpu.ctx, kv_len)?;
         for (m, valid) in mask.iter_mut().zip(key_valid) {
             *m = u8::from(*valid);
         }
         self.upload("key_valid", mask, &mut s.mask)?;
         self.uploads_done(&s.uploaded)?;
-        s.y.ensure(&self.compute, out.len())?;
-        s.probs.ensure(&self.compute, q_len * num_heads * kv_len)?;
+        s.y.ensure(&self.gpu.compute, out.len())?;
+        s.probs
+            .ensure(&self.gpu.compute, q_len * num_heads * kv_len)?;
         let (ql, kl, nh, hd) = (
             q_len as u64,
             kv_len as u64,
@@ -635,8 +623,9 @@ impl CudaBackend {
         // u64 head_dim, float scale): q and out hold q_len*d floats, k and v kv_len*d, the mask
         // kv_len bytes, probs q_len*num_heads*kv_len floats; q_len <= kv_len was checked.
         unsafe {
-            self.compute
-                .launch_builder(self.functions.get("attention_f32"))
+            self.gpu
+                .compute
+                .launch_builder(self.gpu.functions.get("attention_f32"))
                 .arg(dq)
                 .arg(dk)
                 .arg(dv)
@@ -689,34 +678,35 @@ impl CudaBackend {
         }
         let mut guard = self.begin()?;
         let s = &mut *guard;
-        let staged_ids = s.up_u32.ensure(&self.ctx, ids.len())?;
+        let staged_ids = s.up_u32.ensure(&self.gpu.ctx, ids.len())?;
         staged_ids.copy_from_slice(ids);
         self.upload("token ids", staged_ids, &mut s.ids)?;
         match &table.data {
             WeightData::F32(d) => {
-                let st = s.up_f32.ensure(&self.ctx, d.len())?;
+                let st = s.up_f32.ensure(&self.gpu.ctx, d.len())?;
                 st.copy_from_slice(d);
                 self.upload("the embedding table", st, &mut s.w)?;
             }
             WeightData::F16(d) => {
-                let st = s.up_u16.ensure(&self.ctx, d.len())?;
+                let st = s.up_u16.ensure(&self.gpu.ctx, d.len())?;
                 st.copy_from_slice(bytemuck::cast_slice(d));
                 self.upload("the embedding table", st, &mut s.w16)?;
             }
             WeightData::Bf16(d) => {
-                let st = s.up_u16.ensure(&self.ctx, d.len())?;
+                let st = s.up_u16.ensure(&self.gpu.ctx, d.len())?;
                 st.copy_from_slice(bytemuck::cast_slice(d));
                 self.upload("the embedding table", st, &mut s.w16)?;
             }
         }
         self.uploads_done(&s.uploaded)?;
-        s.y.ensure(&self.compute, out.len())?;
+        s.y.ensure(&self.gpu.compute, out.len())?;
         let (tokens, width_u, vocab_u) = (ids.len() as u64, width as u64, vocab as u64);
         let dids = s.ids.get()?;
         let dout = s.y.get_mut()?;
         let mut b = self
+            .gpu
             .compute
-            .launch_builder(self.functions.get("embedding_gather"));
+            .launch_builder(self.gpu.functions.get("embedding_gather"));
         b.arg(dout);
         if dtype == 0 {
             b.arg(s.w.get()?);

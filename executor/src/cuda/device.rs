@@ -34,18 +34,18 @@
 //! never a panic; every length and offset is checked before memory is touched.
 
 use super::launch::{
-    elem_cfg, gemm_rows, new_event, DevBuf, Functions, Gpu, PinnedBuf, RowMajorGemm, ROW_THREADS,
+    elem_cfg, gemm_rows, new_event, DevBuf, Gpu, PinnedBuf, RowMajorGemm, ROW_THREADS,
 };
 use super::probe::{device_memory, CudaInfo};
 use super::CudaError;
 use crate::device::{Device, DeviceBuf, DeviceError, DeviceMatrix, TransferStats};
 use crate::weights::ElementType;
-use cudarc::cublas::{sys as blas_sys, CudaBlas};
+use cudarc::cublas::sys as blas_sys;
 use cudarc::driver::{
-    sys as drv_sys, CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
-    LaunchArgs, LaunchConfig, PushKernelArg, SyncOnDrop,
+    sys as drv_sys, CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchArgs,
+    LaunchConfig, PushKernelArg, SyncOnDrop,
 };
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 
 /// Device memory left out of the default capacity (see the module docs): 1 GiB.
 pub const DEFAULT_CUDA_RESERVE: u64 = 1 << 30;
@@ -97,21 +97,15 @@ struct State {
 
 /// The [`Device`] trait on one NVIDIA GPU; see the module documentation.
 pub struct CudaDevice {
-    info: CudaInfo,
+    gpu: Gpu,
     capacity: u64,
-    ctx: Arc<CudaContext>,
-    h2d: Arc<CudaStream>,
-    compute: Arc<CudaStream>,
-    d2h: Arc<CudaStream>,
-    blas: CudaBlas,
-    functions: Functions,
     state: Mutex<State>,
 }
 
 impl std::fmt::Debug for CudaDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CudaDevice")
-            .field("info", &self.info)
+            .field("info", &self.gpu.info)
             .field("capacity", &self.capacity)
             .finish_non_exhaustive()
     }
@@ -176,16 +170,7 @@ impl CudaDevice {
             Some(c) => c,
             None => free.saturating_sub(DEFAULT_CUDA_RESERVE),
         };
-        let Gpu {
-            info,
-            ctx,
-            h2d,
-            compute,
-            d2h,
-            blas,
-            functions,
-        } = gpu;
-        let event = |what: &str| new_event(&ctx, what);
+        let event = |what: &str| new_event(&gpu.ctx, what);
         let wc = drv_sys::CU_MEMHOSTALLOC_WRITECOMBINED;
         let scratch = Scratch {
             up: [PinnedBuf::new(wc), PinnedBuf::new(wc)],
@@ -200,14 +185,8 @@ impl CudaDevice {
             computed: event("compute")?,
         };
         Ok(CudaDevice {
-            info,
+            gpu,
             capacity,
-            ctx,
-            h2d,
-            compute,
-            d2h,
-            blas,
-            functions,
             state: Mutex::new(State {
                 table: Table::default(),
                 scratch,
@@ -242,7 +221,7 @@ impl CudaDevice {
 
     /// What the probe found when the device was opened.
     pub fn info(&self) -> &CudaInfo {
-        &self.info
+        &self.gpu.info
     }
 
     /// Takes the lock and makes the context current on this thread (cuBLAS and raw driver calls
@@ -251,7 +230,8 @@ impl CudaDevice {
         // A panic while holding the lock leaves the table consistent (slots are put back before
         // any call that can fail returns) and scratch that every operation rewrites.
         let guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        self.ctx
+        self.gpu
+            .ctx
             .bind_to_thread()
             .map_err(|e| driver("making the CUDA context current", e))?;
         Ok(guard)
@@ -260,7 +240,7 @@ impl CudaDevice {
     /// Makes `stream` wait for everything enqueued on compute so far.
     fn after_compute(&self, s: &Scratch, stream: &CudaStream) -> Result<(), DeviceError> {
         s.computed
-            .record(&self.compute)
+            .record(&self.gpu.compute)
             .and_then(|_| stream.wait(&s.computed))
             .map_err(|e| driver("ordering copies after compute", e))
     }
@@ -283,7 +263,7 @@ impl CudaDevice {
             ))
         })?;
         check_range(slice, b, offset, len, align, what)?;
-        let (ptr, guard) = slice.device_ptr(&self.compute);
+        let (ptr, guard) = slice.device_ptr(&self.gpu.compute);
         Ok(Operand {
             ptr: ptr + offset as u64,
             _guard: guard,
@@ -300,7 +280,7 @@ impl CudaDevice {
         what: &str,
     ) -> Result<Operand<'a>, DeviceError> {
         check_range(slice, b, 0, len, 4, what)?;
-        let (ptr, guard) = slice.device_ptr_mut(&self.compute);
+        let (ptr, guard) = slice.device_ptr_mut(&self.gpu.compute);
         Ok(Operand { ptr, _guard: guard })
     }
 
@@ -337,7 +317,10 @@ impl CudaDevice {
         cfg: LaunchConfig,
         args: impl FnOnce(&mut LaunchArgs<'a>),
     ) -> Result<(), DeviceError> {
-        let mut b = self.compute.launch_builder(self.functions.get(kernel));
+        let mut b = self
+            .gpu
+            .compute
+            .launch_builder(self.gpu.functions.get(kernel));
         args(&mut b);
         // SAFETY: the caller's contract.
         unsafe { b.launch(cfg) }
@@ -378,10 +361,10 @@ impl Drop for CudaDevice {
         // The pinned staging and the buffers are freed after this: no copy or kernel may still
         // use them. Errors cannot be reported from a drop, and the context reports them on its
         // next use.
-        let _ = self.ctx.bind_to_thread();
-        let _ = self.h2d.synchronize();
-        let _ = self.compute.synchronize();
-        let _ = self.d2h.synchronize();
+        let _ = self.gpu.ctx.bind_to_thread();
+        let _ = self.gpu.h2d.synchronize();
+        let _ = self.gpu.compute.synchronize();
+        let _ = self.gpu.d2h.synchronize();
     }
 }
 
@@ -426,7 +409,7 @@ impl Device for CudaDevice {
         }
         // Zeroed as the trait promises (a memset on the compute stream; copies wait for compute
         // before they start). One byte at least: the driver refuses empty allocations.
-        let slice = match self.compute.alloc_zeros::<u8>(bytes.max(1)) {
+        let slice = match self.gpu.compute.alloc_zeros::<u8>(bytes.max(1)) {
             Ok(s) => s,
             Err(e) if e.0 == drv_sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => return Err(oom(t)),
             Err(e) => return Err(driver(&format!("allocating {what} ({bytes} bytes)"), e)),
@@ -453,7 +436,7 @@ impl Device for CudaDevice {
         // after the kernels that read it, and after the uploads into it, which compute waits for.
         // Downloads from it have finished, since a download returns only when its copy is done.
         if let Some(slice) = guard.table.bufs.get_mut(buf.id()).and_then(Option::take) {
-            let _ = self.ctx.bind_to_thread();
+            let _ = self.gpu.ctx.bind_to_thread();
             drop(slice);
             guard.table.used -= buf.bytes() as u64;
         }
@@ -470,7 +453,7 @@ impl Device for CudaDevice {
         check_range(slice, dst, offset, src.len(), 1, "upload")?;
         // Work issued before may still read this buffer (a staging buffer reused by the next
         // layer): the copy waits for it.
-        self.after_compute(scratch, &self.h2d)?;
+        self.after_compute(scratch, &self.gpu.h2d)?;
         for (i, chunk) in src.chunks(STAGING_BYTES).enumerate() {
             let j = i % 2;
             // The copy out of this staging buffer two chunks ago must be done before refilling.
@@ -479,22 +462,23 @@ impl Device for CudaDevice {
                 .map_err(|e| driver("waiting for a staging buffer", e))?;
             // Allocated whole on first use, so that it is never reallocated afterwards.
             let staged = &mut scratch.up[j]
-                .ensure(&self.ctx, STAGING_BYTES)
+                .ensure(&self.gpu.ctx, STAGING_BYTES)
                 .map_err(|e| failed("allocating pinned staging", e))?[..chunk.len()];
             staged.copy_from_slice(chunk);
             let at = offset + i * STAGING_BYTES;
             let mut view = slice.slice_mut(at..at + chunk.len());
-            self.h2d
+            self.gpu
+                .h2d
                 .memcpy_htod(&*staged, &mut view)
                 .map_err(|e| driver(&format!("uploading {} bytes", chunk.len()), e))?;
             scratch.up_done[j]
-                .record(&self.h2d)
+                .record(&self.gpu.h2d)
                 .map_err(|e| driver("recording a staging copy", e))?;
         }
         scratch
             .uploaded
-            .record(&self.h2d)
-            .and_then(|_| self.compute.wait(&scratch.uploaded))
+            .record(&self.gpu.h2d)
+            .and_then(|_| self.gpu.compute.wait(&scratch.uploaded))
             .map_err(|e| driver("ordering an upload before compute", e))?;
         table.transfers.h2d_bytes += src.len() as u64;
         table.transfers.h2d_calls += 1;
@@ -511,22 +495,24 @@ impl Device for CudaDevice {
             .ok_or_else(|| invalid(format!("download: buffer {} is freed", src.id())))?;
         check_range(slice, src, offset, dst.len(), 1, "download")?;
         // After the kernels that wrote it and the uploads into it.
-        self.after_compute(scratch, &self.d2h)?;
+        self.after_compute(scratch, &self.gpu.d2h)?;
         scratch
             .uploaded
-            .record(&self.h2d)
-            .and_then(|_| self.d2h.wait(&scratch.uploaded))
+            .record(&self.gpu.h2d)
+            .and_then(|_| self.gpu.d2h.wait(&scratch.uploaded))
             .map_err(|e| driver("ordering uploads before a download", e))?;
         for (i, chunk) in dst.chunks_mut(STAGING_BYTES).enumerate() {
             let at = offset + i * STAGING_BYTES;
             let landing = &mut scratch
                 .down
-                .ensure(&self.ctx, STAGING_BYTES)
+                .ensure(&self.gpu.ctx, STAGING_BYTES)
                 .map_err(|e| failed("allocating the pinned landing buffer", e))?[..chunk.len()];
-            self.d2h
+            self.gpu
+                .d2h
                 .memcpy_dtoh(&slice.slice(at..at + chunk.len()), landing)
                 .map_err(|e| driver(&format!("downloading {} bytes", chunk.len()), e))?;
-            self.d2h
+            self.gpu
+                .d2h
                 .synchronize()
                 .map_err(|e| driver("waiting for a download", e))?;
             chunk.copy_from_slice(landing);
@@ -562,11 +548,11 @@ impl Device for CudaDevice {
             match w.dtype {
                 ElementType::Bf16 => s
                     .x16
-                    .ensure(&self.compute, rows * inp)
+                    .ensure(&self.gpu.compute, rows * inp)
                     .map_err(|e| failed("allocating the bf16 input scratch", e))?,
                 ElementType::F16 if inp > 0 => s
                     .wide
-                    .ensure(&self.compute, (WIDEN_ELEMS / inp).clamp(1, out) * inp)
+                    .ensure(&self.gpu.compute, (WIDEN_ELEMS / inp).clamp(1, out) * inp)
                     .map_err(|e| failed("allocating the f16 widening scratch", e))?,
                 _ => {}
             }
@@ -596,7 +582,7 @@ impl Device for CudaDevice {
                             yo.ptr,
                             0,
                             y_bytes,
-                            self.compute.cu_stream(),
+                            self.gpu.compute.cu_stream(),
                         )
                     }
                     .map_err(|e| driver("zeroing a linear output", e))?;
@@ -609,7 +595,7 @@ impl Device for CudaDevice {
                 // (W: out*inp elements at its offset or the widened chunk, x: rows*inp, y: rows
                 // rows of `out` floats); the guards keep the buffers alive until this is
                 // enqueued, and begin() made the context current.
-                unsafe { gemm_rows(&self.blas, &g) }
+                unsafe { gemm_rows(&self.gpu.blas, &g) }
                     .map_err(|e| failed("cuBLAS GemmEx", format!("{e:?}")))
             };
             let f32_t = blas_sys::cudaDataType_t::CUDA_R_32F;
@@ -628,7 +614,7 @@ impl Device for CudaDevice {
                 }),
                 ElementType::Bf16 => {
                     let dx16 = s.x16.get().map_err(|e| failed("bf16 scratch", e))?;
-                    let (x16, _g) = dx16.device_ptr(&self.compute);
+                    let (x16, _g) = dx16.device_ptr(&self.gpu.compute);
                     let n_x = (rows * inp) as u64;
                     // SAFETY: round_f32_bf16(u16* out, const float* in, u64 n): the scratch
                     // holds rows*inp u16 (ensured above), x rows*inp floats (checked).
@@ -654,7 +640,7 @@ impl Device for CudaDevice {
                 ElementType::F16 => {
                     let chunk = (WIDEN_ELEMS / inp).clamp(1, out);
                     let dwide = s.wide.get().map_err(|e| failed("f16 scratch", e))?;
-                    let (wide, _g) = dwide.device_ptr(&self.compute);
+                    let (wide, _g) = dwide.device_ptr(&self.gpu.compute);
                     let mut r0 = 0;
                     while r0 < out {
                         let r1 = (r0 + chunk).min(out);
@@ -769,8 +755,8 @@ impl Device for CudaDevice {
                 return Ok(());
             }
             s.probs
-                .ensure(&self.compute, probs)
-                .and_then(|_| s.mask.ensure(&self.compute, kv_len))
+                .ensure(&self.gpu.compute, probs)
+                .and_then(|_| s.mask.ensure(&self.gpu.compute, kv_len))
                 .map_err(|e| failed("allocating attention scratch", e))?;
             s.mask_host.clear();
             s.mask_host
@@ -780,15 +766,16 @@ impl Device for CudaDevice {
                 // From pageable memory, on the compute stream: the driver has read the host
                 // bytes when the call returns, so mask_host may be rewritten by the next call,
                 // and the kernel below sees the copy in stream order.
-                self.compute
+                self.gpu
+                    .compute
                     .memcpy_htod(&s.mask_host[..], &mut dmask.slice_mut(..kv_len))
                     .map_err(|e| driver("copying the attention mask", e))?;
             }
             let oo = self.write(os, out, q_bytes, "attention output")?;
             let dmask = s.mask.get().map_err(|e| failed("mask scratch", e))?;
-            let (mask, _gm) = dmask.device_ptr(&self.compute);
+            let (mask, _gm) = dmask.device_ptr(&self.gpu.compute);
             let dprobs = s.probs.get_mut().map_err(|e| failed("score scratch", e))?;
-            let (pr, _gp) = dprobs.device_ptr_mut(&self.compute);
+            let (pr, _gp) = dprobs.device_ptr_mut(&self.gpu.compute);
             let (ql, kl, nh, hd, scale) = (
                 q_len as u64,
                 kv_len as u64,

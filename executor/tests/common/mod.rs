@@ -176,3 +176,17 @@ pub fn assert_same_run_within(
     assert!(diff < tol, "{label}: prefill logits differ by {diff}");
     diff
 }
+
+/// The GPU policy the device tests run on a fixture: half the weights resident, the KV cache on
+/// the device, the rest of each linear layer split with alpha 0.3 (block of 3 batches of 6).
+pub fn gpu_split_policy(model: &str) -> planner::policy::Policy {
+    let mut p = planner::policy::Policy::all_cpu(model, 6, 3, 2);
+    p.placement.weights = planner::policy::Placement {
+        gpu: 0.5,
+        cpu: 0.5,
+        disk: 0.0,
+    };
+    p.placement.kv_cache = planner::policy::Placement::ALL_GPU;
+    p.compute.split = planner::policy::Split::uniform(0.3);
+    p
+}
