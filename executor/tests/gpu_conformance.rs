@@ -902,3 +902,61 @@ fn executor_device_cuda_gives_the_cpu_tokens() {
         "tokens with --device cuda"
     );
 }
+
+/// 4-bit compressed weights expanded on the GPU equal `primitives::quant`'s dequantization bit
+/// for bit, for whole matrices and for runs of rows (full blocks and the tail).
+#[test]
+fn compressed_weights_expand_on_the_gpu_as_on_the_cpu() {
+    let Some(gpu) = cuda_device("compressed_weights_expand_on_the_gpu_as_on_the_cpu") else {
+        return;
+    };
+    for (n, &(out, inp, row0, rows)) in [
+        (64, 5, 0, 64),
+        (130, 7, 0, 130),
+        (130, 7, 100, 30),
+        (3, 3, 0, 3),
+        (768, 768, 300, 468),
+        (200, 33, 64, 136),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let data = Rng(500 + n as u64).vec(out * inp);
+        let q = executor::quant::QuantizedMatrix::quantize(&data, out, inp).unwrap();
+        let want = q.dequantize();
+        let (codes, scales, mins) = q.parts();
+        let up = |bytes: &[u8], what: &str| {
+            let b = gpu.alloc(bytes.len(), what).unwrap();
+            gpu.upload(&b, 0, bytes).unwrap();
+            b
+        };
+        let (cb, sb, mb) = (
+            up(codes, "codes"),
+            up(bytemuck::cast_slice(scales), "scales"),
+            up(bytemuck::cast_slice(mins), "mins"),
+        );
+        let ob = gpu.alloc(rows * inp * 4, "expanded").unwrap();
+        let dq = cuda::DeviceQ4 {
+            codes: &cb,
+            scales: &sb,
+            mins: &mb,
+            out_features: out,
+            in_features: inp,
+        };
+        gpu.dequantize_q4(&dq, row0, rows, &ob).unwrap();
+        let got = download_f32(gpu, &ob, rows * inp);
+        let want = &want[row0 * inp..(row0 + rows) * inp];
+        let same = got
+            .iter()
+            .zip(want)
+            .all(|(g, w)| g.to_bits() == w.to_bits());
+        assert!(
+            same,
+            "dequantized rows {row0}..+{rows} of {out}x{inp} differ"
+        );
+        assert!(gpu.dequantize_q4(&dq, row0, out + 1, &ob).is_err());
+        for b in [cb, sb, mb, ob] {
+            gpu.free(b);
+        }
+    }
+}

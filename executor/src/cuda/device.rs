@@ -356,6 +356,79 @@ fn check_range(
     Ok(())
 }
 
+/// A 4-bit compressed weight matrix held on the device: the three parts of a
+/// [`crate::quant::QuantizedMatrix`] (`parts()`), each uploaded as it is into a device buffer
+/// (codes from byte 0, scales and minimums as f16 bits from byte 0).
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceQ4<'a> {
+    /// 32 bytes of 4-bit codes per group.
+    pub codes: &'a DeviceBuf,
+    /// One f16 scale per group.
+    pub scales: &'a DeviceBuf,
+    /// One f16 minimum per group.
+    pub mins: &'a DeviceBuf,
+    /// Rows (outputs) of the whole matrix.
+    pub out_features: usize,
+    /// Columns (inputs).
+    pub in_features: usize,
+}
+
+impl CudaDevice {
+    /// Expands rows `row0..row0 + rows` of a compressed matrix into `out` as f32 `[rows, in]`
+    /// from offset 0, bit for bit as [`crate::quant::QuantizedMatrix::dequantize`] gives them
+    /// (the `dequant_q4_f32` kernel), so that compressed weights, 4.5 bits per value over PCIe,
+    /// can be multiplied by cuBLAS on the device. A run of rows is what the device half of a
+    /// split layer needs.
+    ///
+    /// Not part of [`Device`] yet: the block schedule refuses compression together with a
+    /// device, and the sim device has no counterpart.
+    pub fn dequantize_q4(
+        &self,
+        q: &DeviceQ4,
+        row0: usize,
+        rows: usize,
+        out: &DeviceBuf,
+    ) -> Result<(), DeviceError> {
+        let (n_out, n_in) = (q.out_features, q.in_features);
+        if row0.checked_add(rows).is_none_or(|end| end > n_out) {
+            return Err(invalid(format!(
+                "dequantize_q4: rows {row0}..{row0}+{rows} outside a matrix of {n_out} rows"
+            )));
+        }
+        let groups = crate::quant::QuantizedMatrix::groups_for(n_out, n_in);
+        let code_bytes = product("dequantize_q4 codes", &[groups, crate::quant::GROUP_BYTES])?;
+        let half_bytes = product("dequantize_q4 scales", &[groups, 2])?;
+        let out_bytes = product("dequantize_q4 output", &[rows, n_in, 4])?;
+        self.with_output(out, |t, _, os| {
+            let co = self.read(t, q.codes, 0, code_bytes, 1, "dequantize_q4 codes")?;
+            let so = self.read(t, q.scales, 0, half_bytes, 2, "dequantize_q4 scales")?;
+            let mo = self.read(t, q.mins, 0, half_bytes, 2, "dequantize_q4 minimums")?;
+            let oo = self.write(os, out, out_bytes, "dequantize_q4 output")?;
+            if out_bytes == 0 {
+                return Ok(());
+            }
+            let (o, i, r0, r) = (n_out as u64, n_in as u64, row0 as u64, rows as u64);
+            // SAFETY: dequant_q4_f32(float* out, const u8* codes, const u16* scales,
+            // const u16* mins, u64 out_features, u64 in_features, u64 row0, u64 rows) writes
+            // rows*in floats (checked) and reads groups_for(out, in) groups of codes, scales and
+            // minimums (checked): every group index it forms for rows inside the matrix is below
+            // that count.
+            unsafe {
+                self.launch("dequant_q4_f32", elem_cfg(rows * n_in), |l| {
+                    l.arg(&oo.ptr)
+                        .arg(&co.ptr)
+                        .arg(&so.ptr)
+                        .arg(&mo.ptr)
+                        .arg(&o)
+                        .arg(&i)
+                        .arg(&r0)
+                        .arg(&r);
+                })
+            }
+        })
+    }
+}
+
 impl Drop for CudaDevice {
     fn drop(&mut self) {
         // The pinned staging and the buffers are freed after this: no copy or kernel may still

@@ -24,7 +24,7 @@ mod policy;
 mod probe;
 
 pub use backend::CudaBackend;
-pub use device::CudaDevice;
+pub use device::{CudaDevice, DeviceQ4};
 pub use policy::{gpu_placement_summary, require_gpu_for, GpuRequired};
 pub use probe::{probe, CudaInfo, CudaUnavailable, DeviceMemory};
 

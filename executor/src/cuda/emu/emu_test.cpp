@@ -105,7 +105,6 @@ int main(int argc, char** argv) {
       for (int i = 0; i < rows * wb; ++i) expect(j0[i] == b[i], "join_columns (empty left half)", j0[i], b[i]); }
     // dequantization cases from primitives::quant (paths given by the Rust test)
     for (int i = 1; i < argc; ++i) test_dequant_file(argv[i]);
-    printf("%d dequantization cases; ", argc - 1);
-    printf("%s (%d failures)\n", fails ? "FAILED" : "all emulated kernel checks passed", fails);
+    printf("%s (%d failures; %d dequantization cases)\n", fails ? "FAILED" : "all emulated kernel checks passed", fails, argc - 1);
     return fails != 0;
 }
