@@ -246,6 +246,13 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
             .context("cannot configure the thread pool")?;
     }
 
+    if cli.policy.is_none()
+        && (cli.offload_dir.is_some() || cli.profile.is_some() || cli.device.is_some())
+    {
+        bail!("--offload-dir, --profile and --device apply only with --policy");
+    }
+    // Opened before the policy is read, so that a device that cannot be opened (no GPU) is the
+    // error reported, whatever the policy.
     let device = cli.device.as_deref().map(open_device).transpose()?;
     let policy = match &cli.policy {
         Some(path) => {
@@ -267,11 +274,6 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
         }
         None => None,
     };
-    if policy.is_none()
-        && (cli.offload_dir.is_some() || cli.profile.is_some() || cli.device.is_some())
-    {
-        bail!("--offload-dir, --profile and --device apply only with --policy");
-    }
     // The profile of the prediction; its rates also value matrices for the parameter manager.
     let profile = match &policy {
         Some(_) => Some(resolve_profile(cli.profile.as_deref())?),
