@@ -262,7 +262,7 @@ impl CudaDevice {
                 b.id()
             ))
         })?;
-        check_range(slice, b, offset, len, align, what)?;
+        check_range(slice.len(), b, offset, len, align, what)?;
         let (ptr, guard) = slice.device_ptr(&self.gpu.compute);
         Ok(Operand {
             ptr: ptr + offset as u64,
@@ -279,7 +279,7 @@ impl CudaDevice {
         len: usize,
         what: &str,
     ) -> Result<Operand<'a>, DeviceError> {
-        check_range(slice, b, 0, len, 4, what)?;
+        check_range(slice.len(), b, 0, len, 4, what)?;
         let (ptr, guard) = slice.device_ptr_mut(&self.gpu.compute);
         Ok(Operand { ptr, _guard: guard })
     }
@@ -329,9 +329,10 @@ impl CudaDevice {
     }
 }
 
-/// Checks that `offset..offset + len` lies inside handle `b` and its slice, aligned to `align`.
+/// Checks that `offset..offset + len` lies inside handle `b` and its slice (of `slice_len`
+/// bytes: a handle from another device could claim more), aligned to `align`.
 fn check_range(
-    slice: &CudaSlice<u8>,
+    slice_len: usize,
     b: &DeviceBuf,
     offset: usize,
     len: usize,
@@ -340,7 +341,7 @@ fn check_range(
 ) -> Result<(), DeviceError> {
     let fits = offset
         .checked_add(len)
-        .is_some_and(|end| end <= b.bytes() && end <= slice.len());
+        .is_some_and(|end| end <= b.bytes() && end <= slice_len);
     if !fits {
         return Err(invalid(format!(
             "{what}: {len} bytes at offset {offset} do not fit buffer {} ({} bytes)",
@@ -511,7 +512,7 @@ impl Device for CudaDevice {
         if let Some(slice) = guard.table.bufs.get_mut(buf.id()).and_then(Option::take) {
             let _ = self.gpu.ctx.bind_to_thread();
             drop(slice);
-            guard.table.used -= buf.bytes() as u64;
+            guard.table.used = guard.table.used.saturating_sub(buf.bytes() as u64);
         }
     }
 
@@ -523,7 +524,7 @@ impl Device for CudaDevice {
             .get_mut(dst.id())
             .and_then(Option::as_mut)
             .ok_or_else(|| invalid(format!("upload: buffer {} is freed", dst.id())))?;
-        check_range(slice, dst, offset, src.len(), 1, "upload")?;
+        check_range(slice.len(), dst, offset, src.len(), 1, "upload")?;
         // Work issued before may still read this buffer (a staging buffer reused by the next
         // layer): the copy waits for it.
         self.after_compute(scratch, &self.gpu.h2d)?;
@@ -566,7 +567,7 @@ impl Device for CudaDevice {
             .get(src.id())
             .and_then(Option::as_ref)
             .ok_or_else(|| invalid(format!("download: buffer {} is freed", src.id())))?;
-        check_range(slice, src, offset, dst.len(), 1, "download")?;
+        check_range(slice.len(), src, offset, dst.len(), 1, "download")?;
         // After the kernels that wrote it and the uploads into it.
         self.after_compute(scratch, &self.gpu.d2h)?;
         scratch
@@ -914,6 +915,25 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn ranges_are_checked_against_the_handle_the_slice_and_alignment() {
+        let b = DeviceBuf::new(3, 100);
+        assert!(check_range(100, &b, 0, 100, 4, "x").is_ok());
+        assert!(check_range(128, &b, 96, 4, 4, "x").is_ok());
+        assert!(check_range(100, &b, 0, 0, 4, "x").is_ok());
+        // Past the handle, past the slice, an overflowing end, a misaligned offset.
+        assert!(check_range(128, &b, 97, 4, 1, "x").is_err());
+        assert!(check_range(50, &b, 40, 20, 4, "x").is_err());
+        assert!(check_range(100, &b, usize::MAX, 2, 1, "x").is_err());
+        let e = check_range(100, &b, 2, 4, 4, "linear weights").unwrap_err();
+        assert!(e.to_string().contains("linear weights: offset 2"), "{e}");
+        let e = check_range(100, &b, 90, 20, 1, "upload").unwrap_err();
+        assert!(
+            e.to_string().contains("do not fit buffer 3 (100 bytes)"),
+            "{e}"
+        );
     }
 
     #[test]
