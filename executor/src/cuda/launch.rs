@@ -99,9 +99,11 @@ impl<T: DeviceRepr + ValidAsZeroBits> PinnedBuf<T> {
 
     /// The first `n` elements, reallocating (and dropping the old contents) when smaller.
     ///
-    /// Callers size a buffer once per operation, before the first copy out of it is enqueued,
-    /// and every operation starts by waiting for the copy stream, so a reallocation never frees
-    /// memory that a copy is still reading.
+    /// A reallocation must never free memory that a copy is still using: `CudaBackend` sizes a
+    /// buffer once per operation, before the first copy out of it is enqueued, and every
+    /// operation starts by waiting for the copy stream; `CudaDevice` always asks for its full
+    /// staging size (so the buffer is allocated once) and waits for the buffer's last copy
+    /// before refilling it.
     pub(super) fn ensure(
         &mut self,
         ctx: &Arc<CudaContext>,
