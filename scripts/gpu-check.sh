@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # GPU checks for the CUDA backend, for a machine with an NVIDIA GPU:
 #   1. the GPU conformance tests (executor/tests/gpu_conformance.rs: the CPU kernels' cases run
-#      through the CUDA backend and compared with the CPU backend); a skipped test fails here,
-#      because on a GPU machine a skip means the backend could not start;
-#   2. a throughput comparison: the executor end to end with a CPU policy vs the same model
-#      through the CUDA backend (when the executor can select it), and per-operation CPU vs
-#      CUDA times; printed as tables.
+#      through the CUDA backend and compared with the CPU backend; the Device operations on
+#      CudaDevice compared with the sim device; the block schedule's GPU tiers on the GPU and
+#      `executor --device cuda` giving the CPU run's tokens); a skipped test fails here, because
+#      on a GPU machine a skip means the GPU could not be opened;
+#   2. a throughput comparison: the executor end to end with an all-CPU policy vs GPU policies
+#      (all weights and KV cache resident; the HeteGen split with half the weights resident) on
+#      `--device cuda`, and per-operation CPU vs CUDA times; printed as tables.
 #
 #   scripts/gpu-check.sh [--model-name opt-125m] [--batch-size 8] [--prompt-len 64] [--gen 32]
 #
@@ -100,38 +102,54 @@ exe="$CARGO_TARGET_DIR/release/executor"
 out="$(mktemp -d)"
 common=(--random-weights --model-name "$model" --batch-size "$batch" --prompt-len "$prompt"
         --max-new-tokens "$gen" --ignore-eos --quiet)
-"$exe" "${common[@]}" --report "$out/cpu.json" >/dev/null
-gpu_row="GPU run: not available"
-help="$("$exe" --help)"
-if [[ "$help" == *--backend* ]]; then
-  "$exe" "${common[@]}" --backend cuda --report "$out/cuda.json" >/dev/null
-  gpu_row=""
-else
-  echo "gpu-check: this executor cannot select the CUDA backend yet (no --backend option; the"
-  echo "gpu-check: GPU path of the offloading engine, issue 4/6, is not wired in): end-to-end GPU"
-  echo "gpu-check: throughput is not measured; the per-operation table above is the comparison."
-fi
-python3 - "$out" "$gpu_row" <<'PY'
+# Hand-written policies (no prediction section): NAME WEIGHTS_GPU KV_GPU ACT_GPU ALPHA.
+policy() {
+  python3 - "$out/$1.toml" "$model" "$prompt" "$gen" "$batch" "${@:2}" <<'PY'
+import sys
+path, model, prompt, gen, batch, wg, kg, ag, alpha = sys.argv[1:]
+head = open("policies/opt-13b-a10-hetegen-latency.toml").read().split("[model]")[0]
+wg, kg, ag = float(wg), float(kg), float(ag)
+row = lambda name, g: f"[placement.{name}]\ngpu = {g}\ncpu = {1 - g}\ndisk = 0.0\n"
+open(path, "w").write(head + f"""[model]
+name = "{model}"
+[workload]
+prompt_len = {prompt}
+gen_len = {gen}
+[batch]
+gpu_batch_size = {batch}
+num_gpu_batches = 1
+{row("weights", wg)}{row("kv_cache", kg)}{row("activations", ag)}[compute]
+cpu_attention = false
+[compute.split]
+qkv = {alpha}
+out_proj = {alpha}
+fc1 = {alpha}
+fc2 = {alpha}
+""")
+PY
+}
+policy cpu 0.0 0.0 0.0 1.0
+policy gpu-resident 1.0 1.0 1.0 1.0
+policy gpu-split 0.5 1.0 1.0 0.3
+"$exe" "${common[@]}" --policy "$out/cpu.toml" --report "$out/cpu.json" >/dev/null
+for p in gpu-resident gpu-split; do
+  "$exe" "${common[@]}" --policy "$out/$p.toml" --device cuda --report "$out/$p.json" >/dev/null ||
+    echo "gpu-check: the $p policy FAILED on --device cuda"
+done
+python3 - "$out" <<'PY'
 import json, os, sys
-out, gpu_row = sys.argv[1], sys.argv[2]
-def load(name):
-    p = os.path.join(out, name)
-    return json.load(open(p)) if os.path.exists(p) else None
-def pick(r, *keys):
-    for k in keys:
-        if isinstance(r, dict) and k in r:
-            return r[k]
-    return None
-print("| backend | prefill s | decode s | prefill tok/s | decode tok/s | total tok/s |")
-print("|---|---|---|---|---|---|")
-for name, label in (("cpu.json", "cpu"), ("cuda.json", "cuda")):
-    r = load(name)
-    if r is None:
-        print(f"| {label} | - | - | - | - | {gpu_row or 'failed'} |")
+out = sys.argv[1]
+print("| policy | device | prefill s | decode s | prefill tok/s | decode tok/s | total tok/s |")
+print("|---|---|---|---|---|---|---|")
+for name, device in (("cpu", "-"), ("gpu-resident", "cuda"), ("gpu-split", "cuda")):
+    p = os.path.join(out, name + ".json")
+    if not os.path.exists(p):
+        print(f"| {name} | {device} | failed | | | | |")
         continue
+    r = json.load(open(p))
     cells = [r.get(k) for k in ("prefill_s", "decode_s", "prefill_tokens_per_s",
                                  "decode_tokens_per_s", "total_tokens_per_s")]
-    print("| " + label + " | " + " | ".join(
+    print(f"| {name} | {device} | " + " | ".join(
         f"{c:.3f}" if isinstance(c, (int, float)) else str(c) for c in cells) + " |")
 PY
 rm -rf "$out"

@@ -94,8 +94,8 @@ pub enum DeviceError {
     /// An allocation would exceed the device's capacity (a GPU's out-of-memory).
     #[error(
         "{device} device out of memory: allocating {what} ({requested} bytes) with {in_use} of \
-         {capacity} bytes in use; give the device more memory (--device sim:SIZE) or use a policy \
-         with a smaller GPU share"
+         {capacity} bytes in use; give the device more memory (--device sim:SIZE, or cuda:SIZE up \
+         to the GPU's free memory) or use a policy with a smaller GPU share"
     )]
     OutOfMemory {
         /// The device's name.
@@ -108,6 +108,15 @@ pub enum DeviceError {
         in_use: u64,
         /// The device's capacity in bytes.
         capacity: u64,
+    },
+    /// A driver call failed on a device that was found and opened (a copy, a launch, cuBLAS):
+    /// the device's own message, with what was being done.
+    #[error("{device} device failed: {message}")]
+    Failed {
+        /// The device's name.
+        device: String,
+        /// What was being done, and the driver's error.
+        message: String,
     },
     /// A handle, offset or length that does not fit the buffers it names (a caller's bug).
     #[error("{device} device: {message}")]

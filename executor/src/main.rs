@@ -3,6 +3,7 @@
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
 use executor::backend::{Backend, CpuBackend};
+use executor::cuda::CudaDevice;
 use executor::device::Device;
 use executor::generate::{generate, GenerationConfig, Sampling};
 use executor::gpu_tier::{GpuPlan, Rates};
@@ -55,7 +56,10 @@ Examples:
   # simulated device, a CPU-backed GPU stand-in with 256 MiB of memory: same tokens as the CPU
   # run, and the report counts every host<->device copy and what the parameter manager promoted
   executor --model ~/models/opt-125m --policy gpu-policy.toml --device sim:256MiB \\
-           --param-manager on --report run.json";
+           --param-manager on --report run.json
+
+  # The same policy on the machine's GPU (GPU 0; its free memory less 1 GiB, or cuda:CAPACITY)
+  executor --model ~/models/opt-125m --policy gpu-policy.toml --device cuda --report run.json";
 
 /// Run an OPT model on the CPU, as a planner policy says, and report prefill and decode speed.
 #[derive(Debug, Parser)]
@@ -153,14 +157,15 @@ struct Cli {
     #[arg(long, value_name = "PROFILE")]
     profile: Option<String>,
 
-    /// Run the policy's GPU tiers on a device (needs --policy). `sim` is a CPU-backed device with
-    /// its own memory, counted host<->device copies and a capacity (default 16GiB;
-    /// `sim:512MiB` sets it): GPU-resident weights, the HeteGen split, GPU KV cache and
-    /// activations and the parameter manager run there with the CPU kernels and give the CPU
-    /// run's tokens (its timings say nothing about a GPU). A policy too large for the capacity
-    /// is refused with the numbers. Without --device, a policy that needs a GPU is refused on a
-    /// host without one.
-    #[arg(long, value_name = "sim[:CAPACITY]")]
+    /// Run the policy's GPU tiers on a device (needs --policy). `cuda` is GPU 0 (cuBLAS and
+    /// NVRTC kernels; capacity: its free memory less 1 GiB, or `cuda:8GiB`); on a machine without
+    /// a usable GPU it is refused with the reason. `sim` is a CPU-backed device with its own
+    /// memory, counted host<->device copies and a capacity (default 16GiB; `sim:512MiB` sets
+    /// it). On either, GPU-resident weights, the HeteGen split, GPU KV cache and activations and
+    /// the parameter manager run as the policy says; `sim` gives the CPU run's tokens (its
+    /// timings say nothing about a GPU). A policy too large for the capacity is refused with the
+    /// numbers. Without --device, a policy that needs a GPU is refused.
+    #[arg(long, value_name = "cuda[:CAPACITY]|sim[:CAPACITY]")]
     device: Option<String>,
 
     /// The parameter manager (with --device): when the device has memory beyond the policy's
@@ -196,6 +201,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// The device a `--device` argument names: `cuda[:CAPACITY]` opens GPU 0 (an error, not a panic,
+/// without one), anything else is the sim device's to accept or refuse.
+fn open_device(text: &str) -> executor::Result<Box<dyn Device>> {
+    if text == "cuda" || text.starts_with("cuda:") {
+        let dev = CudaDevice::from_arg(text)?;
+        eprintln!(
+            "device: {}; capacity {:.2} GiB",
+            dev.info(),
+            dev.capacity_bytes() as f64 / (1u64 << 30) as f64
+        );
+        Ok(Box::new(dev))
+    } else {
+        Ok(Box::new(SimDevice::from_arg(text)?))
+    }
+}
+
 /// The hardware profile named by `--profile` (a file or builtin:NAME), or the embedded CPU profile
 /// of this GPU-less host, with a note saying so.
 fn resolve_profile(name: Option<&str>) -> anyhow::Result<(String, Profile)> {
@@ -225,20 +246,26 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
             .context("cannot configure the thread pool")?;
     }
 
-    let sim = cli.device.as_deref().map(SimDevice::from_arg).transpose()?;
+    if cli.policy.is_none()
+        && (cli.offload_dir.is_some() || cli.profile.is_some() || cli.device.is_some())
+    {
+        bail!("--offload-dir, --profile and --device apply only with --policy");
+    }
+    // Opened before the policy is read, so that a device that cannot be opened (no GPU) is the
+    // error reported, whatever the policy.
+    let device = cli.device.as_deref().map(open_device).transpose()?;
     let policy = match &cli.policy {
         Some(path) => {
             let policy = Policy::load(path)?;
             run::check_policy(&policy, &path.display().to_string())?;
-            // GPU tiers: run on the device when one is named, else refused with the reason on a
-            // host without a GPU.
-            if sim.is_none() {
+            // GPU tiers: run on the device when one is named, else refused with the reason (on a
+            // host without a GPU, the planner command that gives a CPU policy).
+            if device.is_none() {
                 let gpu = executor::cuda::require_gpu_for(&policy)?;
                 if gpu.is_some() {
                     bail!(
-                        "policy {} places work on the GPU; the CUDA backend does not run the \
-                         block schedule's GPU tiers yet (--device sim runs them on a simulated \
-                         device)",
+                        "policy {} places work on the GPU: run it with --device cuda (or \
+                         --device sim to run the GPU tiers on a simulated device)",
                         path.display()
                     );
                 }
@@ -247,11 +274,6 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
         }
         None => None,
     };
-    if policy.is_none()
-        && (cli.offload_dir.is_some() || cli.profile.is_some() || cli.device.is_some())
-    {
-        bail!("--offload-dir, --profile and --device apply only with --policy");
-    }
     // The profile of the prediction; its rates also value matrices for the parameter manager.
     let profile = match &policy {
         Some(_) => Some(resolve_profile(cli.profile.as_deref())?),
@@ -438,7 +460,7 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
                 offload_capacity_limit: None,
                 compress_kv: p.compression.kv_cache,
             };
-            let gpu_plan = match (&sim, &profile) {
+            let gpu_plan = match (&device, &profile) {
                 (Some(_), Some((_, prof))) => Some(GpuPlan::from_policy(
                     p,
                     cli.param_manager == Switch::On,
@@ -446,8 +468,8 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
                 )),
                 _ => None,
             };
-            let device = sim
-                .as_ref()
+            let device = device
+                .as_deref()
                 .zip(gpu_plan.as_ref())
                 .map(|(d, g)| (d as &dyn Device, g));
             let (out, stats) = schedule::generate_blocks_on(
@@ -495,7 +517,7 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
         );
         let run_policy = run::policy_for_run(p, out.padded_prompt_len, max_new_tokens, gbs, nb);
         let spec = &loaded.model.config().spec;
-        let planned = planner::memory::plan_for_policy(spec, &run_policy, sim.is_some());
+        let planned = planner::memory::plan_for_policy(spec, &run_policy, device.is_some());
         let Some((profile_name, profile)) = &profile else {
             bail!("internal: a policy run without a profile");
         };

@@ -38,11 +38,12 @@ pub const DEFAULT_SIM_CAPACITY: u64 = 16 << 30;
 impl SimDevice {
     /// The device a `--device` argument names: `sim` ([`DEFAULT_SIM_CAPACITY`]) or
     /// `sim:CAPACITY` (`sim:512MiB`, `sim:2GiB`, bytes); anything else is refused with the forms
-    /// that are accepted.
+    /// that are accepted (`cuda` is [`crate::cuda::CudaDevice::from_arg`]'s).
     pub fn from_arg(text: &str) -> crate::Result<SimDevice> {
         let bad = |why: &str| {
             crate::ExecError::InvalidRequest(format!(
-                "--device {text}: {why}; expected sim or sim:CAPACITY (e.g. sim:512MiB, sim:2GiB)"
+                "--device {text}: {why}; expected sim or sim:CAPACITY (e.g. sim:512MiB, sim:2GiB), \
+                 or cuda or cuda:CAPACITY on a GPU"
             ))
         };
         match text.split_once(':') {
@@ -50,10 +51,6 @@ impl SimDevice {
             Some(("sim", cap)) => crate::device::parse_capacity(cap)
                 .map(SimDevice::new)
                 .ok_or_else(|| bad(&format!("'{cap}' is not a capacity"))),
-            _ if text.starts_with("cuda") => Err(bad(
-                "the CUDA backend does not run the GPU tiers yet (it does not implement the \
-                 Device trait); the sim device runs them on the CPU",
-            )),
             _ => Err(bad("unknown device")),
         }
     }
@@ -391,7 +388,7 @@ mod tests {
             SimDevice::from_arg("sim:2MiB").unwrap().capacity_bytes(),
             2 << 20
         );
-        for bad in ["gpu", "sim:lots", "cuda:0"] {
+        for bad in ["gpu", "sim:lots", "simx"] {
             let e = SimDevice::from_arg(bad).err().unwrap().to_string();
             assert!(e.contains("expected sim or sim:CAPACITY"), "{e}");
         }

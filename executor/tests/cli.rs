@@ -351,14 +351,7 @@ fn a_gpu_policy_runs_on_the_sim_device_and_reports_its_copies() {
     let dir = tempfile::tempdir().unwrap();
     let model = fixture("opt-tiny-preln").display().to_string();
     let gpu = write_policy(dir.path(), |p| {
-        p.model.name = "opt-tiny-preln".into();
-        p.placement.weights = planner::policy::Placement {
-            gpu: 0.5,
-            cpu: 0.5,
-            disk: 0.0,
-        };
-        p.placement.kv_cache = planner::policy::Placement::ALL_GPU;
-        p.compute.split = planner::policy::Split::uniform(0.3);
+        *p = common::gpu_split_policy("opt-tiny-preln")
     });
     let args = |extra: &[&str]| {
         let mut a: Vec<String> = ["--model", &model, "--prompt-ids", "2,100,7", "--prompt-ids"]

@@ -24,141 +24,16 @@
 //! driver rejects) is reported by [`CudaBackend::new`] instead. The `try_*` methods return those
 //! run-time failures as values for callers that can handle them.
 
-use super::kernels::{self, KernelSource};
-use super::probe::{describe_driver_error, device_memory, probe_context, CudaInfo, DeviceMemory};
+use super::launch::{
+    elem_cfg, gemm_rows, new_event, DevBuf, Gpu, PinnedBuf, RowMajorGemm, ROW_THREADS,
+};
+use super::probe::{device_memory, CudaInfo, DeviceMemory};
 use super::CudaError;
 use crate::backend::Backend;
 use crate::kernels::{Matrix, WeightData};
-use cudarc::cublas::{sys as blas_sys, CudaBlas, Gemm, GemmConfig};
-use cudarc::driver::{
-    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
-    DeviceRepr, LaunchConfig, PinnedHostSlice, PushKernelArg, ValidAsZeroBits,
-};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
-
-/// Threads per block for the row kernels (layer norm, attention): a multiple of 32, and enough
-/// to cover a 128-wide head in one pass.
-const ROW_THREADS: u32 = 256;
-/// Threads per block for the element-wise kernels.
-const ELEM_THREADS: u32 = 256;
-/// Cap on element-wise grid size; the kernels are grid-stride loops, so this bounds only how
-/// many blocks are in flight, not what they cover.
-const MAX_ELEM_BLOCKS: u64 = 65_535;
-/// Smallest allocation of any grow-only buffer, in elements: avoids a string of tiny
-/// reallocations while a run warms up, and zero-sized allocations.
-const MIN_CAPACITY: usize = 4096;
-
-/// The kernels of every module, looked up once.
-struct Functions {
-    by_name: HashMap<&'static str, CudaFunction>,
-}
-
-impl Functions {
-    fn get(&self, name: &str) -> &CudaFunction {
-        // Every name used below is listed in kernels::SOURCES, and `load` checked that each
-        // listed name exists in its module, so this lookup cannot miss.
-        &self.by_name[name]
-    }
-}
-
-/// A grow-only page-locked host buffer.
-struct PinnedBuf<T> {
-    buf: Option<PinnedHostSlice<T>>,
-    /// 0 for memory the CPU reads, `CU_MEMHOSTALLOC_WRITECOMBINED` for upload staging.
-    flags: u32,
-}
-
-impl<T: DeviceRepr + ValidAsZeroBits> PinnedBuf<T> {
-    fn new(flags: u32) -> Self {
-        PinnedBuf { buf: None, flags }
-    }
-
-    /// The first `n` elements, reallocating (and dropping the old contents) when smaller.
-    ///
-    /// Callers size a buffer once per operation, before the first copy out of it is enqueued,
-    /// and every operation starts by waiting for the copy stream, so a reallocation never frees
-    /// memory that a copy is still reading.
-    fn ensure(&mut self, ctx: &Arc<CudaContext>, n: usize) -> Result<&mut [T], CudaError> {
-        let have = self.buf.as_ref().map_or(0, |b| b.len());
-        if have < n || self.buf.is_none() {
-            self.buf = None;
-            let cap = grow(have, n);
-            // SAFETY: the memory is uninitialised; every caller writes a prefix (staging) or has
-            // the GPU write it (downloads) before reading that prefix.
-            let b = unsafe { ctx.alloc_pinned_with_flags::<T>(cap, self.flags) }
-                .map_err(|e| CudaError::driver(format!("allocating {cap} pinned elements"), e))?;
-            self.buf = Some(b);
-        }
-        match self.buf.as_mut() {
-            Some(b) => {
-                let s = b
-                    .as_mut_slice()
-                    .map_err(|e| CudaError::driver("waiting for a pinned buffer", e))?;
-                Ok(&mut s[..n])
-            }
-            None => Err(internal("pinned buffer missing after allocation")),
-        }
-    }
-}
-
-/// A grow-only device buffer, allocated on the compute stream.
-struct DevBuf<T> {
-    buf: Option<CudaSlice<T>>,
-}
-
-impl<T: DeviceRepr> DevBuf<T> {
-    fn new() -> Self {
-        DevBuf { buf: None }
-    }
-
-    /// Makes room for at least `n` elements. A new allocation is made on the compute stream and
-    /// the stream is synchronised, so that the copy stream may write into it at once
-    /// (stream-ordered allocations are otherwise valid only in the allocating stream's order).
-    fn ensure(&mut self, compute: &Arc<CudaStream>, n: usize) -> Result<(), CudaError> {
-        let have = self.buf.as_ref().map_or(0, |b| b.len());
-        if have < n || self.buf.is_none() {
-            self.buf = None;
-            let cap = grow(have, n);
-            // SAFETY: uninitialised device memory; every use writes before it reads (uploads,
-            // kernel outputs), and reads only the prefix that was written.
-            let b = unsafe { compute.alloc::<T>(cap) }.map_err(|e| {
-                CudaError::driver(
-                    format!(
-                        "allocating {} MiB on the GPU",
-                        (cap * std::mem::size_of::<T>()) >> 20
-                    ),
-                    e,
-                )
-            })?;
-            compute
-                .synchronize()
-                .map_err(|e| CudaError::driver("synchronising after an allocation", e))?;
-            self.buf = Some(b);
-        }
-        Ok(())
-    }
-
-    fn get(&self) -> Result<&CudaSlice<T>, CudaError> {
-        self.buf
-            .as_ref()
-            .ok_or_else(|| internal("device buffer used before it was sized"))
-    }
-
-    fn get_mut(&mut self) -> Result<&mut CudaSlice<T>, CudaError> {
-        self.buf
-            .as_mut()
-            .ok_or_else(|| internal("device buffer used before it was sized"))
-    }
-}
-
-fn grow(have: usize, need: usize) -> usize {
-    need.max(have + have / 2).max(MIN_CAPACITY)
-}
-
-fn internal(what: &str) -> CudaError {
-    CudaError::Shape(format!("internal error: {what}"))
-}
+use cudarc::cublas::{sys as blas_sys, Gemm, GemmConfig};
+use cudarc::driver::{CudaEvent, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use std::sync::{Mutex, MutexGuard};
 
 /// Everything one operation touches, behind the backend's mutex.
 struct Scratch {
@@ -189,20 +64,14 @@ struct Scratch {
 
 /// The executor's operations on one NVIDIA GPU; see the module documentation.
 pub struct CudaBackend {
-    info: CudaInfo,
-    ctx: Arc<CudaContext>,
-    h2d: Arc<CudaStream>,
-    compute: Arc<CudaStream>,
-    d2h: Arc<CudaStream>,
-    blas: CudaBlas,
-    functions: Functions,
+    gpu: Gpu,
     scratch: Mutex<Scratch>,
 }
 
 impl std::fmt::Debug for CudaBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CudaBackend")
-            .field("info", &self.info)
+            .field("info", &self.gpu.info)
             .finish_non_exhaustive()
     }
 }
@@ -217,21 +86,8 @@ impl CudaBackend {
                 "only GPU 0 is supported for now (asked for GPU {ordinal})"
             )));
         }
-        let (info, ctx) = probe_context()?;
-        let stream = |what: &str| {
-            ctx.new_stream()
-                .map_err(|e| CudaError::driver(format!("creating the {what} stream"), e))
-        };
-        let h2d = stream("host-to-device")?;
-        let compute = stream("compute")?;
-        let d2h = stream("device-to-host")?;
-        let blas = CudaBlas::new(compute.clone())
-            .map_err(|e| CudaError::blas("creating the cuBLAS handle", e))?;
-        let functions = load_functions(&ctx, info.driver_version)?;
-        let event = |what: &str| {
-            ctx.new_event(None)
-                .map_err(|e| CudaError::driver(format!("creating the {what} event"), e))
-        };
+        let gpu = Gpu::open()?;
+        let event = |what: &str| new_event(&gpu.ctx, what);
         let wc = cudarc::driver::sys::CU_MEMHOSTALLOC_WRITECOMBINED;
         let scratch = Scratch {
             up_f32: PinnedBuf::new(wc),
@@ -254,26 +110,20 @@ impl CudaBackend {
             computed: event("compute")?,
         };
         Ok(CudaBackend {
-            info,
-            ctx,
-            h2d,
-            compute,
-            d2h,
-            blas,
-            functions,
+            gpu,
             scratch: Mutex::new(scratch),
         })
     }
 
     /// What [`probe`](super::probe) found when the backend was opened.
     pub fn info(&self) -> &CudaInfo {
-        &self.info
+        &self.gpu.info
     }
 
     /// Free and total device memory now (NVML when available, else `cuMemGetInfo`): what the
     /// parameter manager will read to decide how much more it may keep resident.
     pub fn memory(&self) -> Result<DeviceMemory, CudaError> {
-        device_memory(&self.ctx).map_err(|e| CudaError::driver("reading free memory", e))
+        device_memory(&self.gpu.ctx).map_err(|e| CudaError::driver("reading free memory", e))
     }
 
     /// Takes the scratch lock and waits until no copy from a staging buffer is in flight, so
@@ -284,25 +134,15 @@ impl CudaBackend {
         let guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
         // cuBLAS and the raw device pointers below do not make the context current themselves,
         // and the calling thread (a rayon worker, say) may never have used it.
-        self.ctx
+        self.gpu
+            .ctx
             .bind_to_thread()
             .map_err(|e| CudaError::driver("making the CUDA context current", e))?;
-        self.h2d
+        self.gpu
+            .h2d
             .synchronize()
             .map_err(|e| CudaError::driver("waiting for earlier uploads", e))?;
         Ok(guard)
-    }
-
-    /// Element-wise launch shape for `n` elements.
-    fn elem_cfg(n: usize) -> LaunchConfig {
-        let blocks = (n as u64)
-            .div_ceil(ELEM_THREADS as u64)
-            .clamp(1, MAX_ELEM_BLOCKS);
-        LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (ELEM_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        }
     }
 
     /// Enqueues a copy of `src` (a slice of pinned staging) into the front of `dst` on the copy
@@ -313,9 +153,10 @@ impl CudaBackend {
         src: &[T],
         dst: &mut DevBuf<T>,
     ) -> Result<(), CudaError> {
-        dst.ensure(&self.compute, src.len())?;
+        dst.ensure(&self.gpu.compute, src.len())?;
         let d = dst.get_mut()?;
-        self.h2d
+        self.gpu
+            .h2d
             .memcpy_htod(src, &mut d.slice_mut(..src.len()))
             .map_err(|e| CudaError::driver(format!("uploading {what}"), e))
     }
@@ -323,8 +164,8 @@ impl CudaBackend {
     /// Orders everything enqueued on the copy stream before what compute enqueues next.
     fn uploads_done(&self, uploaded: &CudaEvent) -> Result<(), CudaError> {
         uploaded
-            .record(&self.h2d)
-            .and_then(|_| self.compute.wait(uploaded))
+            .record(&self.gpu.h2d)
+            .and_then(|_| self.gpu.compute.wait(uploaded))
             .map_err(|e| CudaError::driver("ordering uploads before compute", e))
     }
 
@@ -339,15 +180,17 @@ impl CudaBackend {
     ) -> Result<(), CudaError> {
         let n = dst.len();
         computed
-            .record(&self.compute)
-            .and_then(|_| self.d2h.wait(computed))
+            .record(&self.gpu.compute)
+            .and_then(|_| self.gpu.d2h.wait(computed))
             .map_err(|e| CudaError::driver("ordering compute before the download", e))?;
         let src = src.get()?.slice(..n);
-        let host = landing.ensure(&self.ctx, n)?;
-        self.d2h
+        let host = landing.ensure(&self.gpu.ctx, n)?;
+        self.gpu
+            .d2h
             .memcpy_dtoh(&src, host)
             .map_err(|e| CudaError::driver("copying a result to the host", e))?;
-        self.d2h
+        self.gpu
+            .d2h
             .synchronize()
             .map_err(|e| CudaError::driver("waiting for a result", e))?;
         dst.copy_from_slice(host);
@@ -420,7 +263,9 @@ impl CudaBackend {
             WeightData::F32(d) => d.len(),
             _ => 0,
         };
-        let staged = s.up_f32.ensure(&self.ctx, x.len() + bias_len + w32_len)?;
+        let staged = s
+            .up_f32
+            .ensure(&self.gpu.ctx, x.len() + bias_len + w32_len)?;
         let (sx, rest) = staged.split_at_mut(x.len());
         let (sb, sw) = rest.split_at_mut(bias_len);
         sx.copy_from_slice(x);
@@ -435,12 +280,12 @@ impl CudaBackend {
                 self.upload("W", sw, &mut s.w)?;
             }
             WeightData::F16(d) => {
-                let st = s.up_u16.ensure(&self.ctx, d.len())?;
+                let st = s.up_u16.ensure(&self.gpu.ctx, d.len())?;
                 st.copy_from_slice(bytemuck::cast_slice(d));
                 self.upload("f16 W", st, &mut s.w16)?;
             }
             WeightData::Bf16(d) => {
-                let st = s.up_u16.ensure(&self.ctx, d.len())?;
+                let st = s.up_u16.ensure(&self.gpu.ctx, d.len())?;
                 st.copy_from_slice(bytemuck::cast_slice(d));
                 self.upload("bf16 W", st, &mut s.w16)?;
             }
@@ -449,7 +294,7 @@ impl CudaBackend {
 
         // y starts as the bias rows (GEMM beta = 1) or is overwritten (beta = 0).
         let y_len = tokens * n_out;
-        s.y.ensure(&self.compute, y_len)?;
+        s.y.ensure(&self.gpu.compute, y_len)?;
         let beta = match bias {
             Some(_) => {
                 let (rows, cols) = (tokens as u64, n_out as u64);
@@ -458,13 +303,14 @@ impl CudaBackend {
                 // SAFETY: fill_rows_f32(float* y, const float* bias, u64 rows, u64 cols) writes
                 // rows*cols = y_len floats of y and reads cols floats of bias (uploaded above).
                 unsafe {
-                    self.compute
-                        .launch_builder(self.functions.get("fill_rows_f32"))
+                    self.gpu
+                        .compute
+                        .launch_builder(self.gpu.functions.get("fill_rows_f32"))
                         .arg(dy)
                         .arg(db)
                         .arg(&rows)
                         .arg(&cols)
-                        .launch(Self::elem_cfg(y_len))
+                        .launch(elem_cfg(y_len))
                 }
                 .map_err(|e| CudaError::driver("launching fill_rows_f32", e))?;
                 1.0f32
@@ -475,19 +321,20 @@ impl CudaBackend {
         match &w.data {
             WeightData::F32(_) | WeightData::F16(_) => {
                 if let WeightData::F16(_) = &w.data {
-                    s.w.ensure(&self.compute, w_elems)?;
+                    s.w.ensure(&self.gpu.compute, w_elems)?;
                     let n_w = w_elems as u64;
                     let src = s.w16.get()?;
                     let dw = s.w.get_mut()?;
                     // SAFETY: widen_f16_f32(float* out, const u16* in, u64 n) with n = W's
                     // element count, within both buffers.
                     unsafe {
-                        self.compute
-                            .launch_builder(self.functions.get("widen_f16_f32"))
+                        self.gpu
+                            .compute
+                            .launch_builder(self.gpu.functions.get("widen_f16_f32"))
                             .arg(dw)
                             .arg(src)
                             .arg(&n_w)
-                            .launch(Self::elem_cfg(w_elems))
+                            .launch(elem_cfg(w_elems))
                     }
                     .map_err(|e| CudaError::driver("launching widen_f16_f32", e))?;
                 }
@@ -509,61 +356,52 @@ impl CudaBackend {
                 // SAFETY: the row-major operands seen column-major: A = W as [k=in, m=out],
                 // lda = in, transposed; B = x as [k=in, n=tokens], ldb = in; C = y as
                 // [m=out, n=tokens], ldc = out. Each view holds exactly those elements.
-                unsafe { self.blas.gemm(cfg, &dw, &dx, &mut dy) }
+                unsafe { self.gpu.blas.gemm(cfg, &dw, &dx, &mut dy) }
                     .map_err(|e| CudaError::blas("SGEMM for linear", e))?;
             }
             WeightData::Bf16(_) => {
-                s.x16.ensure(&self.compute, x.len())?;
+                s.x16.ensure(&self.gpu.compute, x.len())?;
                 let n_x = x.len() as u64;
                 {
                     let dx = s.x.get()?;
                     let dx16 = s.x16.get_mut()?;
                     // SAFETY: round_f32_bf16(u16* out, const float* in, u64 n), n = x.len().
                     unsafe {
-                        self.compute
-                            .launch_builder(self.functions.get("round_f32_bf16"))
+                        self.gpu
+                            .compute
+                            .launch_builder(self.gpu.functions.get("round_f32_bf16"))
                             .arg(dx16)
                             .arg(dx)
                             .arg(&n_x)
-                            .launch(Self::elem_cfg(x.len()))
+                            .launch(elem_cfg(x.len()))
                     }
                     .map_err(|e| CudaError::driver("launching round_f32_bf16", e))?;
                 }
                 let dw16 = s.w16.get()?;
                 let dx16 = s.x16.get()?;
                 let dy = s.y.get_mut()?;
-                let (a_ptr, _ra) = dw16.device_ptr(&self.compute);
-                let (b_ptr, _rb) = dx16.device_ptr(&self.compute);
-                let (c_ptr, _rc) = dy.device_ptr_mut(&self.compute);
-                let alpha = 1.0f32;
-                // SAFETY: same geometry as the SGEMM above, with A and B as bf16 (CUDA_R_16BF)
-                // and C as f32; alpha and beta are host f32 values because the compute type is
-                // 32F. The device pointers stay valid while their guards (_ra, _rb, _rc) live,
-                // and the guards record the reads and the write on the compute stream.
-                unsafe {
-                    cudarc::cublas::result::gemm_ex(
-                        *self.blas.handle(),
-                        blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                        blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                        m,
-                        n,
-                        k,
-                        &alpha as *const f32 as *const _,
-                        a_ptr as *const _,
-                        blas_sys::cudaDataType_t::CUDA_R_16BF,
-                        k,
-                        b_ptr as *const _,
-                        blas_sys::cudaDataType_t::CUDA_R_16BF,
-                        k,
-                        &beta as *const f32 as *const _,
-                        c_ptr as *mut _,
-                        blas_sys::cudaDataType_t::CUDA_R_32F,
-                        m,
-                        blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                        blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                    )
-                }
-                .map_err(|e| CudaError::blas("bf16 GemmEx for linear", e))?;
+                let (a_ptr, _ra) = dw16.device_ptr(&self.gpu.compute);
+                let (b_ptr, _rb) = dx16.device_ptr(&self.gpu.compute);
+                let (c_ptr, _rc) = dy.device_ptr_mut(&self.gpu.compute);
+                let g = RowMajorGemm {
+                    out: m,
+                    tokens: n,
+                    inp: k,
+                    w: a_ptr,
+                    w_type: blas_sys::cudaDataType_t::CUDA_R_16BF,
+                    x: b_ptr,
+                    x_type: blas_sys::cudaDataType_t::CUDA_R_16BF,
+                    y: c_ptr,
+                    ldy: m,
+                    beta,
+                };
+                // SAFETY: same geometry as the SGEMM above, with W and x as bf16 and y as f32;
+                // the scratch buffers hold at least those extents (sized above). The device
+                // pointers stay valid while their guards (_ra, _rb, _rc) live, and the guards
+                // record the reads and the write on the compute stream; begin() made the context
+                // current.
+                unsafe { gemm_rows(&self.gpu.blas, &g) }
+                    .map_err(|e| CudaError::blas("bf16 GemmEx for linear", e))?;
             }
         }
         self.download(&s.computed, &s.y, &mut s.down_f32, y)
@@ -600,7 +438,7 @@ impl CudaBackend {
         let mut guard = self.begin()?;
         let s = &mut *guard;
         // x into `x`; gamma then beta into `bias`.
-        let staged = s.up_f32.ensure(&self.ctx, x.len() + 2 * width)?;
+        let staged = s.up_f32.ensure(&self.gpu.ctx, x.len() + 2 * width)?;
         let (sx, sgb) = staged.split_at_mut(x.len());
         sx.copy_from_slice(x);
         sgb[..width].copy_from_slice(gamma);
@@ -608,7 +446,7 @@ impl CudaBackend {
         self.upload("x", sx, &mut s.x)?;
         self.upload("gamma and beta", sgb, &mut s.bias)?;
         self.uploads_done(&s.uploaded)?;
-        s.y.ensure(&self.compute, x.len())?;
+        s.y.ensure(&self.gpu.compute, x.len())?;
         let dx = s.x.get()?;
         let dgb = s.bias.get()?;
         let gamma_d = dgb.slice(..width);
@@ -624,8 +462,9 @@ impl CudaBackend {
         // const float* beta, u64 width, float eps): one block per row; x and y hold
         // rows * width floats, gamma and beta width each.
         unsafe {
-            self.compute
-                .launch_builder(self.functions.get("layer_norm_f32"))
+            self.gpu
+                .compute
+                .launch_builder(self.gpu.functions.get("layer_norm_f32"))
                 .arg(dx)
                 .arg(dy)
                 .arg(&gamma_d)
@@ -657,7 +496,7 @@ impl CudaBackend {
         let mut guard = self.begin()?;
         let s = &mut *guard;
         let other_len = other.map_or(0, |o| o.len());
-        let staged = s.up_f32.ensure(&self.ctx, n + other_len)?;
+        let staged = s.up_f32.ensure(&self.gpu.ctx, n + other_len)?;
         let (sx, so) = staged.split_at_mut(n);
         sx.copy_from_slice(x);
         self.upload("x", sx, &mut s.y)?;
@@ -667,9 +506,9 @@ impl CudaBackend {
         }
         self.uploads_done(&s.uploaded)?;
         let n_u = n as u64;
-        let f = self.functions.get(kernel);
+        let f = self.gpu.functions.get(kernel);
         let dy = s.y.get_mut()?;
-        let mut b = self.compute.launch_builder(f);
+        let mut b = self.gpu.compute.launch_builder(f);
         b.arg(dy);
         if other.is_some() {
             b.arg(s.x.get()?);
@@ -680,7 +519,7 @@ impl CudaBackend {
         // SAFETY: relu_f32(float* x, u64 n), scale_f32(float* x, float factor, u64 n) and
         // add_f32(float* acc, const float* x, u64 n) get the arguments pushed above in that
         // order; every buffer holds n floats.
-        unsafe { b.launch(Self::elem_cfg(n)) }
+        unsafe { b.launch(elem_cfg(n)) }
             .map_err(|e| CudaError::driver(format!("launching {kernel}"), e))?;
         drop(b);
         self.download(&s.computed, &s.y, &mut s.down_f32, x)
@@ -747,7 +586,7 @@ impl CudaBackend {
         let kv = kv_len * d;
         let mut guard = self.begin()?;
         let s = &mut *guard;
-        let staged = s.up_f32.ensure(&self.ctx, q.len() + 2 * kv)?;
+        let staged = s.up_f32.ensure(&self.gpu.ctx, q.len() + 2 * kv)?;
         let (sq, skv) = staged.split_at_mut(q.len());
         let (sk, sv) = skv.split_at_mut(kv);
         sq.copy_from_slice(q);
@@ -756,14 +595,15 @@ impl CudaBackend {
         self.upload("q", sq, &mut s.x)?;
         self.upload("the key cache", sk, &mut s.k)?;
         self.upload("the value cache", sv, &mut s.v)?;
-        let mask = s.up_u8.ensure(&self.ctx, kv_len)?;
+        let mask = s.up_u8.ensure(&self.gpu.ctx, kv_len)?;
         for (m, valid) in mask.iter_mut().zip(key_valid) {
             *m = u8::from(*valid);
         }
         self.upload("key_valid", mask, &mut s.mask)?;
         self.uploads_done(&s.uploaded)?;
-        s.y.ensure(&self.compute, out.len())?;
-        s.probs.ensure(&self.compute, q_len * num_heads * kv_len)?;
+        s.y.ensure(&self.gpu.compute, out.len())?;
+        s.probs
+            .ensure(&self.gpu.compute, q_len * num_heads * kv_len)?;
         let (ql, kl, nh, hd) = (
             q_len as u64,
             kv_len as u64,
@@ -783,8 +623,9 @@ impl CudaBackend {
         // u64 head_dim, float scale): q and out hold q_len*d floats, k and v kv_len*d, the mask
         // kv_len bytes, probs q_len*num_heads*kv_len floats; q_len <= kv_len was checked.
         unsafe {
-            self.compute
-                .launch_builder(self.functions.get("attention_f32"))
+            self.gpu
+                .compute
+                .launch_builder(self.gpu.functions.get("attention_f32"))
                 .arg(dq)
                 .arg(dk)
                 .arg(dv)
@@ -837,34 +678,35 @@ impl CudaBackend {
         }
         let mut guard = self.begin()?;
         let s = &mut *guard;
-        let staged_ids = s.up_u32.ensure(&self.ctx, ids.len())?;
+        let staged_ids = s.up_u32.ensure(&self.gpu.ctx, ids.len())?;
         staged_ids.copy_from_slice(ids);
         self.upload("token ids", staged_ids, &mut s.ids)?;
         match &table.data {
             WeightData::F32(d) => {
-                let st = s.up_f32.ensure(&self.ctx, d.len())?;
+                let st = s.up_f32.ensure(&self.gpu.ctx, d.len())?;
                 st.copy_from_slice(d);
                 self.upload("the embedding table", st, &mut s.w)?;
             }
             WeightData::F16(d) => {
-                let st = s.up_u16.ensure(&self.ctx, d.len())?;
+                let st = s.up_u16.ensure(&self.gpu.ctx, d.len())?;
                 st.copy_from_slice(bytemuck::cast_slice(d));
                 self.upload("the embedding table", st, &mut s.w16)?;
             }
             WeightData::Bf16(d) => {
-                let st = s.up_u16.ensure(&self.ctx, d.len())?;
+                let st = s.up_u16.ensure(&self.gpu.ctx, d.len())?;
                 st.copy_from_slice(bytemuck::cast_slice(d));
                 self.upload("the embedding table", st, &mut s.w16)?;
             }
         }
         self.uploads_done(&s.uploaded)?;
-        s.y.ensure(&self.compute, out.len())?;
+        s.y.ensure(&self.gpu.compute, out.len())?;
         let (tokens, width_u, vocab_u) = (ids.len() as u64, width as u64, vocab as u64);
         let dids = s.ids.get()?;
         let dout = s.y.get_mut()?;
         let mut b = self
+            .gpu
             .compute
-            .launch_builder(self.functions.get("embedding_gather"));
+            .launch_builder(self.gpu.functions.get("embedding_gather"));
         b.arg(dout);
         if dtype == 0 {
             b.arg(s.w.get()?);
@@ -879,7 +721,7 @@ impl CudaBackend {
         // SAFETY: embedding_gather(float* out, const void* table, const unsigned* ids,
         // u64 tokens, u64 width, u64 vocab, int dtype): out holds tokens*width floats, the table
         // vocab*width elements of the dtype `dtype` names, ids `tokens` entries, each < vocab.
-        unsafe { b.launch(Self::elem_cfg(out.len())) }
+        unsafe { b.launch(elem_cfg(out.len())) }
             .map_err(|e| CudaError::driver("launching embedding_gather", e))?;
         drop(b);
         self.download(&s.computed, &s.y, &mut s.down_f32, out)
@@ -892,33 +734,6 @@ fn check(ok: bool, message: impl FnOnce() -> String) -> Result<(), CudaError> {
     } else {
         Err(CudaError::Shape(message()))
     }
-}
-
-/// Compiles (once per process) and loads every module into `ctx`, and looks up each kernel.
-fn load_functions(ctx: &Arc<CudaContext>, driver_version: i32) -> Result<Functions, CudaError> {
-    let mut by_name = HashMap::new();
-    for (src, ptx) in kernels::compile_all()? {
-        let KernelSource {
-            name, functions, ..
-        } = src;
-        let module = ctx.load_module(ptx).map_err(|e| CudaError::Driver {
-            context: format!("loading the PTX of {name}"),
-            message: format!(
-                "{} (CUDA_ERROR_UNSUPPORTED_PTX_VERSION means libnvrtc is newer than the \
-                 driver, which supports CUDA {}.{}: use an NVRTC no newer than the driver)",
-                describe_driver_error(&e),
-                driver_version / 1000,
-                (driver_version % 1000) / 10
-            ),
-        })?;
-        for f in functions {
-            let func = module
-                .load_function(f)
-                .map_err(|e| CudaError::driver(format!("finding kernel {f} in {name}"), e))?;
-            by_name.insert(*f, func);
-        }
-    }
-    Ok(Functions { by_name })
 }
 
 /// Panics with the CUDA failure: the trait cannot return it (see the module documentation).

@@ -6,6 +6,10 @@ typedef unsigned long long u64;
 typedef unsigned short u16;
 typedef unsigned char u8;
 
+// A grid-stride loop over 64-bit indices: any launch size covers any length.
+#define GRID_STRIDE(i, n) \
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (u64)gridDim.x * blockDim.x)
+
 // IEEE half to float, exact, via the PTX conversion instruction (no cuda_fp16.h needed).
 __device__ __forceinline__ float half_bits_to_float(u16 h) {
     float f;

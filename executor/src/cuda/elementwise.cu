@@ -1,9 +1,6 @@
 // Element-wise kernels: the cheap, memory-bound operations between the matrix products, plus the
 // dtype conversions the cuBLAS path needs. Every kernel is a grid-stride loop over 64-bit
-// indices, so any launch size covers any length.
-
-#define GRID_STRIDE(i, n) \
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (u64)gridDim.x * blockDim.x)
+// indices (GRID_STRIDE, common.cuh), so any launch size covers any length.
 
 // x = max(x, 0). fmaxf returns 0 for a NaN input, as f32::max does on the CPU.
 extern "C" __global__ void relu_f32(float* x, u64 n) {
@@ -61,5 +58,17 @@ extern "C" __global__ void embedding_gather(float* out, const void* table, const
             }
         }
         out[i] = v;
+    }
+}
+
+// The join of a split layer's two halves: y[t, :] = [a[t, :] (wa columns), b[t, :] (wb columns)]
+// for `rows` rows, all f32 row-major. The device half and the host half of a HeteGen split are
+// computed into separate buffers; this makes the [rows, wa + wb] output the next layer reads.
+extern "C" __global__ void join_columns_f32(float* y, const float* a, u64 wa, const float* b, u64 wb,
+                                            u64 rows) {
+    const u64 w = wa + wb;
+    GRID_STRIDE(i, rows * w) {
+        u64 t = i / w, c = i % w;
+        y[i] = c < wa ? a[t * wa + c] : b[t * wb + (c - wa)];
     }
 }

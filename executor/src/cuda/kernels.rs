@@ -43,6 +43,7 @@ pub const SOURCES: &[KernelSource] = &[
             "widen_bf16_f32",
             "round_f32_bf16",
             "embedding_gather",
+            "join_columns_f32",
         ],
     },
     KernelSource {
@@ -54,6 +55,11 @@ pub const SOURCES: &[KernelSource] = &[
         name: "attention.cu",
         source: include_str!("attention.cu"),
         functions: &["attention_f32"],
+    },
+    KernelSource {
+        name: "quant.cu",
+        source: include_str!("quant.cu"),
+        functions: &["dequant_q4_f32"],
     },
 ];
 
@@ -233,7 +239,8 @@ mod tests {
 
     /// Runs every kernel's logic on the CPU (emu/emu.h: threads, barriers, warp shuffles) against
     /// straightforward references, so that reductions, masking and rounding are tested on
-    /// machines without a GPU. Needs a C++20 compiler (`c++`, or `CXX`); skipped without one.
+    /// machines without a GPU; the 4-bit dequantization is checked bit for bit against
+    /// `primitives::quant` on random matrices ([`write_dequant_cases`]). Needs a C++20 compiler (`c++`, or `CXX`); skipped without one.
     #[test]
     fn kernel_logic_on_a_cpu_emulation() {
         let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
@@ -268,7 +275,14 @@ mod tests {
         std::fs::write(d.join("emu_test.cpp"), include_str!("emu/emu_test.cpp"))
             .expect("write emu_test.cpp");
         let build = std::process::Command::new(&cxx)
-            .args(["-std=c++20", "-O1", "-pthread", "-w", "-o"])
+            .args([
+                "-std=c++20",
+                "-O1",
+                "-ffp-contract=off",
+                "-pthread",
+                "-w",
+                "-o",
+            ])
             .arg(d.join("emu_test"))
             .arg(d.join("emu_test.cpp"))
             .output()
@@ -278,7 +292,9 @@ mod tests {
             "the kernels do not build under the CPU emulation:\n{}",
             String::from_utf8_lossy(&build.stderr)
         );
+        let cases = write_dequant_cases(d);
         let run = std::process::Command::new(d.join("emu_test"))
+            .args(&cases)
             .output()
             .expect("run the emulation");
         let out = String::from_utf8_lossy(&run.stdout);
@@ -287,6 +303,65 @@ mod tests {
             run.status.success(),
             "emulated kernels disagree with the references"
         );
+    }
+
+    /// Writes the dequantization cases emu_test.cpp reads (layout in its `test_dequant_file`):
+    /// random matrices compressed by `primitives::quant`, with full row blocks, tail rows, a
+    /// matrix that is all tail, constant groups (scale 0) and row ranges that start inside a
+    /// block or in the tail, as the device half of a split would. Returns the file paths.
+    fn write_dequant_cases(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        use crate::quant::QuantizedMatrix;
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        // (out, in, row0, rows)
+        let shapes = [
+            (64, 5, 0, 64),
+            (128, 3, 0, 128),
+            (128, 9, 40, 70),
+            (130, 7, 0, 130),
+            (130, 7, 100, 30),
+            (3, 3, 0, 3),
+            (200, 33, 64, 136),
+            (70, 1, 65, 5),
+            (192, 17, 150, 42),
+        ];
+        let mut paths = Vec::new();
+        for (n, &(out, inp, row0, rows)) in shapes.iter().enumerate() {
+            // Columns of different magnitudes and offsets; every fifth column constant.
+            let data: Vec<f32> = (0..out * inp)
+                .map(|i| {
+                    let c = i % inp;
+                    if c % 5 == 4 {
+                        0.25 * c as f32
+                    } else {
+                        rnd() * (1.0 + c as f32) + 0.1 * c as f32
+                    }
+                })
+                .collect();
+            let q = QuantizedMatrix::quantize(&data, out, inp).expect("finite values quantize");
+            let full = q.dequantize();
+            let (codes, scales, mins) = q.parts();
+            let mut bytes = Vec::new();
+            for v in [out, inp, row0, rows, q.groups()] {
+                bytes.extend_from_slice(&(v as u64).to_le_bytes());
+            }
+            bytes.extend_from_slice(codes);
+            for h in scales.iter().chain(mins) {
+                bytes.extend_from_slice(&h.to_bits().to_le_bytes());
+            }
+            for v in &full[row0 * inp..(row0 + rows) * inp] {
+                bytes.extend_from_slice(&v.to_le_bytes());
+            }
+            let path = dir.join(format!("q4_{n}.bin"));
+            std::fs::write(&path, bytes).expect("write a dequantization case");
+            paths.push(path);
+        }
+        paths
     }
 
     #[test]

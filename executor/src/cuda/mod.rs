@@ -9,24 +9,22 @@
 //! turns every missing piece into a [`CudaUnavailable`] that says what is missing and what to do.
 //!
 //! Layout: [`kernels`] (the kernel sources and their NVRTC compilation, usable without a GPU),
-//! [`backend`] ([`CudaBackend`]: streams, pinned staging, grow-only device buffers), `probe`
-//! (device discovery and free-memory queries), `policy` (the refusal path for policies that
-//! need a GPU on a machine without one).
-//!
-//! Not yet here: an implementation of [`crate::device::Device`], the trait the block schedule's
-//! GPU tiers run on (today only [`crate::sim::SimDevice`] implements it). It needs a handle table
-//! of `CudaSlice<u8>` with a capacity from NVML's free memory, the copies on the copy streams
-//! ordered by events, cuBLAS over a row range of a weight buffer (the device half of a split
-//! layer), attention over a device KV buffer at an offset, and one NVRTC kernel for
-//! `join_columns`; the per-call grow-only buffers of [`CudaBackend`] do not fit that shape, so it
-//! was left for a machine where it can be tested (`--device cuda` is refused with this reason).
+//! [`backend`] ([`CudaBackend`]: the host-slice [`Backend`](crate::backend::Backend) operations,
+//! uploading and downloading per call), [`device`] ([`CudaDevice`]: the
+//! [`Device`](crate::device::Device) trait the block schedule's GPU tiers run on, with a table of
+//! device buffers under a capacity), `launch` (kernel table, launch shapes, staging buffers and
+//! the cuBLAS call the two share), `probe` (device discovery and free-memory queries), `policy`
+//! (the refusal path for policies that need a GPU on a machine without one).
 
 pub mod backend;
+pub mod device;
 pub mod kernels;
+mod launch;
 mod policy;
 mod probe;
 
 pub use backend::CudaBackend;
+pub use device::{CudaDevice, DeviceQ4};
 pub use policy::{gpu_placement_summary, require_gpu_for, GpuRequired};
 pub use probe::{probe, CudaInfo, CudaUnavailable, DeviceMemory};
 

@@ -155,6 +155,17 @@ pub fn assert_same_run(
     got: &executor::generate::GenerationOutput,
     want: &executor::generate::GenerationOutput,
 ) {
+    assert_same_run_within(label, got, want, 1e-4);
+}
+
+/// [`assert_same_run`] with prefill logits within `tol` (a GPU sums in another order than the
+/// CPU); returns the largest difference.
+pub fn assert_same_run_within(
+    label: &str,
+    got: &executor::generate::GenerationOutput,
+    want: &executor::generate::GenerationOutput,
+    tol: f32,
+) -> f32 {
     assert_eq!(got.tokens, want.tokens, "{label}: tokens");
     let diff = got
         .prefill_logits
@@ -162,5 +173,20 @@ pub fn assert_same_run(
         .zip(&want.prefill_logits)
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
-    assert!(diff < 1e-4, "{label}: prefill logits differ by {diff}");
+    assert!(diff < tol, "{label}: prefill logits differ by {diff}");
+    diff
+}
+
+/// The GPU policy the device tests run on a fixture: half the weights resident, the KV cache on
+/// the device, the rest of each linear layer split with alpha 0.3 (block of 3 batches of 6).
+pub fn gpu_split_policy(model: &str) -> planner::policy::Policy {
+    let mut p = planner::policy::Policy::all_cpu(model, 6, 3, 2);
+    p.placement.weights = planner::policy::Placement {
+        gpu: 0.5,
+        cpu: 0.5,
+        disk: 0.0,
+    };
+    p.placement.kv_cache = planner::policy::Placement::ALL_GPU;
+    p.compute.split = planner::policy::Split::uniform(0.3);
+    p
 }

@@ -37,7 +37,31 @@ void test_attention(int q_len, int kv_len, int nh, int hd, std::vector<unsigned 
     }
 }
 
-int main() {
+// One dequantization case written by the Rust test (kernels.rs): a matrix compressed by
+// primitives::quant::QuantizedMatrix and the rows row0..row0+rows of its CPU dequantization.
+// Layout: u64 out, in, row0, rows, groups; codes (groups * 32 bytes); scales, mins (groups u16
+// each); expected (rows * in f32). The kernel must reproduce the CPU's values bit for bit.
+void test_dequant_file(const char* path) {
+    FILE* f = fopen(path, "rb");
+    if (!f) { expect(false, "dequant case file", 0, 0); return; }
+    uint64_t h[5];
+    bool ok = fread(h, 8, 5, f) == 5;
+    uint64_t out = h[0], in = h[1], row0 = h[2], rows = h[3], groups = h[4];
+    std::vector<unsigned char> codes(ok ? groups * 32 : 0);
+    std::vector<unsigned short> scales(ok ? groups : 0), mins(ok ? groups : 0);
+    std::vector<float> want(ok ? rows * in : 0), got(ok ? rows * in : 0, NAN);
+    ok = ok && fread(codes.data(), 1, codes.size(), f) == codes.size() && fread(scales.data(), 2, groups, f) == groups &&
+         fread(mins.data(), 2, groups, f) == groups && fread(want.data(), 4, want.size(), f) == want.size();
+    fclose(f);
+    if (!ok) { expect(false, "dequant case file truncated", 0, 0); return; }
+    launch(3, 1, 64, [&] { dequant_q4_f32(got.data(), codes.data(), scales.data(), mins.data(), out, in, row0, rows); });
+    for (size_t i = 0; i < want.size(); ++i) {
+        uint32_t g, w; memcpy(&g, &got[i], 4); memcpy(&w, &want[i], 4);
+        expect(g == w, "dequant_q4 (bitwise vs primitives::quant)", got[i], want[i]);
+    }
+}
+
+int main(int argc, char** argv) {
     test_layer_norm(1, 1); test_layer_norm(3, 17); test_layer_norm(2, 768); test_layer_norm(4, 1000); test_layer_norm(1, 5000);
     std::vector<unsigned char> all(3000, 1);
     test_attention(1, 37, 3, 20, all); test_attention(1, 1, 2, 64, all); test_attention(9, 9, 2, 17, all);
@@ -70,6 +94,17 @@ int main() {
     std::vector<unsigned> ids = {3, 9, 0, 3}; std::vector<float> emb(ids.size() * width, NAN);
     launch(2, 1, 256, [&] { embedding_gather(emb.data(), table.data(), ids.data(), ids.size(), width, vocab, 0); });
     for (size_t t = 0; t < ids.size(); ++t) for (int c = 0; c < width; ++c) expect(emb[t * width + c] == table[ids[t] * width + c], "embedding", emb[t * width + c], 0);
-    printf("%s (%d failures)\n", fails ? "FAILED" : "all emulated kernel checks passed", fails);
+    // join of a split layer's halves
+    { int rows = 5, wa = 3, wb = 4; std::vector<float> a(rows * wa), b(rows * wb), j(rows * (wa + wb), NAN);
+      for (auto& v : a) v = rnd(); for (auto& v : b) v = rnd();
+      launch(2, 1, 32, [&] { join_columns_f32(j.data(), a.data(), wa, b.data(), wb, rows); });
+      for (int t = 0; t < rows; ++t) for (int c = 0; c < wa + wb; ++c) {
+          float w = c < wa ? a[t * wa + c] : b[t * wb + c - wa];
+          expect(j[t * (wa + wb) + c] == w, "join_columns", j[t * (wa + wb) + c], w); }
+      std::vector<float> j0(rows * wb, NAN); launch(1, 1, 32, [&] { join_columns_f32(j0.data(), a.data(), 0, b.data(), wb, rows); });
+      for (int i = 0; i < rows * wb; ++i) expect(j0[i] == b[i], "join_columns (empty left half)", j0[i], b[i]); }
+    // dequantization cases from primitives::quant (paths given by the Rust test)
+    for (int i = 1; i < argc; ++i) test_dequant_file(argv[i]);
+    printf("%s (%d failures; %d dequantization cases)\n", fails ? "FAILED" : "all emulated kernel checks passed", fails, argc - 1);
     return fails != 0;
 }
