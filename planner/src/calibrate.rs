@@ -141,6 +141,10 @@ fn scaled(base: &Profile, log_scale: &[f64; 4]) -> Profile {
     for (f, s) in cpu_figures_mut(&mut p).into_iter().zip(log_scale) {
         f.value *= s.exp();
     }
+    // The decode curve moves with the decode figure: calibration fits its level, not its shape.
+    if let Some(c) = &mut p.cpu.matmul_decode_by_rows {
+        c.tflops.iter_mut().for_each(|t| *t *= log_scale[1].exp());
+    }
     p
 }
 
@@ -270,6 +274,15 @@ pub fn calibrate(
         })
         .filter(|(rb, wb, busy)| rb + wb > 0.0 && *busy > 0.0)
         .collect();
+    if let (Some(c), true) = (&mut profile.cpu.matmul_decode_by_rows, fit_cpu) {
+        c.tflops.iter_mut().for_each(|t| *t = round4(*t));
+        c.source = Source::Fitted;
+        c.note = format!(
+            "planner calibrate: scaled by {:.3} with matmul_decode_tflops ({})",
+            x[1].exp(),
+            c.note
+        );
+    }
     let (r0, w0) = (
         base.disk.read_gbps.value * GBPS,
         base.disk.write_gbps.value * GBPS,

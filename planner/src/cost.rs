@@ -53,7 +53,7 @@ impl<'a> CostInputs<'a> {
             } else {
                 None
             },
-            cpu: profile.cpu_rates(),
+            cpu: profile.cpu_rates(scenario.gpu_batch_size),
             disk: profile.disk_rates(),
             scenario,
         }
@@ -854,6 +854,7 @@ mod tests {
                 matmul_decode_tflops: fig(0.5),
                 attention_tflops: fig(0.05),
                 dram_gbps: fig(20.0),
+                matmul_decode_by_rows: None,
             },
             disk: DiskProfile {
                 name: "d".into(),

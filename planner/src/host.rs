@@ -7,7 +7,8 @@
 //! passes its median came from, so a reader can judge how steady it was.
 
 use crate::profile::{
-    CpuProfile, DiskProfile, Figure, GpuProfile, Profile, ProfileHeader, Source, GBPS, GIB, TFLOPS,
+    CpuProfile, DiskProfile, Figure, GpuProfile, Profile, ProfileHeader, RateCurve, Source, GBPS,
+    GIB, TFLOPS,
 };
 use primitives::measure::{self, Rate};
 use std::path::{Path, PathBuf};
@@ -44,10 +45,10 @@ pub enum HostError {
 /// Steps of [`measure_profile`], for a progress bar: (what, share of the total time).
 pub const STEPS: &[(&str, f64)] = &[
     ("CPU: products at prefill shape", 0.10),
-    ("CPU: products at decode shape", 0.05),
+    ("CPU: products at decode shapes, 2 to 64 rows", 0.15),
     ("CPU: weight streaming at batch 1", 0.10),
     ("CPU: attention", 0.05),
-    ("disk: direct write, direct read, buffered read", 0.60),
+    ("disk: direct write, direct read, buffered read", 0.50),
     ("GPU", 0.10),
 ];
 
@@ -144,7 +145,13 @@ pub fn measure_profile(
     let prefill = measure::linear_flops(pre_rows, &shapes, 0, passes);
     step(1, &mut done, progress);
     let stream_bytes = if opts.quick { 256 << 20 } else { 1 << 30 };
-    let decode = measure::linear_flops(16, &shapes, stream_bytes, passes);
+    // The decode rate by rows: a GPU batch of 2 .. 64 sequences, weights streaming from DRAM.
+    let curve_rows = [2usize, 4, 8, 16, 32, 64];
+    let curve: Vec<Rate> = curve_rows
+        .iter()
+        .map(|&rows| measure::linear_flops(rows, &shapes, stream_bytes, passes))
+        .collect();
+    let decode = curve[3].clone();
     step(2, &mut done, progress);
     let stream = measure::linear_stream_bandwidth(stream_bytes, 4096, 2048, passes);
     let plain = measure::dram_read_bandwidth(stream_bytes, passes);
@@ -206,6 +213,24 @@ pub fn measure_profile(
                 passes_note(&decode, TFLOPS, "TFLOP/s")
             ),
         ),
+        matmul_decode_by_rows: Some(RateCurve {
+            rows: curve_rows.iter().map(|&r| r as f64).collect(),
+            tflops: curve
+                .iter()
+                .map(|r| round_sig(r.median / TFLOPS, 4))
+                .collect(),
+            source: Source::Measured,
+            note: format!(
+                "{kernel}, each row count x the same shapes over {} MiB of weights; spread of \
+                 the passes around each median: {}",
+                stream_bytes >> 20,
+                curve
+                    .iter()
+                    .map(|r| format!("{:.0}%", 100.0 * r.spread()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }),
         attention_tflops: measured(
             attention.median / TFLOPS,
             format!(

@@ -134,12 +134,68 @@ pub struct CpuProfile {
     pub reserved_gib: Figure,
     /// Matrix-product rate at prefill shapes.
     pub matmul_prefill_tflops: Figure,
-    /// Matrix-product rate at decode shapes when not bound by memory bandwidth.
+    /// Matrix-product rate at decode shapes (a batch of one row per sequence).
     pub matmul_decode_tflops: Figure,
     /// Attention rate (FlexGen's CPU delegation runs here).
     pub attention_tflops: Figure,
     /// DRAM bandwidth: the roofline's memory side.
     pub dram_gbps: Figure,
+    /// The decode-shaped rate by rows (sequences per GPU batch), when measured: small batches
+    /// run products less efficiently than large ones, which one figure cannot say. Replaces
+    /// `matmul_decode_tflops` in the cost model when present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matmul_decode_by_rows: Option<RateCurve>,
+}
+
+/// A rate measured at several row counts; read between points by interpolating log rate over
+/// log rows, and held constant beyond the ends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateCurve {
+    /// Row counts, increasing.
+    pub rows: Vec<f64>,
+    /// The rate at each row count.
+    pub tflops: Vec<f64>,
+    pub source: Source,
+    pub note: String,
+}
+
+impl RateCurve {
+    /// The rate at `rows`, in TFLOP/s.
+    pub fn at(&self, rows: f64) -> f64 {
+        let (r, t) = (&self.rows, &self.tflops);
+        if rows <= r[0] {
+            return t[0];
+        }
+        for i in 1..r.len() {
+            if rows == r[i] {
+                return t[i];
+            }
+            if rows < r[i] {
+                let f = (rows.ln() - r[i - 1].ln()) / (r[i].ln() - r[i - 1].ln());
+                return (t[i - 1].ln() + f * (t[i].ln() - t[i - 1].ln())).exp();
+            }
+        }
+        t[t.len() - 1]
+    }
+
+    /// Why the curve is unusable, if it is.
+    fn problem(&self) -> Option<String> {
+        if self.rows.is_empty() || self.rows.len() != self.tflops.len() {
+            return Some(format!(
+                "has {} rows and {} rates; expected the same number, at least one",
+                self.rows.len(),
+                self.tflops.len()
+            ));
+        }
+        if self.rows.windows(2).any(|w| w[0] >= w[1]) || self.rows[0] < 1.0 {
+            return Some("rows must increase, starting at 1 or more".into());
+        }
+        if self.tflops.iter().any(|t| !(t.is_finite() && *t > 0.0)) {
+            return Some("every rate must be a finite number > 0".into());
+        }
+        None
+    }
 }
 
 /// The disk that holds offloaded tensors.
@@ -279,7 +335,8 @@ impl Profile {
     pub fn validate(&self, path: &str) -> Result<(), ProfileError> {
         let c = &self.cpu;
         // Reserves and the disk's capacity may be 0; every rate and size must be positive.
-        let checks = self.figures().into_iter().map(|(field, fig)| {
+        let all = self.figures();
+        let checks = all.iter().map(|(field, fig)| {
             let zero_ok = field.ends_with("reserved_gib") || field == "disk.capacity_gib";
             (format!("{field}.value"), fig, zero_ok)
         });
@@ -302,6 +359,13 @@ impl Profile {
             field: field.to_string(),
             problem,
         };
+        if let Some(problem) = c
+            .matmul_decode_by_rows
+            .as_ref()
+            .and_then(RateCurve::problem)
+        {
+            return Err(invalid("cpu.matmul_decode_by_rows", problem));
+        }
         if let Some(g) = &self.gpu {
             if g.reserved_gib.value >= g.memory_gib.value {
                 return Err(invalid(
@@ -351,12 +415,17 @@ impl Profile {
         })
     }
 
-    /// CPU rates in base units.
-    pub fn cpu_rates(&self) -> CpuRates {
+    /// CPU rates in base units, for GPU batches of `rows` sequences (the decode rate comes from
+    /// `matmul_decode_by_rows` when the profile has it).
+    pub fn cpu_rates(&self, rows: u64) -> CpuRates {
         let c = &self.cpu;
+        let decode_tflops = match &c.matmul_decode_by_rows {
+            Some(curve) => curve.at(rows as f64),
+            None => c.matmul_decode_tflops.value,
+        };
         CpuRates {
             matmul_prefill_flops: c.matmul_prefill_tflops.value * TFLOPS,
-            matmul_decode_flops: c.matmul_decode_tflops.value * TFLOPS,
+            matmul_decode_flops: decode_tflops * TFLOPS,
             attention_flops: c.attention_tflops.value * TFLOPS,
             dram_bytes_per_s: c.dram_gbps.value * GBPS,
         }
@@ -488,36 +557,70 @@ impl Profile {
         if let Some(h) = &self.profile.hardware {
             out.push_str(&format!("hardware = {}\n", quoted(h)));
         }
+        fn source_name(s: Source) -> &'static str {
+            match s {
+                Source::Measured => "measured",
+                Source::Fitted => "fitted",
+                Source::Datasheet => "datasheet",
+                Source::Assumed => "assumed",
+            }
+        }
+        fn floats(v: &[f64]) -> String {
+            let items: Vec<String> = v
+                .iter()
+                .map(|x| toml::Value::Float(*x).to_string())
+                .collect();
+            format!("[{}]", items.join(", "))
+        }
         for (section, device, figures) in self.sections() {
             out.push_str(&format!("\n[{section}]\nname = {}\n", quoted(device)));
             for (name, f) in figures {
-                let source = match f.source {
-                    Source::Measured => "measured",
-                    Source::Fitted => "fitted",
-                    Source::Datasheet => "datasheet",
-                    Source::Assumed => "assumed",
-                };
                 out.push_str(&format!(
-                    "{name} = {{ value = {}, source = \"{source}\", note = {} }}\n",
+                    "{name} = {{ value = {}, source = \"{}\", note = {} }}\n",
                     toml::Value::Float(f.value),
+                    source_name(f.source),
                     quoted(&f.note)
+                ));
+            }
+            if let (Some(c), "cpu") = (&self.cpu.matmul_decode_by_rows, section) {
+                out.push_str(&format!(
+                    "matmul_decode_by_rows = {{ rows = {}, tflops = {}, source = \"{}\", note = {} }}\n",
+                    floats(&c.rows),
+                    floats(&c.tflops),
+                    source_name(c.source),
+                    quoted(&c.note)
                 ));
             }
         }
         out
     }
 
-    /// Every figure with its dotted field name (`cpu.dram_gbps`), in file order: what
-    /// `planner profile --compare` walks over.
-    pub fn figures(&self) -> Vec<(String, &Figure)> {
-        self.sections()
+    /// Every figure with its dotted field name (`cpu.dram_gbps`), in file order, and each point
+    /// of the decode-rate curve as `cpu.matmul_decode_by_rows.ROWS`: what `planner profile
+    /// --compare` walks over.
+    pub fn figures(&self) -> Vec<(String, Figure)> {
+        let mut v: Vec<(String, Figure)> = self
+            .sections()
             .into_iter()
             .flat_map(|(section, _, figures)| {
                 figures
                     .into_iter()
-                    .map(move |(name, f)| (format!("{section}.{name}"), f))
+                    .map(move |(name, f)| (format!("{section}.{name}"), f.clone()))
             })
-            .collect()
+            .collect();
+        if let Some(c) = &self.cpu.matmul_decode_by_rows {
+            for (r, t) in c.rows.iter().zip(&c.tflops) {
+                v.push((
+                    format!("cpu.matmul_decode_by_rows.{r}"),
+                    Figure {
+                        value: *t,
+                        source: c.source,
+                        note: c.note.clone(),
+                    },
+                ));
+            }
+        }
+        v
     }
 }
 
@@ -603,11 +706,49 @@ mod tests {
                 source: Source::Measured,
                 note: "a note with \"quotes\"\nand a newline".into(),
             });
+            p.cpu.matmul_decode_by_rows = Some(RateCurve {
+                rows: vec![2.0, 16.0, 64.0],
+                tflops: vec![0.05, 0.12, 0.2],
+                source: Source::Measured,
+                note: "curve".into(),
+            });
             let text = p.to_toml("first line\n\nsecond line");
             let back = Profile::parse(&text, "written").unwrap();
             assert_eq!(back, p, "{text}");
             assert!(text.starts_with("# first line\n#\n# second line\n"));
         }
+    }
+
+    #[test]
+    fn decode_rate_by_rows_interpolates_and_replaces_the_single_figure() {
+        let curve = RateCurve {
+            rows: vec![2.0, 8.0, 32.0],
+            tflops: vec![0.04, 0.1, 0.16],
+            source: Source::Measured,
+            note: String::new(),
+        };
+        assert_eq!(curve.at(1.0), 0.04);
+        assert_eq!(curve.at(8.0), 0.1);
+        assert_eq!(curve.at(100.0), 0.16);
+        // Log-log: 4 rows is halfway between 2 and 8.
+        assert!((curve.at(4.0) - (0.04f64 * 0.1).sqrt()).abs() < 1e-12);
+        let mut p = Profile::embedded("cpu-2core-24gib").unwrap();
+        let single = p.cpu_rates(8).matmul_decode_flops;
+        assert_eq!(single, p.cpu.matmul_decode_tflops.value * TFLOPS);
+        p.cpu.matmul_decode_by_rows = Some(curve.clone());
+        assert!((p.cpu_rates(8).matmul_decode_flops - 0.1 * TFLOPS).abs() < 1.0);
+        p.validate("x").unwrap();
+        let mut bad = p.clone();
+        bad.cpu.matmul_decode_by_rows = Some(RateCurve {
+            rows: vec![8.0, 2.0],
+            tflops: vec![0.1, 0.2],
+            ..curve
+        });
+        let e = bad.validate("x.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("cpu.matmul_decode_by_rows") && e.contains("increase"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -617,6 +758,7 @@ mod tests {
         let p = Profile::embedded("t4-flexgen").unwrap();
         let text = serde_json::to_string(&p).unwrap();
         assert!(!text.contains("hardware") && !text.contains("buffered_read_gbps"));
+        assert!(!text.contains("matmul_decode_by_rows"));
     }
 
     #[test]

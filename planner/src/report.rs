@@ -181,7 +181,7 @@ pub fn profile_table(
     other: Option<(&crate::profile::Profile, &str)>,
 ) -> String {
     let mut s = String::new();
-    let others: Vec<(String, &crate::profile::Figure)> =
+    let others: Vec<(String, crate::profile::Figure)> =
         other.map(|(o, _)| o.figures()).unwrap_or_default();
     match other {
         Some((_, name)) => {
