@@ -150,6 +150,48 @@ fn linear_decode_shape_and_public_entry_point() {
 }
 
 #[test]
+fn linear_few_token_wide_tiles_tails_and_prefetch_to_the_matrix_end() {
+    // 1-2 tokens run 8-row tiles, then a 4-row tile and single rows, on whole rows that are
+    // prefetched ahead up to W's last line. Pools of 1, 2 and 3 threads move the task
+    // boundaries; the shapes have row tails of every kind and k tails (n_in % 32 != 0).
+    let shapes = [
+        (1, 40, 15),
+        (2, 96, 31),
+        (1, 2055, 45),
+        (2, 33, 8),
+        (1, 5000, 13),
+        (2, 64, 3),
+        (1, 300, 77),
+    ];
+    for threads in [1, 2, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            for isa in Isa::available() {
+                for kind in 0..3 {
+                    for (n, &(tokens, n_in, n_out)) in shapes.iter().enumerate() {
+                        check_linear(isa, kind, tokens, n_in, n_out, n % 2 == 1, 40 + n as u64);
+                    }
+                }
+            }
+        });
+    }
+}
+
+#[test]
+fn huge_page_vec_and_stream_read() {
+    let v = huge_page_vec(3 << 20, 7u16);
+    assert!(v.len() == 3 << 20 && v.iter().all(|x| *x == 7));
+    advise_huge_pages(&v[1..5]);
+    let ones: Vec<f32> = vec![1.0; 1001];
+    let bytes: &[u8] = bytemuck::cast_slice(&ones);
+    assert_eq!(stream_read(bytes), 1001.0);
+    assert_eq!(stream_read(&bytes[1..]), 1000.0); // the aligned words only
+}
+
+#[test]
 fn linear_degenerate_sizes() {
     let w = Owned::new(0, &[]);
     let mut y = vec![1.0; 6];
