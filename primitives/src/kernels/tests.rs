@@ -344,6 +344,42 @@ fn attention_decode_prefill_and_masking() {
 }
 
 #[test]
+fn attention_decode_splits_heads_between_threads() {
+    // One query row with room for several heads' scores: heads go to threads in contiguous
+    // ranges and are scored together key by key. Pools of 2 and 3 threads, head counts that do
+    // not divide evenly, scratch for fewer heads than a range holds, masked keys, and a cache
+    // long enough (work >= 2^16) to take the parallel path.
+    let mut padded = vec![true; 300];
+    padded[..5].fill(false);
+    padded[100..103].fill(false);
+    let none = vec![false; 300];
+    for threads in [2, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            for (n, &(kv_len, nh, hd, slots)) in [
+                (257, 12, 64, 12),
+                (300, 7, 40, 7),
+                (300, 7, 40, 2),
+                (200, 32, 64, 32),
+                (129, 5, 100, 64),
+            ]
+            .iter()
+            .enumerate()
+            {
+                check_attention(1, kv_len, nh, hd, &padded, slots, 60 + n as u64);
+            }
+            check_attention(1, 300, 4, 64, &none, 4, 70);
+        });
+    }
+    // Sequential, with scratch for several heads at once.
+    check_attention(1, 50, 6, 16, &padded, 4, 71);
+    check_attention(3, 50, 6, 16, &padded, 4, 72);
+}
+
+#[test]
 fn attention_rows_without_valid_keys_are_zero() {
     // Every key masked.
     let none = vec![false; 8];
