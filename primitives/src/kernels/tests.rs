@@ -124,12 +124,30 @@ fn linear_matches_reference_on_every_path_dtype_and_odd_shape() {
         (20, 2100, 9),   // more than one k-slice for many tokens
         (30, 1031, 261), // several row tasks, row and k tails, uneven token tiles
     ];
+    check_linear_shapes(&shapes, 0, 7);
+}
+
+/// `check_linear` on every instruction set and dtype for each (tokens, n_in, n_out); every
+/// other shape (starting with shape `bias_from`) has a bias; seeds count up from `seed`.
+fn check_linear_shapes(shapes: &[(usize, usize, usize)], bias_from: usize, seed: u64) {
     for isa in Isa::available() {
         for kind in 0..3 {
             for (n, &(tokens, n_in, n_out)) in shapes.iter().enumerate() {
-                check_linear(isa, kind, tokens, n_in, n_out, n % 2 == 0, 7 + n as u64);
+                let bias = n % 2 == bias_from;
+                check_linear(isa, kind, tokens, n_in, n_out, bias, seed + n as u64);
             }
         }
+    }
+}
+
+/// Runs `f` inside rayon pools of each of these sizes (task boundaries move with the count).
+fn in_pools(threads: &[usize], f: impl Fn() + Sync) {
+    for &n in threads {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .unwrap();
+        pool.install(&f);
     }
 }
 
@@ -163,21 +181,7 @@ fn linear_few_token_wide_tiles_tails_and_prefetch_to_the_matrix_end() {
         (2, 64, 3),
         (1, 300, 77),
     ];
-    for threads in [1, 2, 3] {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
-            for isa in Isa::available() {
-                for kind in 0..3 {
-                    for (n, &(tokens, n_in, n_out)) in shapes.iter().enumerate() {
-                        check_linear(isa, kind, tokens, n_in, n_out, n % 2 == 1, 40 + n as u64);
-                    }
-                }
-            }
-        });
-    }
+    in_pools(&[1, 2, 3], || check_linear_shapes(&shapes, 1, 40));
 }
 
 #[test]
@@ -353,27 +357,21 @@ fn attention_decode_splits_heads_between_threads() {
     padded[..5].fill(false);
     padded[100..103].fill(false);
     let none = vec![false; 300];
-    for threads in [2, 3] {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
-            for (n, &(kv_len, nh, hd, slots)) in [
-                (257, 12, 64, 12),
-                (300, 7, 40, 7),
-                (300, 7, 40, 2),
-                (200, 32, 64, 32),
-                (129, 5, 100, 64),
-            ]
-            .iter()
-            .enumerate()
-            {
-                check_attention(1, kv_len, nh, hd, &padded, slots, 60 + n as u64);
-            }
-            check_attention(1, 300, 4, 64, &none, 4, 70);
-        });
-    }
+    in_pools(&[2, 3], || {
+        for (n, &(kv_len, nh, hd, slots)) in [
+            (257, 12, 64, 12),
+            (300, 7, 40, 7),
+            (300, 7, 40, 2),
+            (200, 32, 64, 32),
+            (129, 5, 100, 64),
+        ]
+        .iter()
+        .enumerate()
+        {
+            check_attention(1, kv_len, nh, hd, &padded, slots, 60 + n as u64);
+        }
+        check_attention(1, 300, 4, 64, &none, 4, 70);
+    });
     // Sequential, with scratch for several heads at once.
     check_attention(1, 50, 6, 16, &padded, 4, 71);
     check_attention(3, 50, 6, 16, &padded, 4, 72);
