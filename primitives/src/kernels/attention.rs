@@ -122,29 +122,42 @@ mod avx512 {
         unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
             let n = a.len().min(b.len());
             let (pa, pb) = (a.as_ptr(), b.as_ptr());
-            let mut acc = [_mm512_setzero_ps(); 2];
+            // Two accumulators in registers (an array indexed by k spills to the stack).
+            let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
             let mut k = 0;
-            // SAFETY: every load reads k..k+16 < n, or is masked to the n - k remaining floats.
+            // SAFETY: every load reads k..k+16 <= n, or is masked to the n - k remaining floats.
             unsafe {
-                while k + 16 <= n {
-                    let s = (k / 16) & 1;
-                    acc[s] = _mm512_fmadd_ps(
+                while k + 32 <= n {
+                    acc0 = _mm512_fmadd_ps(
                         _mm512_loadu_ps(pa.add(k)),
                         _mm512_loadu_ps(pb.add(k)),
-                        acc[s],
+                        acc0,
+                    );
+                    acc1 = _mm512_fmadd_ps(
+                        _mm512_loadu_ps(pa.add(k + 16)),
+                        _mm512_loadu_ps(pb.add(k + 16)),
+                        acc1,
+                    );
+                    k += 32;
+                }
+                if k + 16 <= n {
+                    acc0 = _mm512_fmadd_ps(
+                        _mm512_loadu_ps(pa.add(k)),
+                        _mm512_loadu_ps(pb.add(k)),
+                        acc0,
                     );
                     k += 16;
                 }
                 if k < n {
                     let m = ((1u32 << (n - k)) - 1) as __mmask16;
-                    acc[0] = _mm512_fmadd_ps(
+                    acc1 = _mm512_fmadd_ps(
                         _mm512_maskz_loadu_ps(m, pa.add(k)),
                         _mm512_maskz_loadu_ps(m, pb.add(k)),
-                        acc[0],
+                        acc1,
                     );
                 }
             }
-            _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
+            _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
         }
 
         #[inline]
