@@ -3,7 +3,14 @@
 //!
 //! Every layer gets its own weights, as in the model, so nothing stays in cache between layers:
 //! q, k, v, out (h x h), fc1 (ffn x h), fc2 (h x ffn), and the tied LM head (vocab x h) once
-//! (for at most 16 tokens: prefill only needs the last position's logits).
+//! (for at most 16 tokens: prefill only needs the last position's logits). The weights are on
+//! 2 MiB pages, as the executor's in-memory weights are.
+//!
+//! The DRAM reference is measured in the same run over the same bytes: before every repetition
+//! the weight buffers are read once by `kernels::stream_read` (what `dram_bandwidth` times).
+//! `dram_GB/s` is that rate (median) and `of_dram` the median over repetitions of the kernel's
+//! GB/s divided by the streaming GB/s of the same repetition: at 1 token, how close the GEMV
+//! comes to DRAM speed.
 //!
 //! `cargo run --release --example kernel_bench -- [model] [dtype] [tokens,...] [layers] [reps]`
 //! e.g. `kernel_bench opt-1.3b bf16 1,16 24 7`; layers defaults to the model's, reps to 5;
