@@ -4,8 +4,8 @@
 //! All threads (rayon's pool) each stream a contiguous part of a buffer much larger than the
 //! last-level cache and sum it (`primitives::kernels::stream_read`), so the loads cannot be
 //! optimised away. The buffer is advised to use 2 MiB pages, as the executor's in-memory weights
-//! are (pass `4k` to measure ordinary pages: about a third slower here). The median of several
-//! passes is printed, in GB/s (10^9 bytes), as `dram_read_gb_s <value>` for scripts to parse.
+//! are (pass `4k` to measure ordinary pages: usually slower here, by up to a third). The median
+//! of several passes is printed, in GB/s (10^9 bytes), as `dram_read_gb_s <value>` for scripts.
 //!
 //! `cargo run --release --example dram_bandwidth -- [MiB, default 1024] [passes, default 9] [huge|4k]`
 
