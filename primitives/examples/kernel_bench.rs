@@ -3,14 +3,21 @@
 //!
 //! Every layer gets its own weights, as in the model, so nothing stays in cache between layers:
 //! q, k, v, out (h x h), fc1 (ffn x h), fc2 (h x ffn), and the tied LM head (vocab x h) once
-//! (for at most 16 tokens: prefill only needs the last position's logits).
+//! (for at most 16 tokens: prefill only needs the last position's logits). The weights are on
+//! 2 MiB pages, as the executor's in-memory weights are.
+//!
+//! The DRAM reference is measured in the same run over the same bytes: before every repetition
+//! the weight buffers are read once by `kernels::stream_read` (what `dram_bandwidth` times).
+//! `dram_GB/s` is that rate (median) and `of_dram` the median over repetitions of the kernel's
+//! GB/s divided by the streaming GB/s of the same repetition: at 1 token, how close the GEMV
+//! comes to DRAM speed.
 //!
 //! `cargo run --release --example kernel_bench -- [model] [dtype] [tokens,...] [layers] [reps]`
 //! e.g. `kernel_bench opt-1.3b bf16 1,16 24 7`; layers defaults to the model's, reps to 5;
 //! a sixth argument `nohead` leaves the LM head out.
 
 use half::{bf16, f16};
-use primitives::kernels::{linear, Matrix, WeightData};
+use primitives::kernels::{huge_page_vec, linear, stream_read, Matrix, WeightData};
 use rayon::prelude::*;
 use std::time::Instant;
 
@@ -28,20 +35,16 @@ impl Weights {
             let h = (i as u64 ^ seed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
             ((h >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
         };
+        // On 2 MiB pages, as the executor's in-memory weights are.
+        fn fill<T: Copy + Send + Sync>(n: usize, zero: T, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+            let mut v = huge_page_vec(n, zero);
+            v.par_iter_mut().enumerate().for_each(|(i, x)| *x = f(i));
+            v
+        }
         match dtype {
-            "f32" => Weights::F32((0..n).into_par_iter().map(value).collect()),
-            "f16" => Weights::F16(
-                (0..n)
-                    .into_par_iter()
-                    .map(|i| f16::from_f32(value(i)))
-                    .collect(),
-            ),
-            "bf16" => Weights::Bf16(
-                (0..n)
-                    .into_par_iter()
-                    .map(|i| bf16::from_f32(value(i)))
-                    .collect(),
-            ),
+            "f32" => Weights::F32(fill(n, 0.0, value)),
+            "f16" => Weights::F16(fill(n, f16::ZERO, |i| f16::from_f32(value(i)))),
+            "bf16" => Weights::Bf16(fill(n, bf16::ZERO, |i| bf16::from_f32(value(i)))),
             other => panic!("dtype must be f32, f16 or bf16, not {other}"),
         }
     }
@@ -59,12 +62,16 @@ impl Weights {
         }
     }
 
-    fn bytes(&self) -> usize {
+    fn as_bytes(&self) -> &[u8] {
         match self {
-            Weights::F32(d) => d.len() * 4,
-            Weights::F16(d) => d.len() * 2,
-            Weights::Bf16(d) => d.len() * 2,
+            Weights::F32(d) => bytemuck::cast_slice(d),
+            Weights::F16(d) => bytemuck::cast_slice(d),
+            Weights::Bf16(d) => bytemuck::cast_slice(d),
         }
+    }
+
+    fn bytes(&self) -> usize {
+        self.as_bytes().len()
     }
 }
 
@@ -117,7 +124,13 @@ fn main() {
     );
     // On a shared machine wall time includes time the threads waited for a core; CPU time does
     // not, so the rates are also given per second of CPU time per thread ("cpu" columns).
-    println!("tokens  median_ms  min_ms  weight_GB/s  GFLOP/s  cpu_ms  cpu_GB/s  cpu_GFLOP/s");
+    // Before each repetition the same weight bytes are read by a plain streaming sum
+    // (`stream_read`, what `dram_bandwidth` measures): `dram_GB/s` is its median, `of_dram` the
+    // median over repetitions of (kernel GB/s / streaming GB/s of the same repetition), so
+    // that both see the same load.
+    println!(
+        "tokens  median_ms  min_ms  weight_GB/s  GFLOP/s  cpu_ms  cpu_GB/s  cpu_GFLOP/s  dram_GB/s  of_dram"
+    );
     for &t in &tokens {
         let head_tokens = match (with_head, t > 64) {
             (false, _) => 0,
@@ -128,7 +141,16 @@ fn main() {
         let mut y = vec![0.0f32; t * ffn.max(vocab)];
         let mut times = Vec::new();
         let mut cpu_times = Vec::new();
+        let mut dram = Vec::new();
+        let mut of_dram = Vec::new();
         for _ in 0..reps {
+            let start = Instant::now();
+            let mut check = 0.0;
+            for w in stack.iter().flatten().chain(with_head.then_some(&head)) {
+                check += stream_read(w.as_bytes());
+            }
+            std::hint::black_box(check);
+            dram.push(bytes as f64 / start.elapsed().as_secs_f64() / 1e9);
             let cpu_start = cpu_seconds();
             let start = Instant::now();
             for layer in &stack {
@@ -153,15 +175,17 @@ fn main() {
             );
             times.push(start.elapsed().as_secs_f64());
             cpu_times.push((cpu_seconds() - cpu_start) / rayon::current_num_threads() as f64);
+            of_dram.push(bytes as f64 / times[times.len() - 1] / 1e9 / dram[dram.len() - 1]);
         }
-        times.sort_by(f64::total_cmp);
-        cpu_times.sort_by(f64::total_cmp);
+        for v in [&mut times, &mut cpu_times, &mut dram, &mut of_dram] {
+            v.sort_by(f64::total_cmp);
+        }
         let med = times[reps / 2];
         let cpu = cpu_times[reps / 2];
         let flops = 2.0 * (macs_per_token - vocab * h) as f64 * t as f64
             + 2.0 * (vocab * h * head_tokens) as f64;
         println!(
-            "{t:6}  {:9.2}  {:6.2}  {:11.2}  {:7.1}  {:6.1}  {:8.2}  {:11.1}",
+            "{t:6}  {:9.2}  {:6.2}  {:11.2}  {:7.1}  {:6.1}  {:8.2}  {:11.1}  {:9.2}  {:7.3}",
             med * 1e3,
             times[0] * 1e3,
             bytes as f64 / med / 1e9,
@@ -169,6 +193,8 @@ fn main() {
             cpu * 1e3,
             bytes as f64 / cpu / 1e9,
             flops / cpu / 1e9,
+            dram[reps / 2],
+            of_dram[reps / 2],
         );
     }
 }

@@ -41,12 +41,14 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// Zeroed cache for `layers` layers.
+    /// Zeroed cache for `layers` layers, on huge pages where the buffers are large enough, and
+    /// written once here so that no decode step takes page faults on it.
     pub fn new(layers: usize, batch: usize, max_len: usize, width: usize) -> KvCache {
         let len = batch * max_len * width;
+        let zeroed = || crate::kernels::huge_page_vec(len, 0.0f32);
         KvCache {
-            keys: (0..layers).map(|_| vec![0.0; len]).collect(),
-            values: (0..layers).map(|_| vec![0.0; len]).collect(),
+            keys: (0..layers).map(|_| zeroed()).collect(),
+            values: (0..layers).map(|_| zeroed()).collect(),
             batch,
             max_len,
             width,

@@ -21,7 +21,8 @@ pub(crate) struct Attn<'a> {
     pub scale: f32,
 }
 
-/// Runs attention; with room in `scratch` for several rows' scores, query rows run in parallel.
+/// Runs attention. With room in `scratch` for several rows' scores, query rows run in
+/// parallel (prefill); a single query row (decode) instead splits its heads between threads.
 pub(crate) fn attention_impl(a: &Attn, out: &mut [f32], scratch: &mut [f32], simd: bool) {
     let d = a.num_heads * a.head_dim;
     if a.q_len == 0 || d == 0 {
@@ -29,12 +30,11 @@ pub(crate) fn attention_impl(a: &Attn, out: &mut [f32], scratch: &mut [f32], sim
     }
     let slots = scratch.len().checked_div(a.kv_len).unwrap_or(1);
     let work = a.q_len * a.kv_len * d;
+    let threads = rayon::current_num_threads().max(1);
     if slots >= 2 && a.q_len >= 2 && work >= 1 << 16 {
         // Several groups per thread, so work stealing evens out causal rows (later rows see
         // more keys).
-        let groups = slots
-            .min(a.q_len)
-            .min(4 * rayon::current_num_threads().max(1));
+        let groups = slots.min(a.q_len).min(4 * threads);
         let rows_per_group = a.q_len.div_ceil(groups);
         out.par_chunks_mut(rows_per_group * d)
             .zip(scratch.par_chunks_mut(a.kv_len.max(1)))
@@ -42,71 +42,216 @@ pub(crate) fn attention_impl(a: &Attn, out: &mut [f32], scratch: &mut [f32], sim
             .for_each(|(g, (o, s))| {
                 let first = g * rows_per_group;
                 for (r, orow) in o.chunks_mut(d).enumerate() {
-                    run_row(a, first + r, orow, &mut s[..a.kv_len], simd);
+                    run_heads(a, first + r, 0, orow, &mut s[..a.kv_len], simd);
                 }
             });
+    } else if slots >= 2 && a.q_len == 1 && threads >= 2 && work >= 1 << 16 {
+        // One contiguous range of heads per thread, with room for all its heads' scores.
+        let groups = threads.min(a.num_heads).min(slots);
+        let heads_per_group = a.num_heads.div_ceil(groups);
+        let per_group = (slots / groups).min(heads_per_group).max(1) * a.kv_len;
+        out.par_chunks_mut(heads_per_group * a.head_dim)
+            .zip(scratch.par_chunks_mut(per_group))
+            .enumerate()
+            .for_each(|(g, (o, s))| run_heads(a, 0, g * heads_per_group, o, s, simd));
     } else {
         for (i, orow) in out.chunks_mut(d).enumerate() {
-            run_row(a, i, orow, &mut scratch[..a.kv_len], simd);
+            run_heads(a, i, 0, orow, scratch, simd);
         }
     }
 }
 
-fn run_row(a: &Attn, i: usize, out: &mut [f32], p: &mut [f32], simd: bool) {
+fn run_heads(a: &Attn, i: usize, h0: usize, out: &mut [f32], p: &mut [f32], simd: bool) {
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: `simd` is only set when the CPU has AVX-512 F and FMA.
-        unsafe { row_avx512(a, i, out, p) };
+        unsafe { heads_avx512(a, i, h0, out, p) };
         return;
     }
     let _ = simd;
-    row_body(a, i, out, p);
+    heads_body::<Plain>(a, i, h0, out, p);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
-unsafe fn row_avx512(a: &Attn, i: usize, out: &mut [f32], p: &mut [f32]) {
-    row_body(a, i, out, p)
+unsafe fn heads_avx512(a: &Attn, i: usize, h0: usize, out: &mut [f32], p: &mut [f32]) {
+    heads_body::<avx512::Fma>(a, i, h0, out, p)
 }
 
-/// One query row, every head: scores into `p`, softmax over the valid causal keys, then the
-/// probability-weighted sum of values into `out` (zeros when no key is valid).
+/// The per-head vector operations: a score and a weighted value update over `head_dim` floats.
+trait HeadOps {
+    /// a · b.
+    ///
+    /// # Safety
+    /// The implementation's CPU features are available.
+    unsafe fn dot(a: &[f32], b: &[f32]) -> f32;
+    /// y += w * x.
+    ///
+    /// # Safety
+    /// As `dot`.
+    unsafe fn axpy(w: f32, x: &[f32], y: &mut [f32]);
+}
+
+/// Plain Rust, any CPU.
+struct Plain;
+
+impl HeadOps for Plain {
+    #[inline(always)]
+    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        dot(a, b)
+    }
+    #[inline(always)]
+    unsafe fn axpy(w: f32, x: &[f32], y: &mut [f32]) {
+        for (o, v) in y.iter_mut().zip(x) {
+            *o += w * v;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    //! AVX-512 head operations: the compiler vectorises `dot`'s 16 lanes only 4 wide and
+    //! without FMA, which made decode attention compute bound at ~3 GFLOP/s.
+    use std::arch::x86_64::*;
+
+    pub(super) struct Fma;
+
+    impl super::HeadOps for Fma {
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+        unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+            let n = a.len().min(b.len());
+            let (pa, pb) = (a.as_ptr(), b.as_ptr());
+            // Two accumulators in registers (an array indexed by k spills to the stack).
+            let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            let mut k = 0;
+            // SAFETY: every load reads k..k+16 <= n, or is masked to the n - k remaining floats.
+            unsafe {
+                while k + 32 <= n {
+                    acc0 = _mm512_fmadd_ps(
+                        _mm512_loadu_ps(pa.add(k)),
+                        _mm512_loadu_ps(pb.add(k)),
+                        acc0,
+                    );
+                    acc1 = _mm512_fmadd_ps(
+                        _mm512_loadu_ps(pa.add(k + 16)),
+                        _mm512_loadu_ps(pb.add(k + 16)),
+                        acc1,
+                    );
+                    k += 32;
+                }
+                if k + 16 <= n {
+                    acc0 = _mm512_fmadd_ps(
+                        _mm512_loadu_ps(pa.add(k)),
+                        _mm512_loadu_ps(pb.add(k)),
+                        acc0,
+                    );
+                    k += 16;
+                }
+                if k < n {
+                    let m = ((1u32 << (n - k)) - 1) as __mmask16;
+                    acc1 = _mm512_fmadd_ps(
+                        _mm512_maskz_loadu_ps(m, pa.add(k)),
+                        _mm512_maskz_loadu_ps(m, pb.add(k)),
+                        acc1,
+                    );
+                }
+            }
+            _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+        unsafe fn axpy(w: f32, x: &[f32], y: &mut [f32]) {
+            let n = x.len().min(y.len());
+            let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+            let wv = _mm512_set1_ps(w);
+            let mut k = 0;
+            // SAFETY: as in `dot`; the stores touch only y's first n floats.
+            unsafe {
+                while k + 16 <= n {
+                    let r =
+                        _mm512_fmadd_ps(wv, _mm512_loadu_ps(px.add(k)), _mm512_loadu_ps(py.add(k)));
+                    _mm512_storeu_ps(py.add(k), r);
+                    k += 16;
+                }
+                if k < n {
+                    let m = ((1u32 << (n - k)) - 1) as __mmask16;
+                    let r = _mm512_fmadd_ps(
+                        wv,
+                        _mm512_maskz_loadu_ps(m, px.add(k)),
+                        _mm512_maskz_loadu_ps(m, py.add(k)),
+                    );
+                    _mm512_mask_storeu_ps(py.add(k), m, r);
+                }
+            }
+        }
+    }
+}
+
+/// Query row `i`, heads `h0..` (as many as `out` holds, `head_dim` floats each): scores into
+/// `p`, softmax over the valid causal keys, then the probability-weighted sum of values into
+/// `out` (zeros when no key is valid).
+///
+/// When `p` has room for the scores of several heads, they are done together key by key, so
+/// that each cache row is read as one contiguous run of those heads (one head alone reads
+/// `head_dim` floats every `num_heads * head_dim`). Every score, softmax and sum is computed in
+/// the same order either way, so the result does not depend on how many heads go together.
 ///
 /// Masked keys get a score of -inf, which the exponential maps to exactly 0, so the softmax
 /// loops run without branches and vectorise; the value loop skips zero weights.
 #[inline(always)]
-fn row_body(a: &Attn, i: usize, out: &mut [f32], p: &mut [f32]) {
+fn heads_body<O: HeadOps>(a: &Attn, i: usize, h0: usize, out: &mut [f32], p: &mut [f32]) {
     let (hd, d) = (a.head_dim, a.num_heads * a.head_dim);
     let last = a.kv_len - a.q_len + i; // the newest key this query may see
-    let valid = &a.key_valid[..=last];
-    let p = &mut p[..=last];
-    for h in 0..a.num_heads {
-        let qh = &a.q[i * d + h * hd..i * d + (h + 1) * hd];
-        let oh = &mut out[h * hd..(h + 1) * hd];
-        let mut max = f32::NEG_INFINITY;
-        for (j, pj) in p.iter_mut().enumerate() {
-            *pj = if valid[j] {
-                let s = dot(qh, &a.k[j * d + h * hd..j * d + (h + 1) * hd]) * a.scale;
-                max = max.max(s);
-                s
-            } else {
-                f32::NEG_INFINITY
-            };
+    let keys = last + 1;
+    let valid = &a.key_valid[..keys];
+    let together = (p.len() / keys).max(1);
+    for (c, oc) in out.chunks_mut(together * hd).enumerate() {
+        let hc = h0 + c * together; // first head of this chunk
+        let n = oc.len() / hd;
+        let p = &mut p[..n * keys];
+        let q = &a.q[i * d + hc * hd..i * d + (hc + n) * hd];
+        // Scores, key-major: p[h * keys + j].
+        for j in 0..keys {
+            let krow = &a.k[j * d + hc * hd..j * d + (hc + n) * hd];
+            for (h, (kh, qh)) in krow.chunks_exact(hd).zip(q.chunks_exact(hd)).enumerate() {
+                p[h * keys + j] = if valid[j] {
+                    // SAFETY: callers pick `O` for the CPU features they checked.
+                    unsafe { O::dot(qh, kh) * a.scale }
+                } else {
+                    f32::NEG_INFINITY
+                };
+            }
         }
-        oh.fill(0.0);
-        if max == f32::NEG_INFINITY {
-            continue;
+        // Softmax per head; a head with no valid key gets weights 0 (output zeros).
+        for ph in p.chunks_exact_mut(keys) {
+            let max = ph.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
+            if max == f32::NEG_INFINITY {
+                ph.fill(0.0);
+                continue;
+            }
+            for pj in ph.iter_mut() {
+                *pj = exp_nonpositive(*pj - max);
+            }
+            let inv = 1.0 / sum(ph);
+            for pj in ph.iter_mut() {
+                *pj *= inv;
+            }
         }
-        for pj in p.iter_mut() {
-            *pj = exp_nonpositive(*pj - max);
-        }
-        let inv = 1.0 / sum(p);
-        for (j, pj) in p.iter().enumerate() {
-            if *pj != 0.0 {
-                let vh = &a.v[j * d + h * hd..j * d + (h + 1) * hd];
-                let wgt = pj * inv;
-                for (o, x) in oh.iter_mut().zip(vh) {
-                    *o += wgt * x;
+        oc.fill(0.0);
+        // Weighted values, key-major as well.
+        for j in 0..keys {
+            let vrow = &a.v[j * d + hc * hd..j * d + (hc + n) * hd];
+            for (h, (oh, vh)) in oc
+                .chunks_exact_mut(hd)
+                .zip(vrow.chunks_exact(hd))
+                .enumerate()
+            {
+                let wgt = p[h * keys + j];
+                if wgt != 0.0 {
+                    // SAFETY: as for `O::dot`.
+                    unsafe { O::axpy(wgt, vh, oh) };
                 }
             }
         }

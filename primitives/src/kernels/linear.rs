@@ -2,15 +2,17 @@
 //!
 //! Two schemes, chosen by the number of tokens:
 //!
-//! - **Dot products** (every dtype; for bf16 only up to `TILE_TOKENS` tokens). The output rows
+//! - **Dot products** (every dtype; for bf16 below `PACK_MIN_TOKENS` tokens). The output rows
 //!   are split into blocks, one rayon task each, so each thread streams its own contiguous part
 //!   of W (good for the hardware prefetcher when bandwidth bound, as in batch-1 decode). Inside a
 //!   task, a microkernel computes a 4 rows x 6 tokens tile of y as 24 dot products, loading 4
 //!   weight vectors and 6 input vectors per step straight from W's [out, in] layout, so a 16-bit
-//!   W is widened in registers only. For many tokens the reduction dimension is cut into
-//!   `K_BLOCK` slices so that a tile's input rows stay in L1 and a task's slice of W in L2.
-//! - **Packed outer products** (bf16 with AVX512-BF16, more than `TILE_TOKENS` tokens: prefill
-//!   and batched decode, compute bound). See `run_packed_bf16`.
+//!   W is widened in registers only. For 1-2 tokens (bandwidth bound) the tile is 8 rows, each
+//!   thread gets one contiguous row range, and W is prefetched into L2 `PREFETCH_BYTES` ahead.
+//!   For many tokens the reduction dimension is cut into `K_BLOCK` slices so that a tile's
+//!   input rows stay in L1 and a task's slice of W in L2.
+//! - **Packed outer products** (bf16 with AVX512-BF16, at least `PACK_MIN_TOKENS` tokens:
+//!   prefill and large-batch decode, compute bound). See `run_packed_bf16`.
 //!
 //! bf16 weights use AVX512-BF16 `vdpbf16ps` (32 products per instruction, f32 accumulation). That
 //! needs the input in bf16 too, so for bf16 weights the input is rounded to bf16 (round to
@@ -26,11 +28,24 @@ use std::cell::RefCell;
 const TILE_ROWS: usize = 4;
 /// Tokens (rows of x) per microkernel tile.
 const TILE_TOKENS: usize = 6;
+/// Tasks per thread in the few-token (bandwidth-bound) case.
+const FEW_TOKEN_TASKS_PER_THREAD: usize = 1;
 /// Reduction-dimension slice for multi-token products (elements): 6 bf16 input rows of this
 /// length take 24 KiB (L1 is 32 KiB), 64 rows of f32 weights take 512 KiB (L2 is 1 MiB).
 const K_BLOCK: usize = 2048;
 /// Rows of W per task when there are enough tokens to be compute bound.
 const ROW_BLOCK: usize = 64;
+/// Rows of W per tile in the bandwidth-bound case (1 or 2 tokens): eight independent row
+/// streams and accumulators per thread keep more loads in flight than four.
+const WIDE_ROWS: usize = 8;
+/// Tiles of at most this many tokens use `WIDE_ROWS` rows (8 x 2 accumulators + 8 weight
+/// vectors fit the 32 vector registers; 8 x 3 would not).
+const WIDE_MAX_TOKENS: usize = 2;
+/// How far ahead of a tile's first byte the few-token kernels prefetch W into L2 (bytes). The
+/// hardware prefetchers stop at 4 KiB page boundaries and a thread streams several rows at
+/// once, so on its own a core keeps too few DRAM reads in flight; measured on Zen 4 with OPT
+/// shapes, 32-64 KiB ahead (a few microseconds of streaming) is what saturates DRAM.
+const PREFETCH_BYTES: usize = 64 << 10;
 
 /// The instruction set a product runs on; chosen at run time so one binary runs everywhere.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -190,7 +205,7 @@ pub(crate) fn linear_on(
                 };
                 let w_bits: &[u16] = bytemuck::cast_slice(wd);
                 #[cfg(target_arch = "x86_64")]
-                if tokens > TILE_TOKENS {
+                if tokens >= PACK_MIN_TOKENS {
                     run_packed_bf16(&p, w_bits);
                     return;
                 }
@@ -271,13 +286,13 @@ fn run_tasks<X: Sync>(
 ) {
     let threads = rayon::current_num_threads().max(1);
     let few_tokens = p.tokens <= TILE_TOKENS;
-    // Few tokens: memory bound, give each thread a few long contiguous streams of W.
+    // Few tokens: memory bound, give each thread one long contiguous stream of W (rows in
+    // multiples of the widest tile), which the kernels prefetch along.
     // Many tokens: blocks small enough that a block's slice of W stays in L2.
     let rows_per_task = if few_tokens {
         p.n_out
-            .div_ceil(threads * 4)
-            .next_multiple_of(TILE_ROWS)
-            .max(TILE_ROWS)
+            .div_ceil(threads * FEW_TOKEN_TASKS_PER_THREAD)
+            .next_multiple_of(WIDE_ROWS)
     } else {
         ROW_BLOCK
     };
@@ -328,6 +343,12 @@ fn run_packed_bf16(p: &Problem<u16>, w: &[u16]) {
         });
     });
 }
+
+/// Fewest tokens for which bf16 products take the packed path. Below, repacking W costs more
+/// than the dot-product kernel's horizontal sums: measured at OPT-1.3B shapes (8 layers, median
+/// of 3 side-by-side runs), the dot-product path takes 0.78x / 0.83x / 0.86x the CPU time of the
+/// packed one at 8 / 16 / 24 tokens, and 0.96-0.98x at 32-64.
+const PACK_MIN_TOKENS: usize = 25;
 
 /// Rows of W per task of the packed path (a multiple of 32).
 const PACK_ROWS: usize = 128;
@@ -460,7 +481,9 @@ fn portable_block<W: Widen>(
 mod avx512 {
     //! The AVX-512 microkernels. Callers must check the CPU features (see `Isa::detect`).
 
-    use super::{Problem, Widen, TILE_ROWS, TILE_TOKENS};
+    use super::{
+        Problem, Widen, PREFETCH_BYTES, TILE_ROWS, TILE_TOKENS, WIDE_MAX_TOKENS, WIDE_ROWS,
+    };
     use half::{bf16, f16};
     use std::arch::x86_64::*;
     use std::ops::Range;
@@ -535,6 +558,93 @@ mod avx512 {
         }
     }
 
+    /// Runs `$tile::<[W,] R, T>(p, w, r0, t0, k0, k1)` over a block's rows and tokens, each time
+    /// with the widest tile that fits: `WIDE_ROWS` rows for at most `WIDE_MAX_TOKENS` tokens,
+    /// else `TILE_ROWS` (then single rows for the last few).
+    macro_rules! tiled_block {
+        ($tile:ident [$($W:ty)?], $p:expr, $w:expr, $rows:expr, $k0:expr, $k1:expr) => {{
+            let (p, w, rows, k0, k1) = ($p, $w, $rows, $k0, $k1);
+            let mut t0 = 0;
+            while t0 < p.tokens {
+                let nt = (p.tokens - t0).min(TILE_TOKENS);
+                let mut r0 = rows.start;
+                while r0 < rows.end {
+                    let nr = rows.end - r0;
+                    let rt = if nr >= WIDE_ROWS && nt <= WIDE_MAX_TOKENS {
+                        WIDE_ROWS
+                    } else if nr >= TILE_ROWS {
+                        TILE_ROWS
+                    } else {
+                        1
+                    };
+                    // SAFETY: the tile (rt rows from r0, nt tokens from t0) lies inside the
+                    // problem and the caller's block; the rest is the caller's contract.
+                    unsafe {
+                        match (rt, nt) {
+                            (WIDE_ROWS, 2) => $tile::<$($W,)? WIDE_ROWS, 2>(p, w, r0, t0, k0, k1),
+                            (WIDE_ROWS, _) => $tile::<$($W,)? WIDE_ROWS, 1>(p, w, r0, t0, k0, k1),
+                            (TILE_ROWS, 6) => $tile::<$($W,)? TILE_ROWS, 6>(p, w, r0, t0, k0, k1),
+                            (TILE_ROWS, 5) => $tile::<$($W,)? TILE_ROWS, 5>(p, w, r0, t0, k0, k1),
+                            (TILE_ROWS, 4) => $tile::<$($W,)? TILE_ROWS, 4>(p, w, r0, t0, k0, k1),
+                            (TILE_ROWS, 3) => $tile::<$($W,)? TILE_ROWS, 3>(p, w, r0, t0, k0, k1),
+                            (TILE_ROWS, 2) => $tile::<$($W,)? TILE_ROWS, 2>(p, w, r0, t0, k0, k1),
+                            (TILE_ROWS, _) => $tile::<$($W,)? TILE_ROWS, 1>(p, w, r0, t0, k0, k1),
+                            (_, 6) => $tile::<$($W,)? 1, 6>(p, w, r0, t0, k0, k1),
+                            (_, 5) => $tile::<$($W,)? 1, 5>(p, w, r0, t0, k0, k1),
+                            (_, 4) => $tile::<$($W,)? 1, 4>(p, w, r0, t0, k0, k1),
+                            (_, 3) => $tile::<$($W,)? 1, 3>(p, w, r0, t0, k0, k1),
+                            (_, 2) => $tile::<$($W,)? 1, 2>(p, w, r0, t0, k0, k1),
+                            _ => $tile::<$($W,)? 1, 1>(p, w, r0, t0, k0, k1),
+                        }
+                    }
+                    r0 += rt;
+                }
+                t0 += nt;
+            }
+        }};
+    }
+
+    /// Software prefetch of W into L2, `PREFETCH_BYTES` ahead of a tile, along the rows in
+    /// memory order: a tile over whole rows reads a contiguous range of W, and the ranges of
+    /// successive tiles of a task follow each other, so prefetching linearly ahead of the tile
+    /// start, as fast as the tile consumes, fetches the next tiles' rows before they are read.
+    /// Off when the tile reads part of each row (k-blocked, compute-bound products).
+    struct Ahead {
+        next: *const u8,
+        last: *const u8,
+        on: bool,
+    }
+
+    impl Ahead {
+        /// For a tile starting at `tile` inside `w`, reading whole rows if `whole_rows`.
+        #[inline(always)]
+        fn new<W>(w: &[W], tile: *const W, whole_rows: bool) -> Ahead {
+            let end = w.as_ptr_range().end as *const u8;
+            Ahead {
+                next: (tile as *const u8).wrapping_add(PREFETCH_BYTES),
+                // Never past W's last cache line: the hint would fetch someone else's memory.
+                last: end.wrapping_sub(64),
+                on: whole_rows,
+            }
+        }
+
+        /// Prefetches the next `bytes` (what the tile reads per step) and moves on.
+        #[inline(always)]
+        fn step(&mut self, bytes: usize) {
+            if !self.on {
+                return;
+            }
+            let mut off = 0;
+            while off < bytes {
+                let a = self.next.wrapping_add(off).min(self.last);
+                // SAFETY: prefetching is a hint and never faults; `a` lies inside W anyway.
+                unsafe { _mm_prefetch::<_MM_HINT_T1>(a as *const i8) };
+                off += 64;
+            }
+            self.next = self.next.wrapping_add(bytes);
+        }
+    }
+
     /// Runs the FMA microkernel over a task's rows and one k-slice, for every token.
     ///
     /// # Safety
@@ -548,33 +658,7 @@ mod avx512 {
         k0: usize,
         k1: usize,
     ) {
-        let mut t0 = 0;
-        while t0 < p.tokens {
-            let nt = (p.tokens - t0).min(TILE_TOKENS);
-            let mut r0 = rows.start;
-            while r0 < rows.end {
-                let nr = (rows.end - r0).min(TILE_ROWS);
-                // SAFETY: the tile lies inside the problem (nr, nt clipped above).
-                unsafe {
-                    match (nr, nt) {
-                        (4, 6) => tile_fma::<W, 4, 6>(p, w, r0, t0, k0, k1),
-                        (4, 5) => tile_fma::<W, 4, 5>(p, w, r0, t0, k0, k1),
-                        (4, 4) => tile_fma::<W, 4, 4>(p, w, r0, t0, k0, k1),
-                        (4, 3) => tile_fma::<W, 4, 3>(p, w, r0, t0, k0, k1),
-                        (4, 2) => tile_fma::<W, 4, 2>(p, w, r0, t0, k0, k1),
-                        (4, 1) => tile_fma::<W, 4, 1>(p, w, r0, t0, k0, k1),
-                        (_, 6) => tile_fma::<W, 1, 6>(p, w, r0, t0, k0, k1),
-                        (_, 5) => tile_fma::<W, 1, 5>(p, w, r0, t0, k0, k1),
-                        (_, 4) => tile_fma::<W, 1, 4>(p, w, r0, t0, k0, k1),
-                        (_, 3) => tile_fma::<W, 1, 3>(p, w, r0, t0, k0, k1),
-                        (_, 2) => tile_fma::<W, 1, 2>(p, w, r0, t0, k0, k1),
-                        _ => tile_fma::<W, 1, 1>(p, w, r0, t0, k0, k1),
-                    }
-                }
-                r0 += if nr == TILE_ROWS { TILE_ROWS } else { 1 };
-            }
-            t0 += nt;
-        }
+        tiled_block!(tile_fma[W], p, w, rows, k0, k1);
     }
 
     /// R rows x T tokens of dot products over k0..k1 with f32 FMAs.
@@ -597,8 +681,10 @@ mod avx512 {
             std::array::from_fn(|t| p.x[(t0 + t) * p.x_stride + k0..].as_ptr());
         let len = k1 - k0;
         let full = len / 16 * 16;
+        let mut ahead = Ahead::new(w, wp[0], len == p.n_in && p.tokens <= TILE_TOKENS);
         let mut k = 0;
         while k < full {
+            ahead.step(R * 16 * std::mem::size_of::<W>());
             // SAFETY: k + 16 <= len, and every row has len elements from its pointer.
             unsafe {
                 let mut wv = [_mm512_setzero_ps(); R];
@@ -653,33 +739,7 @@ mod avx512 {
         k0: usize,
         k1: usize,
     ) {
-        let mut t0 = 0;
-        while t0 < p.tokens {
-            let nt = (p.tokens - t0).min(TILE_TOKENS);
-            let mut r0 = rows.start;
-            while r0 < rows.end {
-                let nr = (rows.end - r0).min(TILE_ROWS);
-                // SAFETY: the tile lies inside the problem (nr, nt clipped above).
-                unsafe {
-                    match (nr, nt) {
-                        (4, 6) => tile_bf16::<4, 6>(p, w, r0, t0, k0, k1),
-                        (4, 5) => tile_bf16::<4, 5>(p, w, r0, t0, k0, k1),
-                        (4, 4) => tile_bf16::<4, 4>(p, w, r0, t0, k0, k1),
-                        (4, 3) => tile_bf16::<4, 3>(p, w, r0, t0, k0, k1),
-                        (4, 2) => tile_bf16::<4, 2>(p, w, r0, t0, k0, k1),
-                        (4, 1) => tile_bf16::<4, 1>(p, w, r0, t0, k0, k1),
-                        (_, 6) => tile_bf16::<1, 6>(p, w, r0, t0, k0, k1),
-                        (_, 5) => tile_bf16::<1, 5>(p, w, r0, t0, k0, k1),
-                        (_, 4) => tile_bf16::<1, 4>(p, w, r0, t0, k0, k1),
-                        (_, 3) => tile_bf16::<1, 3>(p, w, r0, t0, k0, k1),
-                        (_, 2) => tile_bf16::<1, 2>(p, w, r0, t0, k0, k1),
-                        _ => tile_bf16::<1, 1>(p, w, r0, t0, k0, k1),
-                    }
-                }
-                r0 += if nr == TILE_ROWS { TILE_ROWS } else { 1 };
-            }
-            t0 += nt;
-        }
+        tiled_block!(tile_bf16[], p, w, rows, k0, k1);
     }
 
     /// R rows x T tokens of bf16 dot products over k0..k1 (`vdpbf16ps`, f32 accumulation).
@@ -705,8 +765,10 @@ mod avx512 {
             std::array::from_fn(|t| p.x[(t0 + t) * p.x_stride + k0..].as_ptr());
         let len = k1 - k0;
         let full = len / 32 * 32;
+        let mut ahead = Ahead::new(w, wp[0], len == p.n_in && p.tokens <= TILE_TOKENS);
         let mut k = 0;
         while k < full {
+            ahead.step(R * 64);
             // SAFETY: k + 32 <= len for the weights; the input rows are at least as long.
             // __m512i and __m512bh are both 64 plain bytes, so the transmutes are bit casts.
             unsafe {

@@ -8,6 +8,9 @@ use rayon::prelude::*;
 
 mod attention;
 mod linear;
+mod memory;
+
+pub use memory::{advise_huge_pages, huge_page_vec, stream_read};
 
 /// Borrowed weight elements in the dtype the checkpoint stores them in.
 ///

@@ -124,12 +124,30 @@ fn linear_matches_reference_on_every_path_dtype_and_odd_shape() {
         (20, 2100, 9),   // more than one k-slice for many tokens
         (30, 1031, 261), // several row tasks, row and k tails, uneven token tiles
     ];
+    check_linear_shapes(&shapes, 0, 7);
+}
+
+/// `check_linear` on every instruction set and dtype for each (tokens, n_in, n_out); every
+/// other shape (starting with shape `bias_from`) has a bias; seeds count up from `seed`.
+fn check_linear_shapes(shapes: &[(usize, usize, usize)], bias_from: usize, seed: u64) {
     for isa in Isa::available() {
         for kind in 0..3 {
             for (n, &(tokens, n_in, n_out)) in shapes.iter().enumerate() {
-                check_linear(isa, kind, tokens, n_in, n_out, n % 2 == 0, 7 + n as u64);
+                let bias = n % 2 == bias_from;
+                check_linear(isa, kind, tokens, n_in, n_out, bias, seed + n as u64);
             }
         }
+    }
+}
+
+/// Runs `f` inside rayon pools of each of these sizes (task boundaries move with the count).
+fn in_pools(threads: &[usize], f: impl Fn() + Sync) {
+    for &n in threads {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .unwrap();
+        pool.install(&f);
     }
 }
 
@@ -147,6 +165,34 @@ fn linear_decode_shape_and_public_entry_point() {
     for (g, w) in y.iter().zip(&want) {
         assert!((*g as f64 - w).abs() < 1e-4);
     }
+}
+
+#[test]
+fn linear_few_token_wide_tiles_tails_and_prefetch_to_the_matrix_end() {
+    // 1-2 tokens run 8-row tiles, then a 4-row tile and single rows, on whole rows that are
+    // prefetched ahead up to W's last line. Pools of 1, 2 and 3 threads move the task
+    // boundaries; the shapes have row tails of every kind and k tails (n_in % 32 != 0).
+    let shapes = [
+        (1, 40, 15),
+        (2, 96, 31),
+        (1, 2055, 45),
+        (2, 33, 8),
+        (1, 5000, 13),
+        (2, 64, 3),
+        (1, 300, 77),
+    ];
+    in_pools(&[1, 2, 3], || check_linear_shapes(&shapes, 1, 40));
+}
+
+#[test]
+fn huge_page_vec_and_stream_read() {
+    let v = huge_page_vec(3 << 20, 7u16);
+    assert!(v.len() == 3 << 20 && v.iter().all(|x| *x == 7));
+    advise_huge_pages(&v[1..5]);
+    let ones: Vec<f32> = vec![1.0; 1001];
+    let bytes: &[u8] = bytemuck::cast_slice(&ones);
+    assert_eq!(stream_read(bytes), 1001.0);
+    assert_eq!(stream_read(&bytes[1..]), 1000.0); // the aligned words only
 }
 
 #[test]
@@ -299,6 +345,36 @@ fn attention_decode_prefill_and_masking() {
     // Holes in the middle as well.
     let holes: Vec<bool> = (0..30).map(|j| j % 3 != 1).collect();
     check_attention(6, 30, 3, 5, &holes, 2, 8);
+}
+
+#[test]
+fn attention_decode_splits_heads_between_threads() {
+    // One query row with room for several heads' scores: heads go to threads in contiguous
+    // ranges and are scored together key by key. Pools of 2 and 3 threads, head counts that do
+    // not divide evenly, scratch for fewer heads than a range holds, masked keys, and a cache
+    // long enough (work >= 2^16) to take the parallel path.
+    let mut padded = vec![true; 300];
+    padded[..5].fill(false);
+    padded[100..103].fill(false);
+    let none = vec![false; 300];
+    in_pools(&[2, 3], || {
+        for (n, &(kv_len, nh, hd, slots)) in [
+            (257, 12, 64, 12),
+            (300, 7, 40, 7),
+            (300, 7, 40, 2),
+            (200, 32, 64, 32),
+            (129, 5, 100, 64),
+        ]
+        .iter()
+        .enumerate()
+        {
+            check_attention(1, kv_len, nh, hd, &padded, slots, 60 + n as u64);
+        }
+        check_attention(1, 300, 4, 64, &none, 4, 70);
+    });
+    // Sequential, with scratch for several heads at once.
+    check_attention(1, 50, 6, 16, &padded, 4, 71);
+    check_attention(3, 50, 6, 16, &padded, 4, 72);
 }
 
 #[test]
