@@ -160,7 +160,7 @@ pub fn measure_profile(
 
     step(4, &mut done, progress);
     let disk_bytes: u64 = if opts.quick { 512 << 20 } else { 2 << 30 };
-    let disk_passes = if opts.quick { 3 } else { 5 };
+    let disk_passes = if opts.quick { 3 } else { 7 };
     let base = done;
     let disk = measure::disk(&opts.offload_dir, disk_bytes, disk_passes, &mut |f| {
         progress(STEPS[4].0, base + f * STEPS[4].1)

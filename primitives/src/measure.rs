@@ -46,8 +46,9 @@ impl Rate {
     }
 }
 
-/// Runs `work` once untimed, then `passes` times; each pass's rate is `amount / seconds`.
+/// Runs `work` twice untimed, then `passes` times; each pass's rate is `amount / seconds`.
 fn timed(passes: usize, amount: f64, mut work: impl FnMut()) -> Rate {
+    work();
     work();
     let rates = (0..passes.max(1))
         .map(|_| {
@@ -61,14 +62,15 @@ fn timed(passes: usize, amount: f64, mut work: impl FnMut()) -> Rate {
 
 /// Deterministic bf16 values in [-0.5, 0.5): the kernels' speed does not depend on them, but
 /// denormals and NaNs must not appear.
+/// Held on 2 MiB pages, as the executor holds weights where it can: on 4 KiB pages the rate drifted
+/// upward within a run (17 to 36 GB/s over seven passes) as the kernel collapsed pages.
 fn bf16_values(n: usize, seed: u32) -> Vec<bf16> {
-    (0..n)
-        .into_par_iter()
-        .map(|i| {
-            let h = (i as u32 ^ seed).wrapping_mul(0x9E37_79B9).rotate_left(13);
-            bf16::from_f32((h >> 8) as f32 / (1u32 << 24) as f32 - 0.5)
-        })
-        .collect()
+    let mut v = kernels::huge_page_vec(n, bf16::ZERO);
+    v.par_iter_mut().enumerate().for_each(|(i, x)| {
+        let h = (i as u32 ^ seed).wrapping_mul(0x9E37_79B9).rotate_left(13);
+        *x = bf16::from_f32((h >> 8) as f32 / (1u32 << 24) as f32 - 0.5);
+    });
+    v
 }
 
 /// The shapes of one transformer layer's products with hidden size `h`, as `[out, in]`: the
@@ -163,9 +165,12 @@ pub fn attention_flops(
     let q: Vec<f32> = (0..q_len * d).map(|i| (i % 11) as f32 * 0.01).collect();
     let kv: Vec<Vec<f32>> = (0..2 * seqs)
         .map(|s| {
-            (0..kv_len * d)
-                .map(|i| ((i + s) % 19) as f32 * 0.01)
-                .collect()
+            // On 2 MiB pages, as the executor's KV cache is.
+            let mut v = kernels::huge_page_vec(kv_len * d, 0.0f32);
+            v.iter_mut()
+                .enumerate()
+                .for_each(|(i, x)| *x = ((i + s) % 19) as f32 * 0.01);
+            v
         })
         .collect();
     let valid = vec![true; kv_len];
@@ -173,8 +178,11 @@ pub fn attention_flops(
     let mut scratch = vec![0.0f32; kv_len * rayon::current_num_threads().max(heads)];
     let flops = 4.0 * (seqs * q_len * kv_len * d) as f64;
     let scale = 1.0 / (head_dim as f32).sqrt();
-    timed(passes, flops, || {
-        for s in 0..seqs {
+    // Enough rounds that a pass takes tens of milliseconds: a single round of a few milliseconds
+    // moved by 1.8x between two runs on an idle machine.
+    let rounds = ((5e8 / flops).ceil() as usize).clamp(1, 1000);
+    timed(passes, flops * rounds as f64, || {
+        for s in (0..seqs).cycle().take(seqs * rounds) {
             kernels::attention(
                 &q,
                 q_len,
@@ -197,7 +205,7 @@ pub fn attention_flops(
 /// contiguous part): the DRAM read ceiling, for comparison with [`linear_stream_bandwidth`].
 pub fn dram_read_bandwidth(bytes: usize, passes: usize) -> Rate {
     let len = bytes / 4;
-    let mut buf = vec![0.0f32; len];
+    let mut buf = kernels::huge_page_vec(len, 0.0f32);
     buf.par_chunks_mut(1 << 16)
         .enumerate()
         .for_each(|(i, c)| c.fill(i as f32 * 1e-9));
