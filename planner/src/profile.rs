@@ -733,6 +733,7 @@ mod tests {
         // Log-log: 4 rows is halfway between 2 and 8.
         assert!((curve.at(4.0) - (0.04f64 * 0.1).sqrt()).abs() < 1e-12);
         let mut p = Profile::embedded("cpu-2core-24gib").unwrap();
+        p.cpu.matmul_decode_by_rows = None;
         let single = p.cpu_rates(8).matmul_decode_flops;
         assert_eq!(single, p.cpu.matmul_decode_tflops.value * TFLOPS);
         p.cpu.matmul_decode_by_rows = Some(curve.clone());
