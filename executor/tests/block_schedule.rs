@@ -331,14 +331,7 @@ fn compressed_weights_run_and_stay_near_the_dense_logits() {
         &loaded.weights,
     )
     .unwrap();
-    let num: f32 = got
-        .prefill_logits
-        .iter()
-        .zip(&want.prefill_logits)
-        .map(|(a, b)| (a - b).powi(2))
-        .sum();
-    let den: f32 = want.prefill_logits.iter().map(|a| a * a).sum();
-    let rel = (num / den).sqrt();
+    let rel = relative_l2(&got.prefill_logits, &want.prefill_logits);
     // 4-bit weights change the logits (about 9% per product on these random fixtures, compounded
     // over 3 layers; docs/compression.md), but not beyond recognition.
     assert!(rel > 1e-4 && rel < 1.5, "relative drift {rel}");
@@ -371,14 +364,7 @@ fn a_compressed_kv_cache_runs_and_stays_near_the_dense_logits() {
         &loaded.weights,
     )
     .unwrap();
-    let num: f32 = got
-        .prefill_logits
-        .iter()
-        .zip(&want.prefill_logits)
-        .map(|(a, b)| (a - b).powi(2))
-        .sum();
-    let den: f32 = want.prefill_logits.iter().map(|a| a * a).sum();
-    let rel = (num / den).sqrt();
+    let rel = relative_l2(&got.prefill_logits, &want.prefill_logits);
     assert!(rel > 1e-5 && rel < 1.5, "relative drift {rel}");
     assert!(got.tokens.iter().all(|t| t.len() == 3));
     plan.kv_cache_disk = 0.5;
@@ -394,4 +380,11 @@ fn a_compressed_kv_cache_runs_and_stays_near_the_dense_logits() {
         Ok(_) => panic!("a compressed cache on disk must be refused"),
     };
     assert!(e.contains("compression.kv_cache"), "{e}");
+}
+
+/// ||got - want|| / ||want||: how far compressed logits drifted from the dense ones.
+fn relative_l2(got: &[f32], want: &[f32]) -> f32 {
+    let num: f32 = got.iter().zip(want).map(|(a, b)| (a - b).powi(2)).sum();
+    let den: f32 = want.iter().map(|a| a * a).sum();
+    (num / den).sqrt()
 }
