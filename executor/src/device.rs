@@ -203,6 +203,13 @@ pub trait Device: Send + Sync {
     fn transfers(&self) -> TransferStats;
 }
 
+/// Why an attention call cannot be served (more queries than keys, a mask shorter than the
+/// keys), checked the same way by every device so that they refuse the same calls.
+pub fn attention_call_problem(q_len: usize, kv_len: usize, mask_len: usize) -> Option<String> {
+    (q_len > kv_len || mask_len < kv_len)
+        .then(|| format!("attention: {q_len} queries over {kv_len} keys with a mask of {mask_len}"))
+}
+
 /// Parses a capacity such as `512MiB`, `2GiB`, `1.5GB`, `64k` or `1048576` (bytes).
 pub fn parse_capacity(text: &str) -> Option<u64> {
     let t = text.trim();

@@ -312,11 +312,9 @@ impl Device for SimDevice {
         out: &DeviceBuf,
     ) -> Result<(), DeviceError> {
         let d = num_heads * head_dim;
-        if q_len > kv_len || key_valid.len() < kv_len {
-            return Err(self.invalid(format!(
-                "attention: {q_len} queries over {kv_len} keys with a mask of {}",
-                key_valid.len()
-            )));
+        if let Some(problem) = crate::device::attention_call_problem(q_len, kv_len, key_valid.len())
+        {
+            return Err(self.invalid(problem));
         }
         self.with_output(out, q_len * d, |st, os| {
             let bad = || self.invalid("attention: an input is out of range".into());

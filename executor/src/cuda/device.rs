@@ -801,11 +801,9 @@ impl Device for CudaDevice {
         head_dim: usize,
         out: &DeviceBuf,
     ) -> Result<(), DeviceError> {
-        if q_len > kv_len || key_valid.len() < kv_len {
-            return Err(invalid(format!(
-                "attention: {q_len} queries over {kv_len} keys with a mask of {}",
-                key_valid.len()
-            )));
+        if let Some(problem) = crate::device::attention_call_problem(q_len, kv_len, key_valid.len())
+        {
+            return Err(invalid(problem));
         }
         let d = num_heads
             .checked_mul(head_dim)

@@ -136,6 +136,28 @@ struct Problem<'a, X> {
     y: OutPtr,
 }
 
+impl<'a, X> Problem<'a, X> {
+    fn new(
+        x: &'a [X],
+        x_stride: usize,
+        tokens: usize,
+        n_in: usize,
+        n_out: usize,
+        bias: Option<&'a [f32]>,
+        y: OutPtr,
+    ) -> Problem<'a, X> {
+        Problem {
+            x,
+            x_stride,
+            tokens,
+            n_in,
+            n_out,
+            bias,
+            y,
+        }
+    }
+}
+
 /// Computes `linear` on the given instruction set (tests force each path; `linear` detects).
 pub(crate) fn linear_on(
     isa: Isa,
@@ -194,15 +216,7 @@ pub(crate) fn linear_on(
             let stride = n_in.div_ceil(32) * 32 + 32;
             with_buffer(&INPUT_BF16, tokens * stride, |buf| {
                 round_rows_to_bf16(isa, x, n_in, buf, stride);
-                let p = Problem {
-                    x: buf,
-                    x_stride: stride,
-                    tokens,
-                    n_in,
-                    n_out,
-                    bias,
-                    y,
-                };
+                let p = Problem::new(buf, stride, tokens, n_in, n_out, bias, y);
                 let w_bits: &[u16] = bytemuck::cast_slice(wd);
                 #[cfg(target_arch = "x86_64")]
                 if tokens >= PACK_MIN_TOKENS {
@@ -225,40 +239,16 @@ pub(crate) fn linear_on(
                 for (d, s) in buf.iter_mut().zip(x) {
                     *d = bf16::from_f32(*s).to_f32();
                 }
-                let p = Problem {
-                    x: buf,
-                    x_stride: n_in,
-                    tokens,
-                    n_in,
-                    n_out,
-                    bias,
-                    y,
-                };
+                let p = Problem::new(buf, n_in, tokens, n_in, n_out, bias, y);
                 dispatch_f32_input(isa, &p, wd);
             });
         }
         (WeightData::F16(wd), _) => {
-            let p = Problem {
-                x,
-                x_stride: n_in,
-                tokens,
-                n_in,
-                n_out,
-                bias,
-                y,
-            };
+            let p = Problem::new(x, n_in, tokens, n_in, n_out, bias, y);
             dispatch_f32_input(isa, &p, wd);
         }
         (WeightData::F32(wd), _) => {
-            let p = Problem {
-                x,
-                x_stride: n_in,
-                tokens,
-                n_in,
-                n_out,
-                bias,
-                y,
-            };
+            let p = Problem::new(x, n_in, tokens, n_in, n_out, bias, y);
             dispatch_f32_input(isa, &p, wd);
         }
     }
