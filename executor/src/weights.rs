@@ -7,7 +7,7 @@
 //! demand, without the model code changing.
 
 use crate::error::{ExecError, Result};
-use crate::kernels::WeightData;
+use crate::kernels::{OwnedWeights, WeightData};
 use half::{bf16, f16};
 use memmap2::Mmap;
 use rayon::prelude::*;
@@ -108,34 +108,17 @@ pub trait WeightStore: Send + Sync {
     }
 }
 
-/// Tensor elements held in memory in their element type.
-enum OwnedData {
-    F32(Vec<f32>),
-    F16(Vec<f16>),
-    Bf16(Vec<bf16>),
-}
-
-impl OwnedData {
-    fn view(&self) -> WeightData<'_> {
-        match self {
-            OwnedData::F32(v) => WeightData::F32(v),
-            OwnedData::F16(v) => WeightData::F16(v),
-            OwnedData::Bf16(v) => WeightData::Bf16(v),
-        }
+/// Copies `bytes` into a Vec of `dtype`'s element type (aligned whatever `bytes` is).
+fn owned_from_bytes(dtype: ElementType, bytes: &[u8]) -> OwnedWeights {
+    fn collect<T: bytemuck::Pod + Default>(bytes: &[u8]) -> Vec<T> {
+        let mut v = vec![T::default(); bytes.len() / std::mem::size_of::<T>()];
+        bytemuck::cast_slice_mut::<T, u8>(&mut v).copy_from_slice(bytes);
+        v
     }
-
-    fn from_bytes(dtype: ElementType, bytes: &[u8]) -> OwnedData {
-        // Copy into a Vec of the element type, which is aligned whatever `bytes` is.
-        fn collect<T: bytemuck::Pod + Default>(bytes: &[u8]) -> Vec<T> {
-            let mut v = vec![T::default(); bytes.len() / std::mem::size_of::<T>()];
-            bytemuck::cast_slice_mut::<T, u8>(&mut v).copy_from_slice(bytes);
-            v
-        }
-        match dtype {
-            ElementType::F32 => OwnedData::F32(collect(bytes)),
-            ElementType::F16 => OwnedData::F16(collect(bytes)),
-            ElementType::Bf16 => OwnedData::Bf16(collect(bytes)),
-        }
+    match dtype {
+        ElementType::F32 => OwnedWeights::F32(collect(bytes)),
+        ElementType::F16 => OwnedWeights::F16(collect(bytes)),
+        ElementType::Bf16 => OwnedWeights::Bf16(collect(bytes)),
     }
 }
 
@@ -148,7 +131,7 @@ enum Backing {
         end: usize,
     },
     /// Copied out, because its offset in the file was not aligned for its element type.
-    Copied(OwnedData),
+    Copied(OwnedWeights),
 }
 
 /// A Hugging Face checkpoint (`model.safetensors`, or shards listed in
@@ -256,7 +239,7 @@ impl SafetensorsStore {
                     end,
                 }
             } else {
-                Backing::Copied(OwnedData::from_bytes(dtype, bytes))
+                Backing::Copied(owned_from_bytes(dtype, bytes))
             };
             let id = TensorId(self.metas.len());
             self.metas.push(TensorMeta {
@@ -505,7 +488,7 @@ pub struct RandomTensor {
 pub struct RandomStore {
     origin: String,
     metas: Vec<TensorMeta>,
-    data: Vec<OwnedData>,
+    data: Vec<OwnedWeights>,
     by_name: HashMap<String, TensorId>,
 }
 
@@ -531,13 +514,13 @@ impl RandomStore {
             let tensor_seed = crate::rng::mix(seed, t_index as u64);
             let data = match dtype {
                 ElementType::F32 => {
-                    OwnedData::F32(fill(len, t.init, tensor_seed, progress, 4, |x| x))
+                    OwnedWeights::F32(fill(len, t.init, tensor_seed, progress, 4, |x| x))
                 }
                 ElementType::F16 => {
-                    OwnedData::F16(fill(len, t.init, tensor_seed, progress, 2, f16::from_f32))
+                    OwnedWeights::F16(fill(len, t.init, tensor_seed, progress, 2, f16::from_f32))
                 }
                 ElementType::Bf16 => {
-                    OwnedData::Bf16(fill(len, t.init, tensor_seed, progress, 2, bf16::from_f32))
+                    OwnedWeights::Bf16(fill(len, t.init, tensor_seed, progress, 2, bf16::from_f32))
                 }
             };
             store

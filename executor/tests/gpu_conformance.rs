@@ -17,7 +17,7 @@ mod common;
 use executor::backend::{Backend, CpuBackend};
 use executor::cuda::{self, CudaBackend, CudaDevice};
 use executor::device::{Device, DeviceBuf, DeviceError, DeviceMatrix};
-use executor::kernels::{Matrix, WeightData};
+use executor::kernels::OwnedWeights as Owned;
 use executor::sim::SimDevice;
 use executor::weights::ElementType;
 use half::{bf16, f16};
@@ -51,30 +51,11 @@ impl Rng {
 }
 
 /// Owned weights in one dtype (0 = f32, 1 = f16, 2 = bf16).
-enum Owned {
-    F32(Vec<f32>),
-    F16(Vec<f16>),
-    Bf16(Vec<bf16>),
-}
-impl Owned {
-    fn new(kind: usize, w: &[f32]) -> Owned {
-        match kind {
-            0 => Owned::F32(w.to_vec()),
-            1 => Owned::F16(w.iter().map(|v| f16::from_f32(*v)).collect()),
-            _ => Owned::Bf16(w.iter().map(|v| bf16::from_f32(*v)).collect()),
-        }
-    }
-    fn matrix(&self, out_features: usize, in_features: usize) -> Matrix<'_> {
-        let data = match self {
-            Owned::F32(d) => WeightData::F32(d),
-            Owned::F16(d) => WeightData::F16(d),
-            Owned::Bf16(d) => WeightData::Bf16(d),
-        };
-        Matrix {
-            data,
-            out_features,
-            in_features,
-        }
+fn owned(kind: usize, w: &[f32]) -> Owned {
+    match kind {
+        0 => Owned::F32(w.to_vec()),
+        1 => Owned::F16(w.iter().map(|v| f16::from_f32(*v)).collect()),
+        _ => Owned::Bf16(w.iter().map(|v| bf16::from_f32(*v)).collect()),
     }
 }
 
@@ -99,7 +80,7 @@ fn check_linear(
 ) {
     let mut rng = Rng(seed);
     let x = rng.vec(tokens * n_in);
-    let w = Owned::new(kind, &rng.vec(n_out * n_in));
+    let w = owned(kind, &rng.vec(n_out * n_in));
     let b = rng.vec(n_out);
     let b = bias.then_some(&b[..]);
     let m = w.matrix(n_out, n_in);
@@ -160,12 +141,12 @@ fn linear_degenerate_sizes() {
     let Some(g) = gpu("linear_degenerate_sizes") else {
         return;
     };
-    let w = Owned::new(0, &[]);
+    let w = owned(0, &[]);
     let mut y = vec![1.0; 6];
     g.linear(&[], 2, &w.matrix(3, 0), Some(&[1.0, 2.0, 3.0]), &mut y);
     assert_eq!(y, [1.0, 2.0, 3.0, 1.0, 2.0, 3.0]);
     let mut y: Vec<f32> = vec![];
-    g.linear(&[], 0, &Owned::new(0, &[0.5; 6]).matrix(2, 3), None, &mut y);
+    g.linear(&[], 0, &owned(0, &[0.5; 6]).matrix(2, 3), None, &mut y);
 }
 
 #[test]
@@ -173,7 +154,7 @@ fn linear_rejects_wrong_input_length_as_an_error() {
     let Some(g) = gpu("linear_rejects_wrong_input_length_as_an_error") else {
         return;
     };
-    let w = Owned::new(0, &[0.0; 6]);
+    let w = owned(0, &[0.0; 6]);
     let r = g.try_linear(&[0.0; 4], 1, &w.matrix(2, 3), None, &mut [0.0; 2]);
     let msg = r.unwrap_err().to_string();
     assert!(msg.contains("linear: x must be"), "{msg}");
@@ -346,7 +327,7 @@ fn embedding_gather_matches_the_table() {
     let table = rng.vec(vocab * width);
     let ids = [0u32, 49, 7, 7, 13];
     for kind in 0..3 {
-        let owned = Owned::new(kind, &table);
+        let owned = owned(kind, &table);
         let m = owned.matrix(vocab, width);
         let mut out = vec![f32::NAN; ids.len() * width];
         g.try_embedding(&ids, &m, &mut out).unwrap();
@@ -361,7 +342,7 @@ fn embedding_gather_matches_the_table() {
             }
         }
     }
-    let m = Owned::new(0, &table);
+    let m = owned(0, &table);
     let err = g
         .try_embedding(&[50], &m.matrix(vocab, width), &mut vec![0.0; width])
         .unwrap_err();
@@ -449,7 +430,7 @@ fn throughput_table() {
     for (kind, name) in [(0, "f32"), (1, "f16"), (2, "bf16")] {
         for &(tokens, n_in, n_out) in &[(1, h, h), (32, h, 4 * h), (512, h, h)] {
             let x = rng.vec(tokens * n_in);
-            let w = Owned::new(kind, &rng.vec(n_out * n_in));
+            let w = owned(kind, &rng.vec(n_out * n_in));
             let m = w.matrix(n_out, n_in);
             let b = rng.vec(n_out);
             let mut y = vec![0.0; tokens * n_out];
@@ -531,20 +512,11 @@ fn cuda_device(test: &str) -> Option<&'static CudaDevice> {
     }
 }
 
-impl Owned {
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Owned::F32(d) => bytemuck::cast_slice(d),
-            Owned::F16(d) => bytemuck::cast_slice(d),
-            Owned::Bf16(d) => bytemuck::cast_slice(d),
-        }
-    }
-    fn dtype(&self) -> ElementType {
-        match self {
-            Owned::F32(_) => ElementType::F32,
-            Owned::F16(_) => ElementType::F16,
-            Owned::Bf16(_) => ElementType::Bf16,
-        }
+fn dtype_of(w: &Owned) -> ElementType {
+    match w {
+        Owned::F32(_) => ElementType::F32,
+        Owned::F16(_) => ElementType::F16,
+        Owned::Bf16(_) => ElementType::Bf16,
     }
 }
 
@@ -573,26 +545,26 @@ fn split_linear_on(
 ) -> Vec<f32> {
     let (pad, mut rng) = (3, Rng(seed));
     let x = rng.vec(rows * inp);
-    let w = Owned::new(kind, &rng.vec((pad + out) * inp));
+    let w = owned(kind, &rng.vec((pad + out) * inp));
     let bias = rng.vec(pad + out);
-    let es = w.dtype().size();
+    let es = dtype_of(&w).size();
     let xb = upload_f32(dev, &x, "x");
-    let wb = dev.alloc(w.bytes().len(), "w").unwrap();
-    dev.upload(&wb, 0, w.bytes()).unwrap();
+    let wb = dev.alloc(w.as_bytes().len(), "w").unwrap();
+    dev.upload(&wb, 0, w.as_bytes()).unwrap();
     let bb = upload_f32(dev, &bias, "bias");
     let dev_rows = out - split;
     let yd = dev.alloc(rows * dev_rows * 4, "y_dev").unwrap();
     let dm = DeviceMatrix {
         buf: &wb,
         offset: (pad + split) * inp * es,
-        dtype: w.dtype(),
+        dtype: dtype_of(&w),
         out_features: dev_rows,
         in_features: inp,
         bias: Some((&bb, (pad + split) * 4)),
     };
     dev.linear(&xb, rows, &dm, &yd).unwrap();
     // The host half, with the CPU kernels, over rows pad..pad+split of the same matrix.
-    let host_w = Owned::new(kind, &{
+    let host_w = owned(kind, &{
         let all = match &w {
             Owned::F32(d) => d.clone(),
             Owned::F16(d) => d.iter().map(|v| v.to_f32()).collect(),

@@ -25,6 +25,43 @@ pub enum WeightData<'a> {
     Bf16(&'a [half::bf16]),
 }
 
+/// Weight elements owned in the dtype they are stored in: tensors copied out of a checkpoint,
+/// random weights, and matrices built by tests in each dtype.
+pub enum OwnedWeights {
+    F32(Vec<f32>),
+    F16(Vec<half::f16>),
+    Bf16(Vec<half::bf16>),
+}
+
+impl OwnedWeights {
+    /// A borrowed view for the kernels.
+    pub fn view(&self) -> WeightData<'_> {
+        match self {
+            OwnedWeights::F32(v) => WeightData::F32(v),
+            OwnedWeights::F16(v) => WeightData::F16(v),
+            OwnedWeights::Bf16(v) => WeightData::Bf16(v),
+        }
+    }
+
+    /// The elements as an `[out_features, in_features]` matrix.
+    pub fn matrix(&self, out_features: usize, in_features: usize) -> Matrix<'_> {
+        Matrix {
+            data: self.view(),
+            out_features,
+            in_features,
+        }
+    }
+
+    /// The elements' bytes, as a device upload or a file takes them.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            OwnedWeights::F32(v) => bytemuck::cast_slice(v),
+            OwnedWeights::F16(v) => bytemuck::cast_slice(v),
+            OwnedWeights::Bf16(v) => bytemuck::cast_slice(v),
+        }
+    }
+}
+
 /// Weight matrix in nn.Linear layout: row-major [out_features, in_features].
 ///
 /// This is the layout Hugging Face checkpoints store, so a matrix can point straight into a

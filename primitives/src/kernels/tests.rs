@@ -19,12 +19,10 @@ impl Rng {
     }
 }
 
-/// Owned weights in one dtype plus their exact f32 values, for the reference.
-enum Owned {
-    F32(Vec<f32>),
-    F16(Vec<f16>),
-    Bf16(Vec<bf16>),
-}
+use super::OwnedWeights as Owned;
+
+/// Owned weights in one dtype (0 = f32, 1 = f16, 2 = bf16) and their exact values, for the
+/// reference.
 impl Owned {
     fn new(kind: usize, w: &[f32]) -> Owned {
         match kind {
@@ -38,18 +36,6 @@ impl Owned {
             Owned::F32(d) => d.iter().map(|v| *v as f64).collect(),
             Owned::F16(d) => d.iter().map(|v| v.to_f64()).collect(),
             Owned::Bf16(d) => d.iter().map(|v| v.to_f64()).collect(),
-        }
-    }
-    fn matrix(&self, out_features: usize, in_features: usize) -> Matrix<'_> {
-        let data = match self {
-            Owned::F32(d) => WeightData::F32(d),
-            Owned::F16(d) => WeightData::F16(d),
-            Owned::Bf16(d) => WeightData::Bf16(d),
-        };
-        Matrix {
-            data,
-            out_features,
-            in_features,
         }
     }
 }
