@@ -6,6 +6,7 @@
 //! transposing the cache. Bodies are written once in plain Rust and compiled twice, for AVX-512
 //! and for the baseline target, and the wrapper picks one at run time.
 
+use super::linear::Isa;
 use rayon::prelude::*;
 
 /// Geometry and operands shared by every query row.
@@ -23,7 +24,7 @@ pub(crate) struct Attn<'a> {
 
 /// Runs attention. With room in `scratch` for several rows' scores, query rows run in
 /// parallel (prefill); a single query row (decode) instead splits its heads between threads.
-pub(crate) fn attention_impl(a: &Attn, out: &mut [f32], scratch: &mut [f32], simd: bool) {
+pub(crate) fn attention_impl(a: &Attn, out: &mut [f32], scratch: &mut [f32], isa: Isa) {
     let d = a.num_heads * a.head_dim;
     if a.q_len == 0 || d == 0 {
         return;
@@ -42,7 +43,7 @@ pub(crate) fn attention_impl(a: &Attn, out: &mut [f32], scratch: &mut [f32], sim
             .for_each(|(g, (o, s))| {
                 let first = g * rows_per_group;
                 for (r, orow) in o.chunks_mut(d).enumerate() {
-                    run_heads(a, first + r, 0, orow, &mut s[..a.kv_len], simd);
+                    run_heads(a, first + r, 0, orow, &mut s[..a.kv_len], isa);
                 }
             });
     } else if slots >= 2 && a.q_len == 1 && threads >= 2 && work >= 1 << 16 {
@@ -53,22 +54,24 @@ pub(crate) fn attention_impl(a: &Attn, out: &mut [f32], scratch: &mut [f32], sim
         out.par_chunks_mut(heads_per_group * a.head_dim)
             .zip(scratch.par_chunks_mut(per_group))
             .enumerate()
-            .for_each(|(g, (o, s))| run_heads(a, 0, g * heads_per_group, o, s, simd));
+            .for_each(|(g, (o, s))| run_heads(a, 0, g * heads_per_group, o, s, isa));
     } else {
         for (i, orow) in out.chunks_mut(d).enumerate() {
-            run_heads(a, i, 0, orow, scratch, simd);
+            run_heads(a, i, 0, orow, scratch, isa);
         }
     }
 }
 
-fn run_heads(a: &Attn, i: usize, h0: usize, out: &mut [f32], p: &mut [f32], simd: bool) {
+fn run_heads(a: &Attn, i: usize, h0: usize, out: &mut [f32], p: &mut [f32], isa: Isa) {
     #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: `simd` is only set when the CPU has AVX-512 F and FMA.
-        unsafe { heads_avx512(a, i, h0, out, p) };
-        return;
+    match isa {
+        // SAFETY: `Isa::detect` only reports an instruction set the CPU has.
+        Isa::Avx512 | Isa::Avx512Bf16 => return unsafe { heads_avx512(a, i, h0, out, p) },
+        // SAFETY: as above.
+        Isa::Avx2 => return unsafe { heads_avx2(a, i, h0, out, p) },
+        Isa::Portable => {}
     }
-    let _ = simd;
+    let _ = isa;
     heads_body::<Plain>(a, i, h0, out, p);
 }
 
@@ -76,6 +79,12 @@ fn run_heads(a: &Attn, i: usize, h0: usize, out: &mut [f32], p: &mut [f32], simd
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
 unsafe fn heads_avx512(a: &Attn, i: usize, h0: usize, out: &mut [f32], p: &mut [f32]) {
     heads_body::<avx512::Fma>(a, i, h0, out, p)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn heads_avx2(a: &Attn, i: usize, h0: usize, out: &mut [f32], p: &mut [f32]) {
+    heads_body::<avx2::Fma>(a, i, h0, out, p)
 }
 
 /// The per-head vector operations: a score and a weighted value update over `head_dim` floats.
@@ -184,6 +193,78 @@ mod avx512 {
                     );
                     _mm512_mask_storeu_ps(py.add(k), m, r);
                 }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! AVX2 head operations (8 lanes, FMA), for CPUs without AVX-512.
+    use std::arch::x86_64::*;
+
+    pub(super) struct Fma;
+
+    impl super::HeadOps for Fma {
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+            let n = a.len().min(b.len());
+            let (pa, pb) = (a.as_ptr(), b.as_ptr());
+            let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut k = 0;
+            // SAFETY: every load reads k..k+8 <= n; the tail is added one float at a time.
+            unsafe {
+                while k + 16 <= n {
+                    acc0 = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(pa.add(k)),
+                        _mm256_loadu_ps(pb.add(k)),
+                        acc0,
+                    );
+                    acc1 = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(pa.add(k + 8)),
+                        _mm256_loadu_ps(pb.add(k + 8)),
+                        acc1,
+                    );
+                    k += 16;
+                }
+                if k + 8 <= n {
+                    acc0 = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(pa.add(k)),
+                        _mm256_loadu_ps(pb.add(k)),
+                        acc0,
+                    );
+                    k += 8;
+                }
+            }
+            // SAFETY: this function's features include AVX2.
+            let mut s = unsafe { super::super::linear::reduce_add_avx2(_mm256_add_ps(acc0, acc1)) };
+            while k < n {
+                s += a[k] * b[k];
+                k += 1;
+            }
+            s
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn axpy(w: f32, x: &[f32], y: &mut [f32]) {
+            let n = x.len().min(y.len());
+            let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+            let wv = _mm256_set1_ps(w);
+            let mut k = 0;
+            // SAFETY: as in `dot`; the stores touch only y's first n floats.
+            unsafe {
+                while k + 8 <= n {
+                    let r =
+                        _mm256_fmadd_ps(wv, _mm256_loadu_ps(px.add(k)), _mm256_loadu_ps(py.add(k)));
+                    _mm256_storeu_ps(py.add(k), r);
+                    k += 8;
+                }
+            }
+            while k < n {
+                y[k] += w * x[k];
+                k += 1;
             }
         }
     }

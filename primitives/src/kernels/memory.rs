@@ -41,7 +41,7 @@ pub fn huge_page_vec<T: Copy + Send + Sync>(len: usize, value: T) -> Vec<T> {
 }
 
 /// Reads every (4-byte aligned) word of `buf` once on all of rayon's threads (each a contiguous part, summed as
-/// f32 with 512-bit loads where the CPU has them) and returns the sum, so that the reads cannot
+/// f32 with the widest loads the CPU has: 512-bit, else 256-bit) and returns the sum, so that the reads cannot
 /// be optimised away. Timed over a buffer much larger than the last-level cache, this is the
 /// DRAM read bandwidth the bandwidth-bound kernels are measured against: one sequential stream
 /// per thread, the simplest pattern for the hardware to serve.
@@ -59,6 +59,17 @@ fn sum(x: &[f32]) -> f32 {
         // SAFETY: the feature was just detected.
         return unsafe { sum_avx512(x) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        // SAFETY: the feature was just detected.
+        return unsafe { sum_avx2(x) };
+    }
+    sum_body(x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn sum_avx2(x: &[f32]) -> f32 {
     sum_body(x)
 }
 

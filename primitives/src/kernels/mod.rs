@@ -192,12 +192,7 @@ pub fn attention(
         head_dim,
         scale,
     };
-    attention::attention_impl(&a, out, scratch, simd_available());
-}
-
-/// Whether the AVX-512 builds of the auto-vectorised kernels can run on this CPU.
-fn simd_available() -> bool {
-    linear::Isa::detect() != linear::Isa::Portable
+    attention::attention_impl(&a, out, scratch, linear::Isa::detect());
 }
 
 #[cfg(test)]

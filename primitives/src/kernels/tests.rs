@@ -288,7 +288,7 @@ fn check_attention(
     let v = rng.vec(kv_len * d);
     let scale = 1.0 / (hd as f32).sqrt();
     let want = reference_attention(&q, q_len, &k, &v, kv_len, valid, nh, hd, scale);
-    for simd in [false, simd_available()] {
+    for isa in Isa::available() {
         let mut out = vec![f32::NAN; q_len * d];
         let mut scratch = vec![0.0; slots * kv_len.max(1)];
         let a = attention::Attn {
@@ -302,11 +302,11 @@ fn check_attention(
             head_dim: hd,
             scale,
         };
-        attention::attention_impl(&a, &mut out, &mut scratch, simd);
+        attention::attention_impl(&a, &mut out, &mut scratch, isa);
         for (i, (g, w)) in out.iter().zip(&want).enumerate() {
             assert!(
                 (*g as f64 - w).abs() < 1e-5,
-                "q_len {q_len} kv {kv_len} simd {simd}: out[{i}] = {g}, want {w}"
+                "q_len {q_len} kv {kv_len} {isa:?}: out[{i}] = {g}, want {w}"
             );
         }
     }
