@@ -8,7 +8,7 @@
 //! Activations and the KV cache are host `f32` slices for now. When the CUDA backend arrives it
 //! will bring its own buffer type; the operation list below is what it must provide.
 
-use crate::kernels::{self, Matrix};
+use crate::kernels::{self, KvRows, Matrix};
 
 /// The operations one decoder layer needs.
 pub trait Backend: Send + Sync {
@@ -39,14 +39,15 @@ pub trait Backend: Send + Sync {
     fn add_inplace(&self, acc: &mut [f32], x: &[f32]);
 
     /// Causal multi-head attention of one sequence's `q_len` new queries over its first `kv_len`
-    /// cache rows, skipping keys whose `key_valid` is false. See [`kernels::attention`].
+    /// cache rows (in the cache's element type), skipping keys whose `key_valid` is false. See
+    /// [`kernels::attention`].
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         q: &[f32],
         q_len: usize,
-        k: &[f32],
-        v: &[f32],
+        k: KvRows,
+        v: KvRows,
         kv_len: usize,
         key_valid: &[bool],
         num_heads: usize,
@@ -99,8 +100,8 @@ impl Backend for CpuBackend {
         &self,
         q: &[f32],
         q_len: usize,
-        k: &[f32],
-        v: &[f32],
+        k: KvRows,
+        v: KvRows,
         kv_len: usize,
         key_valid: &[bool],
         num_heads: usize,

@@ -203,7 +203,13 @@ fn generate_in_pool<M: CausalLm>(
     let eos = model.eos_token_id();
 
     // All buffers, for prefill and decode alike.
-    let mut kv = KvCache::new(model.num_layers(), batch, max_len, model.kv_width());
+    let mut kv = KvCache::new(
+        model.num_layers(),
+        batch,
+        max_len,
+        model.kv_width(),
+        model.kv_dtype(),
+    );
     let mut ws = model.workspace(batch, padded, max_len);
     let mut logits = vec![0.0f32; batch * vocab];
     let mut sampler = Sampler::new(cfg.sampling, vocab);

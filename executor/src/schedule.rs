@@ -29,7 +29,7 @@ use crate::device::Device;
 use crate::error::{ExecError, Result};
 use crate::generate::{GenerationConfig, GenerationOutput, PromptLayout, Sampler};
 use crate::gpu_tier::{DeviceReport, GpuPlan, GpuTier, TierShape};
-use crate::kernels::WeightData;
+use crate::kernels::{KvBuf, KvDtype, KvRowsMut, WeightData};
 use crate::models::opt::{LayerMatrices, OptModel, OptWorkspace};
 use crate::models::{CausalLm, LayerKv, Step};
 use crate::quant::QuantizedKv;
@@ -225,12 +225,13 @@ enum SeqPlace {
 struct BatchKv<'a> {
     packed: &'a mut [(QuantizedKv, QuantizedKv)],
     seq_floats: usize,
+    dtype: KvDtype,
     place: &'a [SeqPlace],
-    home_k: &'a mut [f32],
-    home_v: &'a mut [f32],
+    home_k: &'a mut KvBuf,
+    home_v: &'a mut KvBuf,
     staged: &'a mut [PooledBuf],
-    stage_k: &'a mut [f32],
-    stage_v: &'a mut [f32],
+    stage_k: &'a mut KvBuf,
+    stage_v: &'a mut KvBuf,
     in_place: bool,
     /// The device tier, this batch's index and the layer (device-resident sequences).
     gpu: Option<(&'a GpuTier<'a>, usize, usize)>,
@@ -254,25 +255,27 @@ impl LayerKv for BatchKv<'_> {
         }
     }
 
-    fn rows(&mut self, seq: usize) -> (&mut [f32], &mut [f32]) {
+    fn rows(&mut self, seq: usize) -> (KvRowsMut<'_>, KvRowsMut<'_>) {
         let n = self.seq_floats;
         match self.place[seq] {
             SeqPlace::Cpu(i) => (
-                &mut self.home_k[i * n..(i + 1) * n],
-                &mut self.home_v[i * n..(i + 1) * n],
+                self.home_k.rows_mut(i * n..(i + 1) * n),
+                self.home_v.rows_mut(i * n..(i + 1) * n),
             ),
             SeqPlace::Disk { local, .. } if self.in_place => {
+                let bytes = n * self.dtype.size();
                 let (a, b) = self.staged.split_at_mut(2 * local + 1);
-                let k = bytemuck::cast_slice_mut(&mut a[2 * local].as_mut_slice()[..n * 4]);
-                let v = bytemuck::cast_slice_mut(&mut b[0].as_mut_slice()[..n * 4]);
-                (k, v)
+                (
+                    KvRowsMut::from_bytes(self.dtype, &mut a[2 * local].as_mut_slice()[..bytes]),
+                    KvRowsMut::from_bytes(self.dtype, &mut b[0].as_mut_slice()[..bytes]),
+                )
             }
             SeqPlace::Disk { local, .. } => (
-                &mut self.stage_k[local * n..(local + 1) * n],
-                &mut self.stage_v[local * n..(local + 1) * n],
+                self.stage_k.rows_mut(local * n..(local + 1) * n),
+                self.stage_v.rows_mut(local * n..(local + 1) * n),
             ),
             // Device-resident rows are attended through `attend`, never handed to the host.
-            SeqPlace::Gpu(_) => (&mut [], &mut []),
+            SeqPlace::Gpu(_) => (KvRowsMut::empty(), KvRowsMut::empty()),
         }
     }
 }
@@ -283,9 +286,9 @@ struct Batch {
     first: usize,
     len: usize,
     place: Vec<SeqPlace>,
-    /// CPU-resident cache per layer: `[cpu sequences, max_len, width]`.
-    home_k: Vec<Vec<f32>>,
-    home_v: Vec<Vec<f32>>,
+    /// CPU-resident cache per layer: `[cpu sequences, max_len, width]`, in the model's dtype.
+    home_k: Vec<KvBuf>,
+    home_v: Vec<KvBuf>,
     /// CPU share of the hidden state between layers.
     held: Vec<f32>,
     /// Compressed CPU-resident cache per layer, per CPU sequence (K, V), when `compress_kv`.
@@ -427,8 +430,8 @@ fn run_block(
     if plan.compress_kv && kv_disk_total > 0 {
         return Err(ExecError::Unsupported(format!(
             "compression.kv_cache with placement.kv_cache.disk = {} is not supported: the \
-             disk-resident cache is stored in f32; keep the cache in CPU memory or turn KV \
-             compression off",
+             disk-resident cache is stored uncompressed; keep the cache in CPU memory or turn \
+             KV compression off",
             plan.kv_cache_disk
         )));
     }
@@ -443,7 +446,20 @@ fn run_block(
     let mut host_index = 0;
     let mut kv_gpu_per_batch = Vec::with_capacity(nb_asked);
     let seq_floats = max_len * width;
-    let kv_slot = align_up((seq_floats * 4) as u64) as usize;
+    let kv_dtype = model.kv_dtype();
+    let kv_size = kv_dtype.size();
+    let kv_slot = align_up((seq_floats * kv_size) as u64) as usize;
+    // A batch's CPU-resident cache of one layer (empty when compressed: `packed` holds it).
+    let home = |cpu: usize| {
+        KvBuf::zeroed(
+            kv_dtype,
+            if plan.compress_kv {
+                0
+            } else {
+                cpu * seq_floats
+            },
+        )
+    };
     let mut batches: Vec<Batch> = Vec::with_capacity(nb);
     let mut slot = 0;
     for k in 0..nb {
@@ -471,30 +487,8 @@ fn run_block(
             first,
             len,
             place,
-            home_k: (0..layers)
-                .map(|_| {
-                    vec![
-                        0.0;
-                        if plan.compress_kv {
-                            0
-                        } else {
-                            cpu * seq_floats
-                        }
-                    ]
-                })
-                .collect(),
-            home_v: (0..layers)
-                .map(|_| {
-                    vec![
-                        0.0;
-                        if plan.compress_kv {
-                            0
-                        } else {
-                            cpu * seq_floats
-                        }
-                    ]
-                })
-                .collect(),
+            home_k: (0..layers).map(|_| home(cpu)).collect(),
+            home_v: (0..layers).map(|_| home(cpu)).collect(),
             packed: (0..layers)
                 .map(|_| {
                     if plan.compress_kv {
@@ -678,7 +672,7 @@ fn run_block(
 
     let geo = Geometry {
         kv_slot,
-        row_bytes: width * 4,
+        row_bytes: width * kv_size,
         kv_disk_total,
         act_slot,
         hidden,
@@ -687,15 +681,13 @@ fn run_block(
 
     // Compute buffers.
     let mut ws: OptWorkspace = model.workspace(gbs, padded, max_len);
-    let mut stage_k = vec![
-        0.0f32;
-        if plan.cpu_attention {
-            0
-        } else {
-            max_disk_per_batch * seq_floats
-        }
-    ];
-    let mut stage_v = stage_k.clone();
+    let stage_len = if plan.cpu_attention {
+        0
+    } else {
+        max_disk_per_batch * seq_floats
+    };
+    let mut stage_k = KvBuf::zeroed(kv_dtype, stage_len);
+    let mut stage_v = KvBuf::zeroed(kv_dtype, stage_len);
     let mut staged: Vec<PooledBuf> = Vec::with_capacity(2 * max_disk_per_batch);
     let mut logits = vec![0.0f32; bls * vocab];
     let mut sampler = Sampler::new(cfg.sampling, vocab);
@@ -865,19 +857,23 @@ fn run_block(
                 if !plan.cpu_attention {
                     // Move the disk-resident rows into the compute buffer.
                     for d in 0..batch.disk_seqs {
-                        let n = start * width;
-                        let k_src: &[f32] =
-                            bytemuck::cast_slice(&staged[2 * d].as_slice()[..n * 4]);
-                        stage_k[d * seq_floats..d * seq_floats + n].copy_from_slice(k_src);
-                        let v_src: &[f32] =
-                            bytemuck::cast_slice(&staged[2 * d + 1].as_slice()[..n * 4]);
-                        stage_v[d * seq_floats..d * seq_floats + n].copy_from_slice(v_src);
+                        let (n, bytes) = (start * width, start * width * kv_size);
+                        let at = d * seq_floats;
+                        stage_k
+                            .rows_mut(at..at + n)
+                            .as_bytes_mut()
+                            .copy_from_slice(&staged[2 * d].as_slice()[..bytes]);
+                        stage_v
+                            .rows_mut(at..at + n)
+                            .as_bytes_mut()
+                            .copy_from_slice(&staged[2 * d + 1].as_slice()[..bytes]);
                     }
                 }
                 {
                     let mut kv = BatchKv {
                         packed: &mut batch.packed[l],
                         seq_floats,
+                        dtype: kv_dtype,
                         place: &batch.place,
                         home_k: &mut batch.home_k[l],
                         home_v: &mut batch.home_v[l],
@@ -911,8 +907,8 @@ fn run_block(
                 }
                 stats.io_wait_s += wait.elapsed().as_secs_f64();
                 if let (Some(pool), Some(file)) = (&tier.cache_pool, &tier.kv_file) {
-                    let a = align_down((start * width * 4) as u64) as usize;
-                    let e = align_up((kv_len * width * 4) as u64) as usize;
+                    let a = align_down((start * width * kv_size) as u64) as usize;
+                    let e = align_up((kv_len * width * kv_size) as u64) as usize;
                     for p in batch.place.iter() {
                         let SeqPlace::Disk { local, slot } = *p else {
                             continue;
@@ -924,9 +920,9 @@ fn run_block(
                                 dst.copy_from_slice(&staged[2 * local + kind].as_slice()[a..e]);
                             } else {
                                 let src = if kind == 0 { &stage_k } else { &stage_v };
-                                let bytes: &[u8] = bytemuck::cast_slice(
-                                    &src[local * seq_floats..(local + 1) * seq_floats],
-                                );
+                                let bytes = src
+                                    .rows(local * seq_floats..(local + 1) * seq_floats)
+                                    .as_bytes();
                                 let avail = bytes.len().min(e) - a;
                                 dst[..avail].copy_from_slice(&bytes[a..a + avail]);
                             }
@@ -1018,15 +1014,15 @@ fn run_block(
     let kv_cache_bytes = batches
         .iter()
         .map(|b| {
-            (b.home_k
+            b.home_k
                 .iter()
                 .chain(&b.home_v)
-                .map(Vec::len)
-                .sum::<usize>()
-                * 4) as u64
+                .map(KvBuf::bytes)
+                .sum::<u64>()
         })
         .sum::<u64>()
         + (layers * kv_disk_total * 2 * kv_slot) as u64
+        // The device cache is f32 (see `gpu_tier`).
         + (layers * kv_gpu_total * 2 * seq_floats * 4) as u64;
     stats.device = gpu_tier.map(|t| t.finish(steps + 1));
     Ok((

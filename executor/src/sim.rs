@@ -333,8 +333,8 @@ impl Device for SimDevice {
                     kernels::attention(
                         qs,
                         q_len,
-                        ks,
-                        vs,
+                        ks.into(),
+                        vs.into(),
                         kv_len,
                         key_valid,
                         num_heads,

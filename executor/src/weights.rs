@@ -37,6 +37,17 @@ impl ElementType {
     }
 }
 
+impl ElementType {
+    /// The KV cache's element type for a model stored in this type.
+    pub fn kv_dtype(self) -> crate::kernels::KvDtype {
+        match self {
+            ElementType::F32 => crate::kernels::KvDtype::F32,
+            ElementType::F16 => crate::kernels::KvDtype::F16,
+            ElementType::Bf16 => crate::kernels::KvDtype::Bf16,
+        }
+    }
+}
+
 impl From<planner::model::DType> for ElementType {
     fn from(d: planner::model::DType) -> Self {
         match d {

@@ -15,7 +15,18 @@ use std::path::Path;
 /// pre-LN fixture, transformers itself is 3.6e-5 from a float64 run of the same model.)
 const LOGIT_TOLERANCE: f64 = 1e-4;
 
+/// Tolerance for the f16 checkpoint. Its reference rounds every key and value to f16 as the
+/// executor's cache does (the model's dtype), but a value computed in f32 that lies next to an
+/// f16 rounding boundary can round to the neighbouring f16 on one side and not the other: one
+/// f16 step is 4.9e-4 relative, and 16 decode steps carry it on. Measured: at most 4.5e-5 on the
+/// prefill logits and 2.5e-4 on the last decode step.
+const F16_KV_LOGIT_TOLERANCE: f64 = 1e-3;
+
 fn check_against_transformers(dir: &Path, fixture_name: &str) {
+    check_within(dir, fixture_name, LOGIT_TOLERANCE)
+}
+
+fn check_within(dir: &Path, fixture_name: &str, tolerance: f64) {
     let want = expected(fixture_name);
     let loaded = run::load(&ModelSource::Checkpoint(dir.to_path_buf()), false).unwrap();
     let cfg = GenerationConfig {
@@ -39,7 +50,7 @@ fn check_against_transformers(dir: &Path, fixture_name: &str) {
             lengths[b]
         );
         assert!(
-            normwise < LOGIT_TOLERANCE,
+            normwise < tolerance,
             "{fixture_name} prompt {b}: relative error {normwise}"
         );
     }
@@ -54,7 +65,7 @@ fn check_against_transformers(dir: &Path, fixture_name: &str) {
                  {normwise:.2e} (element by element, floor 1: {elementwise:.2e})"
             );
             assert!(
-                normwise < LOGIT_TOLERANCE,
+                normwise < tolerance,
                 "{fixture_name} prompt {b}: {normwise}"
             );
             decode_rows_checked += 1;
@@ -78,7 +89,11 @@ fn post_layer_norm_model_with_projections_matches_transformers() {
 
 #[test]
 fn f16_checkpoint_matches_transformers_on_the_rounded_weights() {
-    check_against_transformers(&fixture("opt-tiny-preln-f16"), "opt-tiny-preln-f16");
+    check_within(
+        &fixture("opt-tiny-preln-f16"),
+        "opt-tiny-preln-f16",
+        F16_KV_LOGIT_TOLERANCE,
+    );
 }
 
 #[test]

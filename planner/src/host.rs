@@ -235,7 +235,7 @@ pub fn measure_profile(
             attention.median / TFLOPS,
             format!(
                 "primitives::kernels::attention, decode shape as the executor calls it (8 \
-                 sequences one after another, 1 query over 512 f32 cache rows, 32 heads x 64), \
+                 sequences one after another, 1 query over 512 bf16 cache rows, 32 heads x 64), \
                  every key counted: {}",
                 passes_note(&attention, TFLOPS, "TFLOP/s")
             ),

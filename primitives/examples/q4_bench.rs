@@ -129,8 +129,8 @@ fn main() {
             attention(
                 &q,
                 1,
-                &k,
-                &v,
+                k[..].into(),
+                v[..].into(),
                 kv_len,
                 &valid,
                 nh,

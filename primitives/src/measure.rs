@@ -152,7 +152,7 @@ pub fn linear_stream_bandwidth(total_bytes: usize, out: usize, inp: usize, passe
 /// FLOP/s of `kernels::attention` for `seqs` sequences (one call each, as the executor makes),
 /// `q_len` new queries over `kv_len` cached positions, `heads` x `head_dim`: 4 q_len kv_len
 /// heads head_dim FLOPs per sequence (scores and weighted sum), counting every key as the
-/// roofline does.
+/// roofline does. The cache rows are bf16, as the executor holds them for bf16 checkpoints.
 pub fn attention_flops(
     seqs: usize,
     q_len: usize,
@@ -163,13 +163,13 @@ pub fn attention_flops(
 ) -> Rate {
     let d = heads * head_dim;
     let q: Vec<f32> = (0..q_len * d).map(|i| (i % 11) as f32 * 0.01).collect();
-    let kv: Vec<Vec<f32>> = (0..2 * seqs)
+    let kv: Vec<Vec<bf16>> = (0..2 * seqs)
         .map(|s| {
             // On 2 MiB pages, as the executor's KV cache is.
-            let mut v = kernels::huge_page_vec(kv_len * d, 0.0f32);
+            let mut v = kernels::huge_page_vec(kv_len * d, bf16::ZERO);
             v.iter_mut()
                 .enumerate()
-                .for_each(|(i, x)| *x = ((i + s) % 19) as f32 * 0.01);
+                .for_each(|(i, x)| *x = bf16::from_f32(((i + s) % 19) as f32 * 0.01));
             v
         })
         .collect();
@@ -186,8 +186,8 @@ pub fn attention_flops(
             kernels::attention(
                 &q,
                 q_len,
-                &kv[2 * s],
-                &kv[2 * s + 1],
+                kernels::KvRows::Bf16(&kv[2 * s]),
+                kernels::KvRows::Bf16(&kv[2 * s + 1]),
                 kv_len,
                 &valid,
                 heads,

@@ -30,7 +30,7 @@ use super::launch::{
 use super::probe::{device_memory, CudaInfo, DeviceMemory};
 use super::CudaError;
 use crate::backend::Backend;
-use crate::kernels::{Matrix, WeightData};
+use crate::kernels::{KvRows, Matrix, WeightData};
 use cudarc::cublas::{sys as blas_sys, Gemm, GemmConfig};
 use cudarc::driver::{CudaEvent, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use std::sync::{Mutex, MutexGuard};
@@ -547,8 +547,8 @@ impl CudaBackend {
         &self,
         q: &[f32],
         q_len: usize,
-        k: &[f32],
-        v: &[f32],
+        k: KvRows,
+        v: KvRows,
         kv_len: usize,
         key_valid: &[bool],
         num_heads: usize,
@@ -590,8 +590,9 @@ impl CudaBackend {
         let (sq, skv) = staged.split_at_mut(q.len());
         let (sk, sv) = skv.split_at_mut(kv);
         sq.copy_from_slice(q);
-        sk.copy_from_slice(&k[..kv]);
-        sv.copy_from_slice(&v[..kv]);
+        // Widened on the host while staging: the kernel reads f32 rows.
+        k.slice(0..kv).widen_into(sk);
+        v.slice(0..kv).widen_into(sv);
         self.upload("q", sq, &mut s.x)?;
         self.upload("the key cache", sk, &mut s.k)?;
         self.upload("the value cache", sv, &mut s.v)?;
@@ -783,8 +784,8 @@ impl Backend for CudaBackend {
         &self,
         q: &[f32],
         q_len: usize,
-        k: &[f32],
-        v: &[f32],
+        k: KvRows,
+        v: KvRows,
         kv_len: usize,
         key_valid: &[bool],
         num_heads: usize,

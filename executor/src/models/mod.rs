@@ -6,6 +6,7 @@
 pub mod opt;
 
 use crate::backend::Backend;
+use crate::kernels::{KvBuf, KvDtype, KvRowsMut};
 
 /// One forward step over a batch whose sequences are left-padded to a common length, so that every
 /// sequence's new tokens occupy the same cache positions `start .. start + new_tokens`.
@@ -25,13 +26,14 @@ pub struct Step<'a> {
     pub key_valid: &'a [bool],
 }
 
-/// Keys and values of every layer for a batch of sequences, preallocated for the whole generation.
+/// Keys and values of every layer for a batch of sequences, preallocated for the whole generation,
+/// in the model's element type ([`KvDtype`]: what the memory plan counts).
 ///
 /// Layout per layer: `[batch, max_len, width]`, so one sequence's cache rows are contiguous and the
 /// attention kernel reads them in place.
 pub struct KvCache {
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
+    keys: Vec<KvBuf>,
+    values: Vec<KvBuf>,
     /// Sequences.
     pub batch: usize,
     /// Positions per sequence.
@@ -41,11 +43,17 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// Zeroed cache for `layers` layers, on huge pages where the buffers are large enough, and
-    /// written once here so that no decode step takes page faults on it.
-    pub fn new(layers: usize, batch: usize, max_len: usize, width: usize) -> KvCache {
+    /// Zeroed cache for `layers` layers of `dtype` elements, on huge pages where the buffers are
+    /// large enough, and written once here so that no decode step takes page faults on it.
+    pub fn new(
+        layers: usize,
+        batch: usize,
+        max_len: usize,
+        width: usize,
+        dtype: KvDtype,
+    ) -> KvCache {
         let len = batch * max_len * width;
-        let zeroed = || crate::kernels::huge_page_vec(len, 0.0f32);
+        let zeroed = || KvBuf::zeroed(dtype, len);
         KvCache {
             keys: (0..layers).map(|_| zeroed()).collect(),
             values: (0..layers).map(|_| zeroed()).collect(),
@@ -57,31 +65,17 @@ impl KvCache {
 
     /// Bytes held.
     pub fn bytes(&self) -> u64 {
-        (self.keys.len() * 2 * self.batch * self.max_len * self.width * 4) as u64
-    }
-
-    /// Writes `rows` consecutive positions of sequence `seq`, starting at `start`, of one layer.
-    pub fn write(&mut self, layer: usize, seq: usize, start: usize, keys: &[f32], values: &[f32]) {
-        let at = (seq * self.max_len + start) * self.width;
-        self.keys[layer][at..at + keys.len()].copy_from_slice(keys);
-        self.values[layer][at..at + values.len()].copy_from_slice(values);
+        self.keys.iter().chain(&self.values).map(KvBuf::bytes).sum()
     }
 
     /// All `max_len` key and value rows of sequence `seq` in one layer, writable.
-    pub fn layer_rows_mut(&mut self, layer: usize, seq: usize) -> (&mut [f32], &mut [f32]) {
+    pub fn layer_rows_mut(&mut self, layer: usize, seq: usize) -> (KvRowsMut<'_>, KvRowsMut<'_>) {
         let at = seq * self.max_len * self.width;
         let end = at + self.max_len * self.width;
         (
-            &mut self.keys[layer][at..end],
-            &mut self.values[layer][at..end],
+            self.keys[layer].rows_mut(at..end),
+            self.values[layer].rows_mut(at..end),
         )
-    }
-
-    /// The first `len` key and value rows of sequence `seq` in one layer.
-    pub fn sequence(&self, layer: usize, seq: usize, len: usize) -> (&[f32], &[f32]) {
-        let at = seq * self.max_len * self.width;
-        let end = at + len * self.width;
-        (&self.keys[layer][at..end], &self.values[layer][at..end])
     }
 }
 
@@ -90,8 +84,9 @@ impl KvCache {
 /// in staging buffers.
 pub trait LayerKv {
     /// Key and value rows (`[max_len, width]` each, at least the positions attended) of sequence
-    /// `seq` of the batch; the layer writes the step's new rows and reads the first `kv_len`.
-    fn rows(&mut self, seq: usize) -> (&mut [f32], &mut [f32]);
+    /// `seq` of the batch, in the cache's element type; the layer writes the step's new rows and
+    /// reads the first `kv_len`.
+    fn rows(&mut self, seq: usize) -> (KvRowsMut<'_>, KvRowsMut<'_>);
 
     /// The 4-bit compressed key and value caches of sequence `seq`, when the cache is compressed
     /// (policy `compression.kv_cache`): the layer appends the step's rows to them and attends with
@@ -143,7 +138,8 @@ pub trait PlacedLinear {
 pub struct NewRows<'a> {
     /// Queries, `[q_len, width]` (already scaled).
     pub q: &'a [f32],
-    /// The step's keys and values, `[q_len, width]` each.
+    /// The step's keys and values, `[q_len, width]` each, already rounded to the cache's
+    /// element type (so a device cache held in f32 holds the same numbers as the host's).
     pub k: &'a [f32],
     /// See `k`.
     pub v: &'a [f32],
@@ -172,6 +168,8 @@ pub trait CausalLm: Send + Sync {
     fn num_layers(&self) -> usize;
     /// KV-cache values per position per layer (K or V alone).
     fn kv_width(&self) -> usize;
+    /// Element type of the KV cache: the checkpoint's dtype, as transformers keeps it.
+    fn kv_dtype(&self) -> KvDtype;
     /// Token that ends a sequence.
     fn eos_token_id(&self) -> u32;
     /// Token fed in place of real tokens (left padding, finished sequences).

@@ -11,8 +11,8 @@
 use super::{CausalLm, KvCache, LayerKv, NewRows, PlacedLinear, Step};
 use crate::backend::{attention_scratch_len, Backend};
 use crate::error::{ExecError, Result};
-use crate::kernels::Matrix;
 use crate::kernels::WeightData;
+use crate::kernels::{KvDtype, KvRowsMut, Matrix};
 use crate::quant::{attention_q4, linear_q4, QuantError, QuantizedMatrix};
 use crate::weights::{add_row, to_f32_vec, ElementType, Init, RandomTensor, TensorId, WeightStore};
 use planner::model::{ModelSpec, OPT_POSITION_OFFSET};
@@ -422,6 +422,10 @@ impl CausalLm for OptModel {
         self.dims.hidden
     }
 
+    fn kv_dtype(&self) -> KvDtype {
+        self.matrix_dtype().kv_dtype()
+    }
+
     fn eos_token_id(&self) -> u32 {
         self.config.spec.eos_token_id
     }
@@ -490,7 +494,7 @@ struct CacheLayer<'a> {
 }
 
 impl LayerKv for CacheLayer<'_> {
-    fn rows(&mut self, seq: usize) -> (&mut [f32], &mut [f32]) {
+    fn rows(&mut self, seq: usize) -> (KvRowsMut<'_>, KvRowsMut<'_>) {
         self.kv.layer_rows_mut(self.layer, seq)
     }
 }
@@ -663,6 +667,10 @@ impl OptModel {
             }
             // As transformers: q_proj(x) * head_dim^-0.5, then unscaled scores.
             be.scale_inplace(&mut ws.q[..rows * h], scale);
+            // Keys and values as the cache holds them (the model's dtype), before any copy.
+            let kv_dtype = self.kv_dtype();
+            kv_dtype.round_in_place(&mut ws.k[..rows * h]);
+            kv_dtype.round_in_place(&mut ws.v[..rows * h]);
             let seq_rows = t_new * h;
             for b in 0..batch {
                 let span = b * seq_rows..(b + 1) * seq_rows;
@@ -693,15 +701,15 @@ impl OptModel {
                 if kv.attend(b, &rows_in, out) {
                     continue;
                 }
-                let (keys, values) = kv.rows(b);
+                let (mut keys, mut values) = kv.rows(b);
                 let at = step.start * h;
-                keys[at..at + seq_rows].copy_from_slice(&ws.k[span.clone()]);
-                values[at..at + seq_rows].copy_from_slice(&ws.v[span]);
+                keys.write(at, &ws.k[span.clone()]);
+                values.write(at, &ws.v[span]);
                 be.attention(
                     q,
                     t_new,
-                    &keys[..kv_len * h],
-                    &values[..kv_len * h],
+                    keys.rows().slice(0..kv_len * h),
+                    values.rows().slice(0..kv_len * h),
                     kv_len,
                     valid,
                     d.heads,

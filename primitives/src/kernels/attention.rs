@@ -6,15 +6,16 @@
 //! transposing the cache. Bodies are written once in plain Rust and compiled twice, for AVX-512
 //! and for the baseline target, and the wrapper picks one at run time.
 
-use super::linear::Isa;
+use super::linear::{Isa, WeightElem as KvElem};
 use rayon::prelude::*;
 
 /// Geometry and operands shared by every query row.
-pub(crate) struct Attn<'a> {
+/// `K` is the cache's element type (f32, f16 or bf16), widened to f32 in registers.
+pub(crate) struct Attn<'a, K> {
     pub q: &'a [f32],
     pub q_len: usize,
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+    pub k: &'a [K],
+    pub v: &'a [K],
     pub kv_len: usize,
     pub key_valid: &'a [bool],
     pub num_heads: usize,
@@ -24,7 +25,12 @@ pub(crate) struct Attn<'a> {
 
 /// Runs attention. With room in `scratch` for several rows' scores, query rows run in
 /// parallel (prefill); a single query row (decode) instead splits its heads between threads.
-pub(crate) fn attention_impl(a: &Attn, out: &mut [f32], scratch: &mut [f32], isa: Isa) {
+pub(crate) fn attention_impl<K: KvElem>(
+    a: &Attn<K>,
+    out: &mut [f32],
+    scratch: &mut [f32],
+    isa: Isa,
+) {
     let d = a.num_heads * a.head_dim;
     if a.q_len == 0 || d == 0 {
         return;
@@ -62,7 +68,14 @@ pub(crate) fn attention_impl(a: &Attn, out: &mut [f32], scratch: &mut [f32], isa
     }
 }
 
-fn run_heads(a: &Attn, i: usize, h0: usize, out: &mut [f32], p: &mut [f32], isa: Isa) {
+fn run_heads<K: KvElem>(
+    a: &Attn<K>,
+    i: usize,
+    h0: usize,
+    out: &mut [f32],
+    p: &mut [f32],
+    isa: Isa,
+) {
     #[cfg(target_arch = "x86_64")]
     match isa {
         // SAFETY: `Isa::detect` only reports an instruction set the CPU has.
@@ -72,33 +85,39 @@ fn run_heads(a: &Attn, i: usize, h0: usize, out: &mut [f32], p: &mut [f32], isa:
         Isa::Portable => {}
     }
     let _ = isa;
-    heads_body::<Plain>(a, i, h0, out, p);
+    heads_body::<Plain, K>(a, i, h0, out, p);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
-unsafe fn heads_avx512(a: &Attn, i: usize, h0: usize, out: &mut [f32], p: &mut [f32]) {
-    heads_body::<avx512::Fma>(a, i, h0, out, p)
+unsafe fn heads_avx512<K: KvElem>(
+    a: &Attn<K>,
+    i: usize,
+    h0: usize,
+    out: &mut [f32],
+    p: &mut [f32],
+) {
+    heads_body::<avx512::Fma, K>(a, i, h0, out, p)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn heads_avx2(a: &Attn, i: usize, h0: usize, out: &mut [f32], p: &mut [f32]) {
-    heads_body::<avx2::Fma>(a, i, h0, out, p)
+unsafe fn heads_avx2<K: KvElem>(a: &Attn<K>, i: usize, h0: usize, out: &mut [f32], p: &mut [f32]) {
+    heads_body::<avx2::Fma, K>(a, i, h0, out, p)
 }
 
 /// The per-head vector operations: a score and a weighted value update over `head_dim` floats.
 trait HeadOps {
-    /// a · b.
+    /// a · b, with `b` a cache row widened to f32.
     ///
     /// # Safety
     /// The implementation's CPU features are available.
-    unsafe fn dot(a: &[f32], b: &[f32]) -> f32;
+    unsafe fn dot<K: KvElem>(a: &[f32], b: &[K]) -> f32;
     /// y += w * x.
     ///
     /// # Safety
     /// As `dot`.
-    unsafe fn axpy(w: f32, x: &[f32], y: &mut [f32]);
+    unsafe fn axpy<K: KvElem>(w: f32, x: &[K], y: &mut [f32]);
 }
 
 /// Plain Rust, any CPU.
@@ -106,13 +125,13 @@ struct Plain;
 
 impl HeadOps for Plain {
     #[inline(always)]
-    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+    unsafe fn dot<K: KvElem>(a: &[f32], b: &[K]) -> f32 {
         dot(a, b)
     }
     #[inline(always)]
-    unsafe fn axpy(w: f32, x: &[f32], y: &mut [f32]) {
+    unsafe fn axpy<K: KvElem>(w: f32, x: &[K], y: &mut [f32]) {
         for (o, v) in y.iter_mut().zip(x) {
-            *o += w * v;
+            *o += w * v.widen();
         }
     }
 }
@@ -121,6 +140,7 @@ impl HeadOps for Plain {
 mod avx512 {
     //! AVX-512 head operations: the compiler vectorises `dot`'s 16 lanes only 4 wide and
     //! without FMA, which made decode attention compute bound at ~3 GFLOP/s.
+    use super::KvElem;
     use std::arch::x86_64::*;
 
     pub(super) struct Fma;
@@ -128,7 +148,7 @@ mod avx512 {
     impl super::HeadOps for Fma {
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
-        unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        unsafe fn dot<K: KvElem>(a: &[f32], b: &[K]) -> f32 {
             let n = a.len().min(b.len());
             let (pa, pb) = (a.as_ptr(), b.as_ptr());
             // Two accumulators in registers (an array indexed by k spills to the stack).
@@ -137,31 +157,23 @@ mod avx512 {
             // SAFETY: every load reads k..k+16 <= n, or is masked to the n - k remaining floats.
             unsafe {
                 while k + 32 <= n {
-                    acc0 = _mm512_fmadd_ps(
-                        _mm512_loadu_ps(pa.add(k)),
-                        _mm512_loadu_ps(pb.add(k)),
-                        acc0,
-                    );
+                    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(k)), K::load16(pb.add(k)), acc0);
                     acc1 = _mm512_fmadd_ps(
                         _mm512_loadu_ps(pa.add(k + 16)),
-                        _mm512_loadu_ps(pb.add(k + 16)),
+                        K::load16(pb.add(k + 16)),
                         acc1,
                     );
                     k += 32;
                 }
                 if k + 16 <= n {
-                    acc0 = _mm512_fmadd_ps(
-                        _mm512_loadu_ps(pa.add(k)),
-                        _mm512_loadu_ps(pb.add(k)),
-                        acc0,
-                    );
+                    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(k)), K::load16(pb.add(k)), acc0);
                     k += 16;
                 }
                 if k < n {
                     let m = ((1u32 << (n - k)) - 1) as __mmask16;
                     acc1 = _mm512_fmadd_ps(
                         _mm512_maskz_loadu_ps(m, pa.add(k)),
-                        _mm512_maskz_loadu_ps(m, pb.add(k)),
+                        K::load_tail(pb.add(k), n - k),
                         acc1,
                     );
                 }
@@ -171,7 +183,7 @@ mod avx512 {
 
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
-        unsafe fn axpy(w: f32, x: &[f32], y: &mut [f32]) {
+        unsafe fn axpy<K: KvElem>(w: f32, x: &[K], y: &mut [f32]) {
             let n = x.len().min(y.len());
             let (px, py) = (x.as_ptr(), y.as_mut_ptr());
             let wv = _mm512_set1_ps(w);
@@ -179,8 +191,7 @@ mod avx512 {
             // SAFETY: as in `dot`; the stores touch only y's first n floats.
             unsafe {
                 while k + 16 <= n {
-                    let r =
-                        _mm512_fmadd_ps(wv, _mm512_loadu_ps(px.add(k)), _mm512_loadu_ps(py.add(k)));
+                    let r = _mm512_fmadd_ps(wv, K::load16(px.add(k)), _mm512_loadu_ps(py.add(k)));
                     _mm512_storeu_ps(py.add(k), r);
                     k += 16;
                 }
@@ -188,7 +199,7 @@ mod avx512 {
                     let m = ((1u32 << (n - k)) - 1) as __mmask16;
                     let r = _mm512_fmadd_ps(
                         wv,
-                        _mm512_maskz_loadu_ps(m, px.add(k)),
+                        K::load_tail(px.add(k), n - k),
                         _mm512_maskz_loadu_ps(m, py.add(k)),
                     );
                     _mm512_mask_storeu_ps(py.add(k), m, r);
@@ -201,6 +212,7 @@ mod avx512 {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     //! AVX2 head operations (8 lanes, FMA), for CPUs without AVX-512.
+    use super::KvElem;
     use std::arch::x86_64::*;
 
     pub(super) struct Fma;
@@ -208,7 +220,7 @@ mod avx2 {
     impl super::HeadOps for Fma {
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        unsafe fn dot<K: KvElem>(a: &[f32], b: &[K]) -> f32 {
             let n = a.len().min(b.len());
             let (pa, pb) = (a.as_ptr(), b.as_ptr());
             let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
@@ -216,31 +228,23 @@ mod avx2 {
             // SAFETY: every load reads k..k+8 <= n; the tail is added one float at a time.
             unsafe {
                 while k + 16 <= n {
-                    acc0 = _mm256_fmadd_ps(
-                        _mm256_loadu_ps(pa.add(k)),
-                        _mm256_loadu_ps(pb.add(k)),
-                        acc0,
-                    );
+                    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(k)), K::load8(pb.add(k)), acc0);
                     acc1 = _mm256_fmadd_ps(
                         _mm256_loadu_ps(pa.add(k + 8)),
-                        _mm256_loadu_ps(pb.add(k + 8)),
+                        K::load8(pb.add(k + 8)),
                         acc1,
                     );
                     k += 16;
                 }
                 if k + 8 <= n {
-                    acc0 = _mm256_fmadd_ps(
-                        _mm256_loadu_ps(pa.add(k)),
-                        _mm256_loadu_ps(pb.add(k)),
-                        acc0,
-                    );
+                    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(k)), K::load8(pb.add(k)), acc0);
                     k += 8;
                 }
             }
             // SAFETY: this function's features include AVX2.
             let mut s = unsafe { super::super::linear::reduce_add_avx2(_mm256_add_ps(acc0, acc1)) };
             while k < n {
-                s += a[k] * b[k];
+                s += a[k] * b[k].widen();
                 k += 1;
             }
             s
@@ -248,7 +252,7 @@ mod avx2 {
 
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn axpy(w: f32, x: &[f32], y: &mut [f32]) {
+        unsafe fn axpy<K: KvElem>(w: f32, x: &[K], y: &mut [f32]) {
             let n = x.len().min(y.len());
             let (px, py) = (x.as_ptr(), y.as_mut_ptr());
             let wv = _mm256_set1_ps(w);
@@ -256,14 +260,13 @@ mod avx2 {
             // SAFETY: as in `dot`; the stores touch only y's first n floats.
             unsafe {
                 while k + 8 <= n {
-                    let r =
-                        _mm256_fmadd_ps(wv, _mm256_loadu_ps(px.add(k)), _mm256_loadu_ps(py.add(k)));
+                    let r = _mm256_fmadd_ps(wv, K::load8(px.add(k)), _mm256_loadu_ps(py.add(k)));
                     _mm256_storeu_ps(py.add(k), r);
                     k += 8;
                 }
             }
             while k < n {
-                y[k] += w * x[k];
+                y[k] += w * x[k].widen();
                 k += 1;
             }
         }
@@ -282,7 +285,13 @@ mod avx2 {
 /// Masked keys get a score of -inf, which the exponential maps to exactly 0, so the softmax
 /// loops run without branches and vectorise; the value loop skips zero weights.
 #[inline(always)]
-fn heads_body<O: HeadOps>(a: &Attn, i: usize, h0: usize, out: &mut [f32], p: &mut [f32]) {
+fn heads_body<O: HeadOps, K: KvElem>(
+    a: &Attn<K>,
+    i: usize,
+    h0: usize,
+    out: &mut [f32],
+    p: &mut [f32],
+) {
     let (hd, d) = (a.head_dim, a.num_heads * a.head_dim);
     let last = a.kv_len - a.q_len + i; // the newest key this query may see
     let keys = last + 1;
@@ -383,18 +392,18 @@ fn sum(x: &[f32]) -> f32 {
 /// Dot product with 16 independent partial sums (one vector register under AVX-512), folded
 /// as a tree rather than added lane by lane.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<K: KvElem>(a: &[f32], b: &[K]) -> f32 {
     let mut lanes = [0.0f32; 16];
     let mut ac = a.chunks_exact(16);
     let mut bc = b.chunks_exact(16);
     for (x, y) in (&mut ac).zip(&mut bc) {
         for l in 0..16 {
-            lanes[l] += x[l] * y[l];
+            lanes[l] += x[l] * y[l].widen();
         }
     }
     let mut s = fold16(lanes);
     for (x, y) in ac.remainder().iter().zip(bc.remainder()) {
-        s += x * y;
+        s += x * y.widen();
     }
     s
 }

@@ -7,9 +7,11 @@
 use rayon::prelude::*;
 
 mod attention;
+mod kv;
 mod linear;
 mod memory;
 
+pub use kv::{KvBuf, KvDtype, KvRows, KvRowsMut};
 pub use memory::{advise_huge_pages, huge_page_vec, stream_read};
 
 /// Borrowed weight elements in the dtype the checkpoint stores them in.
@@ -133,7 +135,8 @@ pub fn add_inplace(acc: &mut [f32], x: &[f32]) {
 
 /// Causal multi-head attention for one sequence.
 ///
-/// q: [q_len, nh*hd]; k, v: the cache rows [kv_len, nh*hd] (row stride nh*hd), the q rows being
+/// q: [q_len, nh*hd]; k, v: the cache rows [kv_len, nh*hd] (row stride nh*hd) in the cache's
+/// element type (both the same; an f32 slice converts with `.into()`), the q rows being
 /// the last q_len positions. key_valid[j] false masks key j (left padding). Query i attends keys
 /// 0..=kv_len-q_len+i that are valid; a query with no valid key outputs zeros. Scores are
 /// q·k * scale. out: [q_len, nh*hd]. scratch: at least kv_len f32 (caller-owned, so the decode
@@ -144,8 +147,8 @@ pub fn add_inplace(acc: &mut [f32], x: &[f32]) {
 pub fn attention(
     q: &[f32],
     q_len: usize,
-    k: &[f32],
-    v: &[f32],
+    k: KvRows,
+    v: KvRows,
     kv_len: usize,
     key_valid: &[bool],
     num_heads: usize,
@@ -155,6 +158,11 @@ pub fn attention(
     scratch: &mut [f32],
 ) {
     let d = num_heads * head_dim;
+    assert_eq!(
+        k.dtype(),
+        v.dtype(),
+        "attention: keys and values must have one element type"
+    );
     assert!(
         q_len <= kv_len,
         "attention: q_len ({q_len}) must not exceed kv_len ({kv_len})"
@@ -181,18 +189,29 @@ pub fn attention(
         scratch.len() >= kv_len,
         "attention: scratch needs at least kv_len floats"
     );
-    let a = attention::Attn {
-        q,
-        q_len,
-        k,
-        v,
-        kv_len,
-        key_valid,
-        num_heads,
-        head_dim,
-        scale,
-    };
-    attention::attention_impl(&a, out, scratch, linear::Isa::detect());
+    let isa = linear::Isa::detect();
+    macro_rules! run {
+        ($k:expr, $v:expr) => {{
+            let a = attention::Attn {
+                q,
+                q_len,
+                k: $k,
+                v: $v,
+                kv_len,
+                key_valid,
+                num_heads,
+                head_dim,
+                scale,
+            };
+            attention::attention_impl(&a, out, scratch, isa)
+        }};
+    }
+    match (k, v) {
+        (KvRows::F32(k), KvRows::F32(v)) => run!(k, v),
+        (KvRows::F16(k), KvRows::F16(v)) => run!(k, v),
+        (KvRows::Bf16(k), KvRows::Bf16(v)) => run!(k, v),
+        _ => unreachable!("element types checked above"),
+    }
 }
 
 #[cfg(test)]

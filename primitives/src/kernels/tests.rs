@@ -287,27 +287,50 @@ fn check_attention(
     let k = rng.vec(kv_len * d);
     let v = rng.vec(kv_len * d);
     let scale = 1.0 / (hd as f32).sqrt();
-    let want = reference_attention(&q, q_len, &k, &v, kv_len, valid, nh, hd, scale);
-    for isa in Isa::available() {
-        let mut out = vec![f32::NAN; q_len * d];
-        let mut scratch = vec![0.0; slots * kv_len.max(1)];
-        let a = attention::Attn {
-            q: &q,
-            q_len,
-            k: &k,
-            v: &v,
-            kv_len,
-            key_valid: valid,
-            num_heads: nh,
-            head_dim: hd,
-            scale,
-        };
-        attention::attention_impl(&a, &mut out, &mut scratch, isa);
-        for (i, (g, w)) in out.iter().zip(&want).enumerate() {
-            assert!(
-                (*g as f64 - w).abs() < 1e-5,
-                "q_len {q_len} kv {kv_len} {isa:?}: out[{i}] = {g}, want {w}"
-            );
+    // The cache in each element type: the kernel must give the f64 reference over the rounded
+    // rows, whatever type it widens them from.
+    for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Bf16] {
+        let (mut kr, mut vr) = (k.clone(), v.clone());
+        dtype.round_in_place(&mut kr);
+        dtype.round_in_place(&mut vr);
+        let want = reference_attention(&q, q_len, &kr, &vr, kv_len, valid, nh, hd, scale);
+        let (mut kb, mut vb) = (
+            KvBuf::zeroed(dtype, kr.len()),
+            KvBuf::zeroed(dtype, vr.len()),
+        );
+        kb.rows_mut(0..kr.len()).write(0, &kr);
+        vb.rows_mut(0..vr.len()).write(0, &vr);
+        for isa in Isa::available() {
+            let mut out = vec![f32::NAN; q_len * d];
+            let mut scratch = vec![0.0; slots * kv_len.max(1)];
+            macro_rules! run {
+                ($k:expr, $v:expr) => {{
+                    let a = attention::Attn {
+                        q: &q,
+                        q_len,
+                        k: $k,
+                        v: $v,
+                        kv_len,
+                        key_valid: valid,
+                        num_heads: nh,
+                        head_dim: hd,
+                        scale,
+                    };
+                    attention::attention_impl(&a, &mut out, &mut scratch, isa)
+                }};
+            }
+            match (&kb, &vb) {
+                (KvBuf::F32(k), KvBuf::F32(v)) => run!(k, v),
+                (KvBuf::F16(k), KvBuf::F16(v)) => run!(k, v),
+                (KvBuf::Bf16(k), KvBuf::Bf16(v)) => run!(k, v),
+                _ => unreachable!(),
+            }
+            for (i, (g, w)) in out.iter().zip(&want).enumerate() {
+                assert!(
+                    (*g as f64 - w).abs() < 1e-5,
+                    "q_len {q_len} kv {kv_len} {isa:?} {dtype:?}: out[{i}] = {g}, want {w}"
+                );
+            }
         }
     }
 }
@@ -373,8 +396,8 @@ fn attention_rows_without_valid_keys_are_zero() {
     attention(
         &[1.0; 8],
         1,
-        &[1.0; 64],
-        &[1.0; 64],
+        [1.0; 64][..].into(),
+        [1.0; 64][..].into(),
         8,
         &none,
         2,
@@ -391,8 +414,8 @@ fn attention_rows_without_valid_keys_are_zero() {
     attention(
         &[0.3; 12],
         6,
-        &[0.2; 12],
-        &[0.7; 12],
+        [0.2; 12][..].into(),
+        [0.7; 12][..].into(),
         6,
         &late,
         1,

@@ -316,8 +316,8 @@ fn attention_over_compressed_cache_matches_f32_kernel_on_dequantized_data() {
         crate::kernels::attention(
             &q,
             q_len,
-            &kq.dequantize(),
-            &vq.dequantize(),
+            kq.dequantize()[..].into(),
+            vq.dequantize()[..].into(),
             kv_len,
             &valid,
             nh,
