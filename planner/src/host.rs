@@ -52,12 +52,16 @@ pub const STEPS: &[(&str, f64)] = &[
     ("GPU", 0.10),
 ];
 
-/// The machine's identity as profiles record it: CPU model, core count, memory (to 0.5 GiB) and
-/// GPU name. Policies solved for a profile can tell when they run somewhere else.
+/// The machine's identity as profiles record it: CPU model, the vector instruction set the kernels
+/// use, core count, memory (to 0.5 GiB) and GPU name. Policies solved for a profile can tell when
+/// they run somewhere else. (The instruction set is there because a cloud "AMD EPYC" with the
+/// same core count and memory was a Zen 4 with AVX-512 one day and a Zen 3 without it another,
+/// with kernel rates 1.5-2x apart.)
 pub fn hardware_fingerprint(gpu_name: Option<&str>) -> String {
     let (cpu, cores, memory_gib) = cpu_identity();
     format!(
-        "cpu={cpu}; cores={cores}; memory_gib={:.1}; gpu={}",
+        "cpu={cpu}; simd={}; cores={cores}; memory_gib={:.1}; gpu={}",
+        primitives::kernels::instruction_set(),
         (memory_gib * 2.0).round() / 2.0,
         gpu_name.unwrap_or("none")
     )
@@ -377,7 +381,10 @@ mod tests {
     fn fingerprint_names_cpu_cores_memory_and_gpu() {
         let f = hardware_fingerprint(None);
         assert!(
-            f.starts_with("cpu=") && f.contains("; cores=") && f.ends_with("gpu=none"),
+            f.starts_with("cpu=")
+                && f.contains("; simd=")
+                && f.contains("; cores=")
+                && f.ends_with("gpu=none"),
             "{f}"
         );
         assert!(hardware_fingerprint(Some("NVIDIA T4")).ends_with("gpu=NVIDIA T4"));

@@ -14,6 +14,18 @@ mod memory;
 pub use kv::{KvBuf, KvDtype, KvRows, KvRowsMut};
 pub use memory::{advise_huge_pages, huge_page_vec, stream_read};
 
+/// The vector instruction set the kernels run on here (`avx512bf16`, `avx512`, `avx2` or
+/// `portable`): a machine's speed depends on it as much as on its core count, so profiles record
+/// it in their hardware fingerprint. `STRATA_CPU_ISA` can lower it (for benchmarks).
+pub fn instruction_set() -> &'static str {
+    match linear::Isa::detect() {
+        linear::Isa::Portable => "portable",
+        linear::Isa::Avx2 => "avx2",
+        linear::Isa::Avx512 => "avx512",
+        linear::Isa::Avx512Bf16 => "avx512bf16",
+    }
+}
+
 /// Borrowed weight elements in the dtype the checkpoint stores them in.
 ///
 /// Kept as an enum (rather than a generic) so that the model code can pick the dtype at run time
