@@ -287,7 +287,8 @@ pub fn measure_profile(
         buffered_read_gbps: Some(measured(
             disk.buffered_read.median / GBPS,
             format!(
-                "buffered reads after dropping the file's pages (posix_fadvise), {io}: {}",
+                "buffered reads after dropping the file's pages (posix_fadvise), {io}, one pass \
+                 (later passes are served in part by a cache below the guest's): {}",
                 passes_note(&disk.buffered_read, GBPS, "GB/s")
             ),
         )),

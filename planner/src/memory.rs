@@ -140,6 +140,39 @@ pub fn largest_intermediate_bytes(model: &ModelSpec, sc: &Scenario) -> f64 {
     layer_temps + dequantized + logits
 }
 
+/// Bytes of the executor's host compute buffers for a block (`OptWorkspace` in
+/// executor/src/models/opt.rs, all f32, sized for the prefill of one GPU batch, and the block's
+/// logits): seven `[gbs * s, h1]` buffers (hidden, normed, q, k, v, attention output, sublayer
+/// output), the FFN's `[gbs * s, h2]`, opt-350m's embedding projection `[gbs * s, e]`, the last
+/// positions' two `[gbs, h1]` and one `[gbs, e]`, the attention scratch (`s + n` keys for each of
+/// `nh` heads; the executor takes the larger of heads and threads, and OPT has at least 12 heads),
+/// three `[bls, vocab]` logit buffers (the step's, the prefill's and the last step's), plus, with
+/// compressed weights, the largest matrix dequantized. The executor checks its own allocation
+/// against this (test `workspace_bytes_are_the_memory_plans` in opt.rs).
+pub fn cpu_workspace_bytes(model: &ModelSpec, sc: &Scenario) -> f64 {
+    let h1 = model.hidden_size as f64;
+    let h2 = model.ffn_dim as f64;
+    let embed = model.word_embed_proj_dim as f64;
+    let projection = if model.word_embed_proj_dim != model.hidden_size {
+        embed
+    } else {
+        0.0
+    };
+    let gbs = sc.gpu_batch_size as f64;
+    let rows = gbs * sc.prompt_len as f64;
+    let positions = (sc.prompt_len + sc.gen_len) as f64;
+    let floats = rows * (7.0 * h1 + h2 + projection)
+        + gbs * (2.0 * h1 + embed)
+        + positions * model.num_heads as f64
+        + 3.0 * sc.block_size() as f64 * model.vocab_size as f64;
+    let dequantized = if sc.compression.weights {
+        (3.0 * h1 * h1).max(h1 * h2) * model.dtype.bytes() as f64
+    } else {
+        0.0
+    };
+    4.0 * floats + dequantized
+}
+
 /// Bytes pinned for bounce buffers of pageable-to-device copies (two 64 MiB buffers), on hosts with
 /// a GPU.
 pub const PINNED_BOUNCE_BYTES: f64 = 2.0 * 64.0 * 1048576.0;
@@ -166,8 +199,9 @@ pub struct TierBytes {
     pub activation_buffers: f64,
     /// Pinned bounce buffers for pageable copies (CPU, GPU hosts only).
     pub pinned_bounce: f64,
-    /// Temporaries of one layer for one GPU batch ([`largest_intermediate_bytes`]), on each device
-    /// that computes.
+    /// Compute buffers: on the GPU one layer's temporaries for one GPU batch
+    /// ([`largest_intermediate_bytes`]), on the CPU the executor's workspace
+    /// ([`cpu_workspace_bytes`]).
     pub working: f64,
 }
 
@@ -278,7 +312,7 @@ pub fn plan(model: &ModelSpec, sc: &Scenario, per_kind: &[Shares; 4]) -> MemoryP
         kv_cache_buffers: 2.0 * placement.cache_disk * kv_one_batch,
         activation_buffers: 2.0 * placement.activations_disk * act_one_batch,
         pinned_bounce: if sc.has_gpu { PINNED_BOUNCE_BYTES } else { 0.0 },
-        working,
+        working: cpu_workspace_bytes(model, sc),
     };
     let disk = TierBytes {
         weights_home: placement.weights_disk() * layers * weights_layer,

@@ -838,6 +838,28 @@ fn linear_any(
 }
 
 impl OptWorkspace {
+    /// Bytes allocated (`planner::memory::cpu_workspace_bytes` plans them).
+    pub fn bytes(&self) -> u64 {
+        [
+            &self.hidden,
+            &self.normed,
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.attn,
+            &self.sublayer_out,
+            &self.ffn,
+            &self.embed,
+            &self.last,
+            &self.last_normed,
+            &self.last_projected,
+            &self.scratch,
+        ]
+        .iter()
+        .map(|b| (b.capacity() * 4) as u64)
+        .sum()
+    }
+
     /// The hidden state of the step's rows (`[batch * new_tokens, hidden]` at the front): the
     /// block schedule saves it between layers and restores it for each GPU batch.
     pub fn hidden_mut(&mut self) -> &mut [f32] {
