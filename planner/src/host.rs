@@ -56,7 +56,8 @@ pub const STEPS: &[(&str, f64)] = &[
 /// use, core count, memory (to 0.5 GiB) and GPU name. Policies solved for a profile can tell when
 /// they run somewhere else. (The instruction set is there because a cloud "AMD EPYC" with the
 /// same core count and memory was a Zen 4 with AVX-512 one day and a Zen 3 without it another,
-/// and the measured prefill rates 0.36 and 0.08 TFLOP/s apart.)
+/// and prefill rates of 0.36 TFLOP/s (the Zen 4 profile, calibrated) against 0.075-0.089
+/// measured on the Zen 3.)
 pub fn hardware_fingerprint(gpu_name: Option<&str>) -> String {
     let (cpu, cores, memory_gib) = cpu_identity();
     format!(

@@ -288,7 +288,7 @@ fn drop_pages(file: &Path) {
 /// `progress` gets a fraction in [0, 1] as the work proceeds.
 ///
 /// The buffered read is timed once: dropping the guest's page cache does not empty a cache
-/// below it. On the development VM the first buffered pass ran at 0.60-0.64 GB/s in four runs
+/// below it. On the development VM the first buffered pass ran at 0.60-0.64 GB/s in three runs
 /// (as the direct reads), and the next six at 1.1-2.4 GB/s, in no order, as parts of the file came
 /// from the virtual disk's host-side cache: their median moved by 1.33x between two runs, while
 /// the first pass is the cold figure the profile means.

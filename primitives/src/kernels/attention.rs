@@ -7,15 +7,29 @@
 //! and for the baseline target, and the wrapper picks one at run time.
 
 use super::linear::{Isa, WeightElem as KvElem};
+use super::KvRows;
 use rayon::prelude::*;
 
 /// Geometry and operands shared by every query row.
 /// `K` is the cache's element type (f32, f16 or bf16), widened to f32 in registers.
-pub(crate) struct Attn<'a, K> {
+struct Attn<'a, K> {
+    q: &'a [f32],
+    q_len: usize,
+    k: &'a [K],
+    v: &'a [K],
+    kv_len: usize,
+    key_valid: &'a [bool],
+    num_heads: usize,
+    head_dim: usize,
+    scale: f32,
+}
+
+/// The operands as the callers hold them: cache rows in their stored type.
+pub(crate) struct AttnRows<'a> {
     pub q: &'a [f32],
     pub q_len: usize,
-    pub k: &'a [K],
-    pub v: &'a [K],
+    pub k: KvRows<'a>,
+    pub v: KvRows<'a>,
     pub kv_len: usize,
     pub key_valid: &'a [bool],
     pub num_heads: usize,
@@ -23,14 +37,32 @@ pub(crate) struct Attn<'a, K> {
     pub scale: f32,
 }
 
+/// Runs attention on `isa` over rows of either element type (keys and values of one type).
+pub(crate) fn attention_on(a: &AttnRows, out: &mut [f32], scratch: &mut [f32], isa: Isa) {
+    fn typed<'a, K>(a: &AttnRows<'a>, k: &'a [K], v: &'a [K]) -> Attn<'a, K> {
+        Attn {
+            q: a.q,
+            q_len: a.q_len,
+            k,
+            v,
+            kv_len: a.kv_len,
+            key_valid: a.key_valid,
+            num_heads: a.num_heads,
+            head_dim: a.head_dim,
+            scale: a.scale,
+        }
+    }
+    match (a.k, a.v) {
+        (KvRows::F32(k), KvRows::F32(v)) => attention_impl(&typed(a, k, v), out, scratch, isa),
+        (KvRows::F16(k), KvRows::F16(v)) => attention_impl(&typed(a, k, v), out, scratch, isa),
+        (KvRows::Bf16(k), KvRows::Bf16(v)) => attention_impl(&typed(a, k, v), out, scratch, isa),
+        _ => panic!("attention: keys and values must have one element type"),
+    }
+}
+
 /// Runs attention. With room in `scratch` for several rows' scores, query rows run in
 /// parallel (prefill); a single query row (decode) instead splits its heads between threads.
-pub(crate) fn attention_impl<K: KvElem>(
-    a: &Attn<K>,
-    out: &mut [f32],
-    scratch: &mut [f32],
-    isa: Isa,
-) {
+fn attention_impl<K: KvElem>(a: &Attn<K>, out: &mut [f32], scratch: &mut [f32], isa: Isa) {
     let d = a.num_heads * a.head_dim;
     if a.q_len == 0 || d == 0 {
         return;

@@ -170,11 +170,6 @@ pub fn attention(
     scratch: &mut [f32],
 ) {
     let d = num_heads * head_dim;
-    assert_eq!(
-        k.dtype(),
-        v.dtype(),
-        "attention: keys and values must have one element type"
-    );
     assert!(
         q_len <= kv_len,
         "attention: q_len ({q_len}) must not exceed kv_len ({kv_len})"
@@ -201,29 +196,18 @@ pub fn attention(
         scratch.len() >= kv_len,
         "attention: scratch needs at least kv_len floats"
     );
-    let isa = linear::Isa::detect();
-    macro_rules! run {
-        ($k:expr, $v:expr) => {{
-            let a = attention::Attn {
-                q,
-                q_len,
-                k: $k,
-                v: $v,
-                kv_len,
-                key_valid,
-                num_heads,
-                head_dim,
-                scale,
-            };
-            attention::attention_impl(&a, out, scratch, isa)
-        }};
-    }
-    match (k, v) {
-        (KvRows::F32(k), KvRows::F32(v)) => run!(k, v),
-        (KvRows::F16(k), KvRows::F16(v)) => run!(k, v),
-        (KvRows::Bf16(k), KvRows::Bf16(v)) => run!(k, v),
-        _ => unreachable!("element types checked above"),
-    }
+    let a = attention::AttnRows {
+        q,
+        q_len,
+        k,
+        v,
+        kv_len,
+        key_valid,
+        num_heads,
+        head_dim,
+        scale,
+    };
+    attention::attention_on(&a, out, scratch, linear::Isa::detect());
 }
 
 #[cfg(test)]

@@ -303,28 +303,18 @@ fn check_attention(
         for isa in Isa::available() {
             let mut out = vec![f32::NAN; q_len * d];
             let mut scratch = vec![0.0; slots * kv_len.max(1)];
-            macro_rules! run {
-                ($k:expr, $v:expr) => {{
-                    let a = attention::Attn {
-                        q: &q,
-                        q_len,
-                        k: $k,
-                        v: $v,
-                        kv_len,
-                        key_valid: valid,
-                        num_heads: nh,
-                        head_dim: hd,
-                        scale,
-                    };
-                    attention::attention_impl(&a, &mut out, &mut scratch, isa)
-                }};
-            }
-            match (&kb, &vb) {
-                (KvBuf::F32(k), KvBuf::F32(v)) => run!(k, v),
-                (KvBuf::F16(k), KvBuf::F16(v)) => run!(k, v),
-                (KvBuf::Bf16(k), KvBuf::Bf16(v)) => run!(k, v),
-                _ => unreachable!(),
-            }
+            let a = attention::AttnRows {
+                q: &q,
+                q_len,
+                k: kb.all(),
+                v: vb.all(),
+                kv_len,
+                key_valid: valid,
+                num_heads: nh,
+                head_dim: hd,
+                scale,
+            };
+            attention::attention_on(&a, &mut out, &mut scratch, isa);
             for (i, (g, w)) in out.iter().zip(&want).enumerate() {
                 assert!(
                     (*g as f64 - w).abs() < 1e-5,
