@@ -68,6 +68,8 @@ pub struct TierReport {
     /// Matrix bytes read from disk per step (the policy's weight disk share, at tensor
     /// granularity).
     pub weights_disk_bytes_per_step: u64,
+    /// Bytes of the staging buffers for disk-resident weights (the plan's CPU `weight_buffers`).
+    pub weight_staging_bytes: u64,
     /// Sequences whose KV cache lived in the offload directory.
     pub kv_disk_sequences: usize,
     /// Bytes read from disk (weights, KV cache, activations), as transferred.

@@ -411,6 +411,7 @@ pub fn add_tiers(
     t.num_gpu_batches = policy.batch.num_gpu_batches as usize;
     t.cpu_attention = Some(policy.compute.cpu_attention);
     t.weights_disk_bytes_per_step = stats.weight_disk_bytes_per_step;
+    t.weight_staging_bytes = stats.weight_staging_bytes;
     t.kv_disk_sequences = stats.kv_disk_sequences;
     t.disk_read_bytes = read_bytes;
     t.disk_read_busy_s = read_busy;

@@ -10,9 +10,10 @@
 //! it, each write by the next read or write of the same batch.
 //!
 //! Granularity (documented in docs/executor.md):
-//! - weights: whole matrices (q, k, v, out, fc1, fc2 of each layer), walked in layer order and put
-//!   on disk while the disk share of the bytes seen so far stays within half a matrix of the
-//!   policy's fraction; embeddings, LM head, biases and LayerNorms stay in CPU memory;
+//! - weights: whole matrices (q, k, v, out, fc1, fc2 of each layer), the same ones in every layer
+//!   plus one more in an evenly spread number of layers, as [`planner::memory::disk_layout`]
+//!   chooses for the policy's fraction (so the staging is what the memory plan counts);
+//!   embeddings, LM head, biases and LayerNorms stay in CPU memory;
 //! - KV cache: whole sequences of the block (all layers, all positions), spread evenly;
 //! - activations: the last rows (tokens) of each batch's hidden state between two layers.
 //!
@@ -143,23 +144,28 @@ impl WeightPlacement {
     }
 }
 
-/// Chooses the disk-resident matrices for a fraction (see the module docs). Matrices the store
-/// cannot read from a file (random weights, misaligned tensors copied out) stay in memory.
+/// Chooses the disk-resident matrices for a fraction with the planner's rule
+/// ([`planner::memory::disk_layout`]: the same matrices in every layer, plus one more in some), so
+/// the staging buffers are the ones the memory plan counts. Matrices the store cannot read from a
+/// file (random weights, misaligned tensors copied out) stay in memory.
 pub fn place_weights(model: &OptModel, fraction: f64) -> WeightPlacement {
     let store = model.store();
     let layers = model.num_layers();
+    let matrix_bytes = |l: usize| -> [u64; 6] {
+        model.layer_weight_ids(l).map(|id| {
+            let m = store.meta(id);
+            (m.shape.iter().product::<usize>() * m.dtype.size()) as u64
+        })
+    };
+    let sizes = if layers > 0 { matrix_bytes(0) } else { [0; 6] };
+    let layout = planner::memory::disk_layout(&sizes, layers, fraction);
     let mut on_disk = vec![[false; 6]; layers];
-    let (mut seen, mut disk, mut total) = (0f64, 0f64, 0u64);
+    let (mut disk, mut total) = (0u64, 0u64);
     for (l, row) in on_disk.iter_mut().enumerate() {
-        for (i, id) in model.layer_weight_ids(l).iter().enumerate() {
-            let m = store.meta(*id);
-            let bytes = (m.shape.iter().product::<usize>() * m.dtype.size()) as f64;
-            total += bytes as u64;
-            seen += bytes;
-            if fraction > 0.0
-                && store.file_range(*id).is_some()
-                && disk + bytes / 2.0 <= fraction * seen + 1e-9
-            {
+        let ids = model.layer_weight_ids(l);
+        for (i, bytes) in matrix_bytes(l).into_iter().enumerate() {
+            total += bytes;
+            if layout[l][i] && store.file_range(ids[i]).is_some() {
                 row[i] = true;
                 disk += bytes;
             }
@@ -167,7 +173,7 @@ pub fn place_weights(model: &OptModel, fraction: f64) -> WeightPlacement {
     }
     WeightPlacement {
         on_disk,
-        disk_bytes: disk as u64,
+        disk_bytes: disk,
         layer_bytes: total,
         compressed: None,
     }
@@ -193,6 +199,9 @@ pub struct ChannelStats {
     pub offload_dir: Option<PathBuf>,
     /// Matrix bytes read from disk per step (per pass over the layers).
     pub weight_disk_bytes_per_step: u64,
+    /// Bytes of the staging buffers for disk-resident weights (all pools, all buffers): the memory
+    /// plan's CPU `weight_buffers`.
+    pub weight_staging_bytes: u64,
     /// Sequences whose KV cache lived on disk.
     pub kv_disk_sequences: usize,
     /// Lines to print: files that fell back to buffered I/O, and why.
@@ -350,7 +359,7 @@ type DiskRange = (Arc<DirectFile>, u64, usize);
 /// Everything the block run holds for the disk tier.
 struct DiskTier {
     /// One pool per matrix slot (q, k, v, out, fc1, fc2), each with two buffers of that slot's
-    /// largest disk-resident matrix: staging is exactly twice a layer's disk matrices. The pools
+    /// disk-resident matrix: staging is `planner::memory::disk_staging_bytes`. The pools
     /// share one busy clock.
     weight_pools: Vec<Option<IoPool>>,
     cache_pool: Option<IoPool>,
@@ -613,6 +622,7 @@ fn run_block(
             // Two layers in flight: the one computing and the one being prefetched.
             max_buffers: 2,
         };
+        stats.weight_staging_bytes += (config.max_buffers * config.buffer_size) as u64;
         let first = tier.weight_pools.iter().flatten().next();
         let pool = match first {
             Some(p) => IoPool::new_sharing_stats(&config, p),

@@ -389,3 +389,25 @@ fn relative_l2(got: &[f32], want: &[f32]) -> f32 {
     let den: f32 = want.iter().map(|a| a * a).sum();
     (num / den).sqrt()
 }
+
+#[test]
+fn weight_staging_is_the_memory_plans() {
+    // Two buffers per matrix slot ever on disk, as `planner::memory::disk_staging_bytes` counts,
+    // up to the 4 KiB alignment of each direct read (at most 8 KiB per buffer).
+    let name = "opt-tiny-preln";
+    let dir = tempfile::tempdir().unwrap();
+    for weights in [0.2, 0.5, 0.75, 0.9] {
+        let shape = Shape { weights, ..ALL_CPU };
+        let (_, stats) = run_shape(name, shape, &prompts(), dir.path());
+        let loaded = run::load(&ModelSource::Checkpoint(fixture(name)), false).unwrap();
+        let spec = &loaded.model.config().spec;
+        let sizes = planner::memory::layer_matrix_bytes(spec);
+        let layout = planner::memory::disk_layout(&sizes, spec.num_layers as usize, weights);
+        let planned = planner::memory::disk_staging_bytes(&layout, &sizes);
+        let staged = stats.weight_staging_bytes;
+        assert!(
+            staged >= planned && staged - planned <= 12 * 8192,
+            "weights {weights}: staged {staged} bytes, planned {planned}"
+        );
+    }
+}

@@ -790,7 +790,7 @@ pub fn evaluate(
     let dec = layer_terms(&ci, Stage::Decode, &per_kind);
     let total_s = total_time(&ci, &pre, &dec);
     let lower_bound_s = physical_lower_bound(&ci, &pre, &dec);
-    let plan = memory::plan(model, &scenario, &per_kind);
+    let plan = memory::plan_placed(model, &scenario, &per_kind, policy.placement.weights.disk);
     Ok(Prediction {
         throughput_tok_s: throughput(&ci, total_s),
         prefill_s: prefill_time(&ci, &pre),

@@ -326,7 +326,124 @@ pub fn plan(model: &ModelSpec, sc: &Scenario, per_kind: &[Shares; 4]) -> MemoryP
 /// The plan for a policy, with each linear kind's own split ratio.
 pub fn plan_for_policy(model: &ModelSpec, policy: &Policy, has_gpu: bool) -> MemoryPlan {
     let sc = Scenario::from_policy(policy, has_gpu);
-    plan(model, &sc, &crate::cost::per_kind_shares(policy))
+    plan_placed(
+        model,
+        &sc,
+        &crate::cost::per_kind_shares(policy),
+        policy.placement.weights.disk,
+    )
+}
+
+/// [`plan`] for a concrete disk share of the weights: the CPU's staging for disk-resident weights
+/// is what the executor allocates for the matrices [`disk_layout`] puts on disk
+/// ([`disk_staging_bytes`]) instead of the linear program's 2 x wd x W, which whole matrices can
+/// exceed by up to two of the smallest matrix. Policies are checked, evaluated and run against
+/// this plan; the solver re-solves when the rounding pushes its pick over a capacity.
+pub fn plan_placed(
+    model: &ModelSpec,
+    sc: &Scenario,
+    per_kind: &[Shares; 4],
+    weights_disk: f64,
+) -> MemoryPlan {
+    let mut p = plan(model, sc, per_kind);
+    if !sc.compression.weights {
+        let sizes = layer_matrix_bytes(model);
+        let layout = disk_layout(&sizes, model.num_layers as usize, weights_disk);
+        p.cpu.weight_buffers = disk_staging_bytes(&layout, &sizes) as f64;
+    }
+    p
+}
+
+/// Bytes of one decoder layer's matrices as the checkpoint stores them, in the executor's order
+/// (q, k, v, out, fc1, fc2); biases and norms are held in memory and never read from disk.
+pub fn layer_matrix_bytes(model: &ModelSpec) -> [u64; 6] {
+    let (h1, h2, e) = (model.hidden_size, model.ffn_dim, model.dtype.bytes());
+    let square = h1 * h1 * e;
+    [square, square, square, square, h1 * h2 * e, h2 * h1 * e]
+}
+
+/// Which matrices of each decoder layer the executor reads from disk for a disk share `fraction`
+/// of the layers' matrix bytes (`matrix_bytes`: one layer's matrices, in order). Every layer holds
+/// the same set A (the most bytes not above its share) and an evenly spread number of layers also
+/// hold the smallest matrix outside A, so the total is within half of that matrix of the share and
+/// the staging ([`disk_staging_bytes`]: two buffers per matrix slot ever on disk) is at most
+/// 2 x (fraction x layer + that matrix). Walking the layers with one running total instead would
+/// put every slot on disk somewhere and stage two whole layers. A fraction above 0 puts at least
+/// one matrix on disk, below 1 keeps at least one in memory.
+pub fn disk_layout(matrix_bytes: &[u64], layers: usize, fraction: f64) -> Vec<Vec<bool>> {
+    let n = matrix_bytes.len();
+    if fraction <= 0.0 || layers == 0 || n == 0 {
+        return vec![vec![false; n]; layers];
+    }
+    if fraction >= 1.0 {
+        return vec![vec![true; n]; layers];
+    }
+    let layer_total: u64 = matrix_bytes.iter().sum();
+    let share = fraction * layer_total as f64;
+    let bytes_of = |mask: usize| -> u64 {
+        (0..n)
+            .filter(|i| mask & (1 << i) != 0)
+            .map(|i| matrix_bytes[i])
+            .sum()
+    };
+    // The smallest matrix outside a set.
+    let extra_of = |mask: usize| {
+        (0..n)
+            .filter(|i| mask & (1 << i) == 0)
+            .min_by_key(|&i| matrix_bytes[i])
+    };
+    // A: the subset with the most bytes not above the share; among equals, the one that leaves
+    // the smallest matrix outside (fc1 rather than the four projections for a third of an OPT
+    // layer), so the layers that take one more stage the least.
+    let (mut base, mut base_bytes) = (0usize, 0u64);
+    for mask in 1..(1usize << n) {
+        let b = bytes_of(mask);
+        if b as f64 > share * (1.0 + 1e-12) {
+            continue;
+        }
+        let extra_bytes = |m: usize| extra_of(m).map_or(0, |j| matrix_bytes[j]);
+        if b > base_bytes || (b == base_bytes && extra_bytes(mask) < extra_bytes(base)) {
+            (base, base_bytes) = (mask, b);
+        }
+    }
+    // The smallest matrix outside A, held by as many layers as the rest of the share asks.
+    let extra = extra_of(base);
+    let mut with_extra = match extra {
+        Some(j) if matrix_bytes[j] > 0 => {
+            let per_layer = (share - base_bytes as f64).max(0.0) / matrix_bytes[j] as f64;
+            ((per_layer * layers as f64).round() as usize).min(layers)
+        }
+        _ => 0,
+    };
+    if base == 0 && with_extra == 0 {
+        with_extra = 1;
+    }
+    let full = (1usize << n) - 1;
+    if let Some(j) = extra {
+        if base | (1 << j) == full && with_extra == layers {
+            with_extra = layers - 1;
+        }
+    }
+    (0..layers)
+        .map(|l| {
+            let extra_here = (l + 1) * with_extra / layers > l * with_extra / layers;
+            (0..n)
+                .map(|i| base & (1 << i) != 0 || (extra_here && extra == Some(i)))
+                .collect()
+        })
+        .collect()
+}
+
+/// Bytes of the executor's staging for disk-resident weights under `layout`: two buffers (the
+/// layer computing, the layer being read) for every matrix slot that is on disk in any layer,
+/// each the size of that slot's matrix.
+pub fn disk_staging_bytes(layout: &[Vec<bool>], matrix_bytes: &[u64]) -> u64 {
+    matrix_bytes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| layout.iter().any(|row| row[*i]))
+        .map(|(_, b)| 2 * b)
+        .sum()
 }
 
 #[cfg(test)]
@@ -420,5 +537,72 @@ mod tests {
             let exact = f(&point);
             assert!((form.at(&point) - exact).abs() <= 1e-9 * exact.abs());
         }
+    }
+
+    #[test]
+    fn disk_layout_meets_the_share_and_stages_little_more_than_it() {
+        for name in ["opt-125m", "opt-6.7b", "opt-175b"] {
+            let m = ModelSpec::builtin(name).unwrap();
+            let sizes = layer_matrix_bytes(&m);
+            let layers = m.num_layers as usize;
+            let layer: u64 = sizes.iter().sum();
+            let smallest = *sizes.iter().min().unwrap() as f64;
+            for step in 0..=100 {
+                let f = step as f64 / 100.0;
+                let layout = disk_layout(&sizes, layers, f);
+                let on_disk: u64 = layout
+                    .iter()
+                    .flat_map(|row| row.iter().zip(&sizes).filter(|(d, _)| **d))
+                    .map(|(_, b)| b)
+                    .sum();
+                let target = f * (layers as u64 * layer) as f64;
+                // Rounding misses by at most half the smallest matrix; the at-least-one rules
+                // can move one whole smallest matrix.
+                assert!(
+                    (on_disk as f64 - target).abs() <= smallest,
+                    "{name} f={f}: {on_disk} on disk for a share of {target}"
+                );
+                let staging = disk_staging_bytes(&layout, &sizes) as f64;
+                assert!(
+                    staging <= 2.0 * (f * layer as f64 + smallest) + 1.0,
+                    "{name} f={f}: staging {staging} for layer {layer}"
+                );
+                assert_eq!(f > 0.0, on_disk > 0, "{name} f={f}");
+                assert_eq!(f < 1.0, on_disk < layers as u64 * layer, "{name} f={f}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_share_that_whole_matrices_meet_is_the_same_set_in_every_layer() {
+        // 3/4 of an OPT layer is fc1 + fc2 + one projection: staging is exactly 2 x 3/4 x layer.
+        let m = ModelSpec::builtin("opt-6.7b").unwrap();
+        let sizes = layer_matrix_bytes(&m);
+        let layout = disk_layout(&sizes, 32, 0.75);
+        assert!(layout.iter().all(|row| *row == layout[0]));
+        let layer: u64 = sizes.iter().sum();
+        assert_eq!(disk_staging_bytes(&layout, &sizes), 2 * layer * 3 / 4);
+    }
+
+    #[test]
+    fn the_placed_plan_counts_the_executors_staging() {
+        let m = ModelSpec::builtin("opt-6.7b").unwrap();
+        let sc = scenario(false);
+        let s = Shares {
+            weights_cpu_computed_on_cpu: 0.4,
+            weights_disk_computed_on_cpu: 0.6,
+            cache_cpu: 1.0,
+            activations_cpu: 1.0,
+            ..Default::default()
+        };
+        let placed = plan_placed(&m, &sc, &[s; 4], 0.6);
+        let sizes = layer_matrix_bytes(&m);
+        let layout = disk_layout(&sizes, 32, 0.6);
+        assert_eq!(
+            placed.cpu.weight_buffers,
+            disk_staging_bytes(&layout, &sizes) as f64
+        );
+        let affine = plan(&m, &sc, &[s; 4]);
+        assert_eq!(placed.cpu.weights_home, affine.cpu.weights_home);
     }
 }

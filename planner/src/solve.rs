@@ -490,9 +490,26 @@ pub fn solve(req: &SolveRequest) -> Result<Policy, SolveError> {
             }
         }
     }
-    let Some((sc, opt, _)) = best else {
+    let Some((sc, mut opt, _)) = best else {
         return Err(cannot_fit(req, &caps, all.first().copied()));
     };
+    // The program stages 2 x wd x W for disk-resident weights; the executor stages whole
+    // matrices ([`memory::plan_placed`]), a little more. When that pushes the pick over the CPU's
+    // capacity, solve the same scenario again with the capacity lowered by the excess.
+    let mut lowered = caps;
+    for _ in 0..4 {
+        let policy = policy_from(req, &sc, &opt.shares);
+        let placed = memory::plan_for_policy(req.model, &policy, sc.has_gpu);
+        let excess = placed.cpu.total() - caps.cpu_bytes * (1.0 - CAPACITY_MARGIN);
+        if excess <= 0.0 {
+            break;
+        }
+        lowered.cpu_bytes -= excess;
+        match solve_program(req.model, req.profile, &lowered, &sc)? {
+            Some(o) => opt = o,
+            None => return Err(cannot_fit(req, &caps, Some(sc))),
+        }
+    }
     let mut policy = policy_from(req, &sc, &opt.shares);
     let mut prediction: Prediction = cost::evaluate(req.model, req.profile, &policy)
         .map_err(|e| SolveError::Invalid(e.to_string()))?;
