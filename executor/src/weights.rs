@@ -212,6 +212,55 @@ impl SafetensorsStore {
         Ok(store)
     }
 
+    /// Unmaps and evicts the pages of the tensors `keep` rejects (the disk-resident ones, read
+    /// with direct I/O), except pages they share with kept tensors, and takes them out of the
+    /// huge-page advice. Faulting in a kept tensor maps more than its own pages (2 MiB pages that
+    /// straddle its ends, read-around), and khugepaged keeps collapsing such regions during the
+    /// run: ~200 MiB for OPT-6.7B with 75% on disk (4% of the run's peak), none of it in the
+    /// memory plan.
+    fn release_skipped(&self, keep: &(dyn Fn(TensorId) -> bool + Sync)) {
+        const PAGE: usize = 4096;
+        let mut opened: HashMap<usize, Option<File>> = HashMap::new();
+        for (i, b) in self.backing.iter().enumerate() {
+            let Backing::Mapped { file, start, end } = b else {
+                continue;
+            };
+            if keep(TensorId(i)) {
+                continue;
+            }
+            let (lo, hi) = (start.next_multiple_of(PAGE), end / PAGE * PAGE);
+            if hi <= lo {
+                continue;
+            }
+            let (path, map) = &self.files[*file];
+            // Out of the huge-page advice first: khugepaged would otherwise fill the 2 MiB
+            // regions that straddle a kept tensor's ends again, page by page, during the run.
+            #[cfg(target_os = "linux")]
+            let _ = map.advise_range(memmap2::Advice::NoHugePage, lo, hi - lo);
+            // SAFETY: the map is a read-only shared file mapping: dropped pages are read back from
+            // the file on the next access (which the executor does not make; it reads these
+            // tensors with direct I/O), so no data is lost and no reference is invalidated.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, hi - lo)
+            };
+            #[cfg(target_os = "linux")]
+            if let Some(f) = opened.entry(*file).or_insert_with(|| File::open(path).ok()) {
+                use std::os::fd::AsRawFd;
+                // SAFETY: plain syscall on an open descriptor; advice only.
+                unsafe {
+                    libc::posix_fadvise(
+                        f.as_raw_fd(),
+                        lo as libc::off_t,
+                        (hi - lo) as libc::off_t,
+                        libc::POSIX_FADV_DONTNEED,
+                    )
+                };
+            }
+            #[cfg(not(target_os = "linux"))]
+            let _ = (&mut opened, path);
+        }
+    }
+
     fn add_file(&mut self, path: PathBuf, map: Mmap) -> Result<()> {
         let file_index = self.files.len();
         let shown = path.display().to_string();
@@ -449,6 +498,7 @@ impl WeightStore for SafetensorsStore {
                 progress(chunk.len() as u64);
             });
         }
+        self.release_skipped(keep);
     }
 
     fn preload(&self, progress: &(dyn Fn(u64) + Sync)) {
