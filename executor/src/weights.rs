@@ -243,8 +243,8 @@ impl SafetensorsStore {
             let _ = unsafe {
                 map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, hi - lo)
             };
-            #[cfg(target_os = "linux")]
-            if let Some(f) = opened.entry(*file).or_insert_with(|| File::open(path).ok()) {
+            let f = opened.entry(*file).or_insert_with(|| File::open(path).ok());
+            if let Some(f) = f {
                 use std::os::fd::AsRawFd;
                 // SAFETY: plain syscall on an open descriptor; advice only.
                 unsafe {
@@ -256,8 +256,6 @@ impl SafetensorsStore {
                     )
                 };
             }
-            #[cfg(not(target_os = "linux"))]
-            let _ = (&mut opened, path);
         }
     }
 

@@ -386,12 +386,13 @@ pub fn disk_layout(matrix_bytes: &[u64], layers: usize, fraction: f64) -> Vec<Ve
             .map(|i| matrix_bytes[i])
             .sum()
     };
-    // The smallest matrix outside a set.
+    // The smallest matrix outside a set, and its bytes.
     let extra_of = |mask: usize| {
         (0..n)
             .filter(|i| mask & (1 << i) == 0)
             .min_by_key(|&i| matrix_bytes[i])
     };
+    let extra_bytes = |mask: usize| extra_of(mask).map_or(0, |j| matrix_bytes[j]);
     // A: the subset with the most bytes not above the share; among equals, the one that leaves
     // the smallest matrix outside (fc1 rather than the four projections for a third of an OPT
     // layer), so the layers that take one more stage the least.
@@ -401,7 +402,6 @@ pub fn disk_layout(matrix_bytes: &[u64], layers: usize, fraction: f64) -> Vec<Ve
         if b as f64 > share * (1.0 + 1e-12) {
             continue;
         }
-        let extra_bytes = |m: usize| extra_of(m).map_or(0, |j| matrix_bytes[j]);
         if b > base_bytes || (b == base_bytes && extra_bytes(mask) < extra_bytes(base)) {
             (base, base_bytes) = (mask, b);
         }

@@ -497,12 +497,16 @@ pub fn solve(req: &SolveRequest) -> Result<Policy, SolveError> {
     // matrices ([`memory::plan_placed`]), a little more. When that pushes the pick over the CPU's
     // capacity, solve the same scenario again with the capacity lowered by the excess.
     let mut lowered = caps;
-    for _ in 0..4 {
+    for attempt in 0..=4 {
         let policy = policy_from(req, &sc, &opt.shares);
         let placed = memory::plan_for_policy(req.model, &policy, sc.has_gpu);
         let excess = placed.cpu.total() - caps.cpu_bytes * (1.0 - CAPACITY_MARGIN);
         if excess <= 0.0 {
             break;
+        }
+        if attempt == 4 {
+            // Never hand out a pick that does not fit.
+            return Err(cannot_fit(req, &caps, Some(sc)));
         }
         lowered.cpu_bytes -= excess;
         match solve_program(req.model, req.profile, &lowered, &sc)? {
