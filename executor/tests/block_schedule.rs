@@ -396,12 +396,12 @@ fn weight_staging_is_the_memory_plans() {
     // up to the 4 KiB alignment of each direct read (at most 8 KiB per buffer).
     let name = "opt-tiny-preln";
     let dir = tempfile::tempdir().unwrap();
+    let loaded = run::load(&ModelSource::Checkpoint(fixture(name)), false).unwrap();
+    let spec = &loaded.model.config().spec;
+    let sizes = planner::memory::layer_matrix_bytes(spec);
     for weights in [0.2, 0.5, 0.75, 0.9] {
         let shape = Shape { weights, ..ALL_CPU };
         let (_, stats) = run_shape(name, shape, &prompts(), dir.path());
-        let loaded = run::load(&ModelSource::Checkpoint(fixture(name)), false).unwrap();
-        let spec = &loaded.model.config().spec;
-        let sizes = planner::memory::layer_matrix_bytes(spec);
         let layout = planner::memory::disk_layout(&sizes, spec.num_layers as usize, weights);
         let planned = planner::memory::disk_staging_bytes(&layout, &sizes);
         let staged = stats.weight_staging_bytes;

@@ -135,9 +135,9 @@ pub fn measure_profile(
     progress: &mut dyn FnMut(&str, f64),
 ) -> Result<Profile, HostError> {
     let threads = rayon::current_num_threads();
-    // Passes on this 2-core VM spread by +-25% within one run (other tenants); the median of 21
-    // moves by a few percent between runs where the median of 7 moved by up to 24%. A CPU pass
-    // takes 0.05-0.3 s, so the full profile's CPU part stays under half a minute.
+    // Passes on this 2-core VM spread by +-25% within one run (other tenants), and the median of
+    // 7 moved by up to 24% between runs; with 21, two back-to-back runs agreed within 12% on
+    // every CPU figure but attention (docs/benchmarks.md; slower drifts of the host remain).
     let passes = if opts.quick { 3 } else { 21 };
     let mut done = 0.0;
     let step = |i: usize, done: &mut f64, progress: &mut dyn FnMut(&str, f64)| {
@@ -164,15 +164,16 @@ pub fn measure_profile(
     let stream = measure::linear_stream_bandwidth(stream_bytes, 4096, 2048, passes);
     let plain = measure::dram_read_bandwidth(stream_bytes, passes);
     step(3, &mut done, progress);
-    // 32 sequences: their caches (134 MB of bf16) are four times the last-level cache, as a real
-    // decode's are; with 8 (34 MB) passes moved 2x inside one run, partly served from a shared L3.
+    // 32 sequences: their caches (134 MB of bf16) are four times the 32 MiB last-level cache, as
+    // a real decode's are larger than it; with 8 (34 MB, about its size) passes moved 2x inside
+    // one run.
     let attention_seqs = 32;
     let attention = measure::attention_flops(attention_seqs, 1, 512, 32, 64, passes);
 
     step(4, &mut done, progress);
     let disk_bytes: u64 = if opts.quick { 512 << 20 } else { 2 << 30 };
-    // Each disk pass moves the whole file (2 GiB, 2-4 s here): 11 passes keep the full profile
-    // near two minutes.
+    // Each disk pass moves the whole 2 GiB file: with 11 the full profile took 2.2-2.6 minutes
+    // here.
     let disk_passes = if opts.quick { 3 } else { 11 };
     let base = done;
     let disk = measure::disk(&opts.offload_dir, disk_bytes, disk_passes, &mut |f| {
