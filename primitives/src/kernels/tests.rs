@@ -109,6 +109,9 @@ fn linear_matches_reference_on_every_path_dtype_and_odd_shape() {
         (16, 768, 67),
         (20, 2100, 9),   // more than one k-slice for many tokens
         (30, 1031, 261), // several row tasks, row and k tails, uneven token tiles
+        (40, 600, 150),  // AVX2 packed: three k-slices (the last 88), a 6-row panel tail
+        (25, 7, 16),     // fewest packed tokens, k shorter than one 8x8 block
+        (64, 257, 33),   // one k past a slice, panels of 16, 16 and 1 rows
     ];
     check_linear_shapes(&shapes, 0, 7);
 }
