@@ -148,6 +148,8 @@ fn with_buffer<T: Default + Clone, R>(
 ) -> R {
     let mut buf = cell.with(|c| c.take());
     if buf.len() < len {
+        // Exact, so that what a thread holds is what `input_scratch_bytes` plans.
+        buf.reserve_exact(len - buf.len());
         buf.resize(len, T::default());
     }
     let r = f(&mut buf[..len]);
@@ -157,6 +159,21 @@ fn with_buffer<T: Default + Clone, R>(
         }
     });
     r
+}
+
+/// Bytes of the converted input `linear` keeps on its calling thread after a product of `tokens`
+/// rows of `n_in` (the larger of the paths' layouts: bf16 rows padded for AVX512-BF16, f32 rows
+/// in groups of 6 tokens for AVX2), so that the memory plan can count it.
+pub(crate) fn input_scratch_bytes(tokens: usize, n_in: usize) -> usize {
+    let bf16_rows = tokens * (n_in.div_ceil(32) * 32 + 32) * 2;
+    let f32_groups = tokens.next_multiple_of(AVX2_TILE_TOKENS) * n_in * 4;
+    bf16_rows.max(f32_groups)
+}
+
+/// Bytes of converted input the calling thread holds now (tests hold it to `input_scratch_bytes`).
+#[cfg(test)]
+pub(crate) fn input_scratch_held() -> usize {
+    INPUT_BF16.with(|c| c.borrow().capacity() * 2) + INPUT_F32.with(|c| c.borrow().capacity() * 4)
 }
 
 /// Output pointer shared by the tasks; each task writes a disjoint range of columns of y.

@@ -100,6 +100,14 @@ pub fn linear(x: &[f32], tokens: usize, w: &Matrix, bias: Option<&[f32]>, y: &mu
     linear::linear_on(linear::Isa::detect(), x, tokens, w, bias, y);
 }
 
+/// Bytes of the converted input that `linear` keeps on its calling thread, between calls, after
+/// a product of `tokens` rows of `n_in`: the largest product's (64 MiB for OPT-6.7B's FFN output
+/// at 1024 tokens) belongs in a memory plan. The per-thread repacked weight slices (at most
+/// 256 KiB per thread) are not counted.
+pub fn linear_input_scratch_bytes(tokens: usize, n_in: usize) -> usize {
+    linear::input_scratch_bytes(tokens, n_in)
+}
+
 /// Layer normalisation over rows of `width` elements (rows = x.len() / width).
 ///
 /// Statistics are computed in f32 with the biased variance, as torch.nn.LayerNorm does.

@@ -420,3 +420,31 @@ fn attention_rows_without_valid_keys_are_zero() {
     assert!(out[..3 * 2].iter().all(|v| *v == 0.0));
     assert!(out[3 * 2..].iter().all(|v| (*v - 0.7).abs() < 1e-6));
 }
+
+#[test]
+fn linear_input_scratch_is_what_the_plan_counts() {
+    // On a fresh thread (its buffers empty), products of growing size on every path: the thread
+    // then holds the converted input of the largest, which must not exceed its planned bytes.
+    for isa in Isa::available() {
+        std::thread::spawn(move || {
+            let mut rng = Rng(3);
+            let mut largest = 0;
+            for &(tokens, n_in) in &[(1, 64), (5, 100), (30, 257), (64, 100), (25, 7)] {
+                for kind in 0..3 {
+                    let x = rng.vec(tokens * n_in);
+                    let w = Owned::new(kind, &rng.vec(9 * n_in));
+                    let mut y = vec![0.0; tokens * 9];
+                    linear_on(isa, &x, tokens, &w.matrix(9, n_in), None, &mut y);
+                }
+                largest = largest.max(super::linear::input_scratch_bytes(tokens, n_in));
+                let held = super::linear::input_scratch_held();
+                assert!(
+                    held <= largest,
+                    "{isa:?}: thread holds {held} bytes of converted input, plan {largest}"
+                );
+            }
+        })
+        .join()
+        .unwrap();
+    }
+}
