@@ -491,15 +491,17 @@ fn run_packed_avx2<W: avx2::Lanes8>(p: &Problem<f32>, w: &[W]) {
     });
 }
 
-/// Fewest tokens for which AVX2 products take the packed path.
+/// Fewest tokens for which AVX2 products take the packed path: the AVX-512 threshold reused; at 25
+/// tokens it measured 1.07x the dot-product path (OPT-6.7B shapes), fewer tokens were not timed.
 const AVX2_PACK_MIN_TOKENS: usize = 25;
 /// Tokens per tile of the AVX2 packed path (and per group of its packed input).
 const AVX2_TILE_TOKENS: usize = 6;
-/// Rows of W per task of the AVX2 packed path (a multiple of 16): 8 panels of 16 KiB, 128 KiB
-/// per k-slice, which stays in Zen 3's 512 KiB L2 while the tokens run over it.
+/// Rows of W per task of the AVX2 packed path (a multiple of 16): 8 panels of 24 KiB, 192 KiB
+/// per k-slice, which stays in Zen 3's 512 KiB L2 while the tokens run over it (256 rows measured
+/// the same).
 const AVX2_PACK_ROWS: usize = 128;
-/// Reduction slice of the AVX2 packed path: one panel (16 KiB) and six input rows (6 KiB)
-/// share the 32 KiB L1 during a tile.
+/// Reduction slice of the AVX2 packed path: a token group's input slice (9 KiB) stays in L1 while
+/// the panels stream past it. Measured at OPT-6.7B shapes, 384 beat 256 and 512 (medians of 12).
 const AVX2_PACK_K: usize = 384;
 
 /// Fewest tokens for which bf16 products take the packed path. Below, repacking W costs more
