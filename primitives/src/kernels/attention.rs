@@ -111,7 +111,9 @@ fn run_heads<K: KvElem>(
     #[cfg(target_arch = "x86_64")]
     match isa {
         // SAFETY: `Isa::detect` only reports an instruction set the CPU has.
-        Isa::Avx512 | Isa::Avx512Bf16 => return unsafe { heads_avx512(a, i, h0, out, p) },
+        Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => {
+            return unsafe { heads_avx512(a, i, h0, out, p) }
+        }
         // SAFETY: as above.
         Isa::Avx2 => return unsafe { heads_avx2(a, i, h0, out, p) },
         Isa::Portable => {}

@@ -14,8 +14,8 @@ mod memory;
 pub use kv::{KvBuf, KvDtype, KvRows, KvRowsMut};
 pub use memory::{advise_huge_pages, huge_page_vec, stream_read};
 
-/// The vector instruction set the kernels run on here (`avx512bf16`, `avx512`, `avx2` or
-/// `portable`): a machine's speed depends on it as much as on its core count, so profiles record
+/// The vector instruction set the kernels run on here (`amx`, `avx512bf16`, `avx512`, `avx2`
+/// or `portable`): a machine's speed depends on it as much as on its core count, so profiles record
 /// it in their hardware fingerprint. `STRATA_CPU_ISA` can lower it (for benchmarks).
 pub fn instruction_set() -> &'static str {
     match linear::Isa::detect() {
@@ -23,6 +23,7 @@ pub fn instruction_set() -> &'static str {
         linear::Isa::Avx2 => "avx2",
         linear::Isa::Avx512 => "avx512",
         linear::Isa::Avx512Bf16 => "avx512bf16",
+        linear::Isa::Amx => "amx",
     }
 }
 

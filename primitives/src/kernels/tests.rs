@@ -112,6 +112,12 @@ fn linear_matches_reference_on_every_path_dtype_and_odd_shape() {
         (40, 600, 150),  // AVX2 packed: three k-slices (the last 88), a 6-row panel tail
         (25, 7, 16),     // fewest packed tokens, k shorter than one 8x8 block
         (64, 257, 33),   // one k past a slice, panels of 16, 16 and 1 rows
+        (33, 64, 50),    // AMX: a 1-token last group; a task of 18 rows (16 + 2)
+        (48, 96, 16),    // AMX: a last group of exactly 16 tokens, one 16-row task
+        (100, 320, 97),  // AMX: four groups (the last 4 tokens), a 1-row last task
+        (13, 64, 50),    // AMX in place: one half of tokens; tasks of 32 and 18 rows
+        (17, 32, 16),    // AMX in place: one token in the second half; one k step
+        (32, 96, 33),    // AMX in place: both token halves full; a 1-row last task
     ];
     check_linear_shapes(&shapes, 0, 7);
 }
