@@ -452,7 +452,7 @@ thread_local! {
 
 /// Many tokens, bf16 weights, AMX-BF16: as `run_packed_bf16` (tasks of rows, W repacked one
 /// k-slice at a time into the same pair-interleaved layout), but the product runs on the AMX
-/// tiles, accumulating in y itself, which each task first fills with its bias (see `amx`).
+/// tiles, accumulating in y itself (see `amx`).
 #[cfg(target_arch = "x86_64")]
 fn run_amx(p: &Problem<u16>, w: &[u16]) {
     if amx::in_place_fits(p.tokens, p.n_in) {
@@ -473,16 +473,6 @@ fn run_amx(p: &Problem<u16>, w: &[u16]) {
     let packed_len = AMX_ROWS * AMX_K / 2;
     (0..tasks).into_par_iter().for_each(|task| {
         let rows = task * AMX_ROWS..((task + 1) * AMX_ROWS).min(p.n_out);
-        for t in 0..p.tokens {
-            // SAFETY: these columns of y belong to this task; (t, rows) is inside y.
-            let y_row = unsafe {
-                std::slice::from_raw_parts_mut(p.y.0.add(t * p.n_out + rows.start), rows.len())
-            };
-            match p.bias {
-                Some(b) => y_row.copy_from_slice(&b[rows.clone()]),
-                None => y_row.fill(0.0),
-            }
-        }
         with_buffer(&PACKED, packed_len, |packed| {
             let mut k0 = 0;
             while k0 < p.n_in {

@@ -4,8 +4,9 @@
 //! 16,384 operations per instruction against 64 for an AVX-512 `vdpbf16ps`. The A operand is 16
 //! input rows (tokens) read from the bf16-rounded input, the B operand 16 rows of W in the
 //! pair-interleaved layout that `avx512::pack_bf16` already produces for the vector kernels, and
-//! the accumulators are 16 x 16 blocks of y itself, loaded from y and stored back to it, so there
-//! is no scatter and the bias is y's starting value.
+//! the accumulators are 16 x 16 blocks of y itself, stored into y (no scatter) and loaded back
+//! only by later k-slices; the first slice starts them from the bias. For up to 32 tokens
+//! `in_place` swaps the roles: W is read in place and only the input is packed.
 //!
 //! Register use per step: two input tiles (32 tokens) and two W tiles (32 rows) feed four
 //! accumulators, so each 1 KiB tile loaded is used twice. Tails (fewer than 32 tokens in the
@@ -95,7 +96,8 @@ impl TileConfig {
 
 /// y[.., rows] += x[.., k0..k1] W[rows, k0..k1]^T for every token, on the tiles, from a slice
 /// of W packed by `avx512::pack_bf16` (groups of 32 rows, `(k1 - k0)` rounded up to 32 over two
-/// pairs per u32). y must already hold the bias (or zeros) or the earlier slices' sums.
+/// pairs per u32). The first slice (k0 = 0) starts from the bias or zeros and overwrites y;
+/// later ones add to what y holds.
 ///
 /// # Safety
 /// The CPU has AMX-BF16 and `request_permission` succeeded; `p.x` holds every token's row of
@@ -112,6 +114,7 @@ pub(super) unsafe fn slice(
     let pairs = (k1 - k0).next_multiple_of(32) / 2;
     let steps = pairs / 16;
     let groups = rows.len().div_ceil(32);
+    let first = k0 == 0;
     assert!(
         packed.len() >= groups * pairs * 32,
         "amx::slice: packed slice too small"
@@ -149,14 +152,39 @@ pub(super) unsafe fn slice(
                 let c01 = c00.add(16);
                 let c10 = c00.add(16 * p.n_out);
                 let c11 = c10.add(16);
-                asm!("tileloadd tmm0, [{p} + {s}*1]", p = in(reg) c00, s = in(reg) c_stride, options(nostack, readonly));
-                if two_r {
-                    asm!("tileloadd tmm1, [{p} + {s}*1]", p = in(reg) c01, s = in(reg) c_stride, options(nostack, readonly));
-                }
-                if two_t {
-                    asm!("tileloadd tmm2, [{p} + {s}*1]", p = in(reg) c10, s = in(reg) c_stride, options(nostack, readonly));
+                // The accumulators start as y (later slices), or as the bias broadcast down the
+                // tile's rows (a stride-0 load) or zeros (first slice): y is then written once
+                // per slice and never read before the first, which at OPT-125m widths (768) is
+                // as much memory traffic as the products' own.
+                let (c00_in, c01_in, c10_in, c11_in, in_stride) = match (first, p.bias) {
+                    (false, _) => (c00 as *const f32, c01 as _, c10 as _, c11 as _, c_stride),
+                    (true, Some(b)) => {
+                        let b0 = b.as_ptr().add(r0);
+                        (b0, b0.add(16), b0, b0.add(16), 0)
+                    }
+                    (true, None) => (c00 as *const f32, c01 as _, c10 as _, c11 as _, usize::MAX),
+                };
+                if in_stride == usize::MAX {
+                    asm!("tilezero tmm0", options(nostack, nomem));
                     if two_r {
-                        asm!("tileloadd tmm3, [{p} + {s}*1]", p = in(reg) c11, s = in(reg) c_stride, options(nostack, readonly));
+                        asm!("tilezero tmm1", options(nostack, nomem));
+                    }
+                    if two_t {
+                        asm!("tilezero tmm2", options(nostack, nomem));
+                        if two_r {
+                            asm!("tilezero tmm3", options(nostack, nomem));
+                        }
+                    }
+                } else {
+                    asm!("tileloadd tmm0, [{p} + {s}*1]", p = in(reg) c00_in, s = in(reg) in_stride, options(nostack, readonly));
+                    if two_r {
+                        asm!("tileloadd tmm1, [{p} + {s}*1]", p = in(reg) c01_in, s = in(reg) in_stride, options(nostack, readonly));
+                    }
+                    if two_t {
+                        asm!("tileloadd tmm2, [{p} + {s}*1]", p = in(reg) c10_in, s = in(reg) in_stride, options(nostack, readonly));
+                        if two_r {
+                            asm!("tileloadd tmm3, [{p} + {s}*1]", p = in(reg) c11_in, s = in(reg) in_stride, options(nostack, readonly));
+                        }
                     }
                 }
                 let a_lo = p.x.as_ptr().add(t0 * p.x_stride + k0);
