@@ -589,10 +589,11 @@ const AVX2_PACK_K: usize = 384;
 const PACK_MIN_TOKENS: usize = 25;
 
 /// Fewest tokens for which bf16 products run on AMX tiles. Measured at OPT-1.3B shapes (4
-/// layers, medians of 3, two runs each, against `STRATA_CPU_ISA=avx512bf16` in the same
-/// session): 0.88x the vector paths at 2 tokens, 0.95x at 3, 1.04x at 4, 1.15x at 6, 1.55x at 8,
-/// 2.1x at 12, 2.2x at 16; up to 10 tokens the tiles stream W at 22-24 GB/s, DRAM speed.
-const AMX_MIN_TOKENS: usize = 4;
+/// layers, medians of 3, against `STRATA_CPU_ISA=avx512bf16` in the same session): 0.88x the
+/// vector paths at 2 tokens, 0.95x at 3, a tie at 4 (1.04x and 0.95x in two sessions), 1.15x at
+/// 6, 1.4-1.55x at 8, 2.1x at 12, 1.9-2.2x at 16; up to 10 tokens the tiles stream W at 20-24
+/// GB/s, DRAM speed.
+const AMX_MIN_TOKENS: usize = 6;
 /// Rows of W per task of the AMX path (a multiple of 32). With `AMX_K` measured at OPT-1.3B
 /// shapes (1024 tokens): 128 x 2048 gave 950 GFLOP/s before the tile prefetch, 64 x 2048 933,
 /// 128 x 4096 985, and slices of 256-1024 640-900 (each slice reloads y's accumulators).
