@@ -94,10 +94,10 @@ impl TileConfig {
     }
 }
 
-/// y[.., rows] += x[.., k0..k1] W[rows, k0..k1]^T for every token, on the tiles, from a slice
-/// of W packed by `avx512::pack_bf16` (groups of 32 rows, `(k1 - k0)` rounded up to 32 over two
-/// pairs per u32). The first slice (k0 = 0) starts from the bias or zeros and overwrites y;
-/// later ones add to what y holds.
+/// y[.., rows] (+)= x[.., k0..k1] W[rows, k0..k1]^T for every token, on the tiles, from a slice
+/// of W packed by `avx512::pack_bf16` (groups of 32 rows, `(k1 - k0)` rounded up to 32, two k
+/// per u32). The first slice (k0 = 0) starts from the bias or zeros and overwrites y; later ones
+/// add to what y holds.
 ///
 /// # Safety
 /// The CPU has AMX-BF16 and `request_permission` succeeded; `p.x` holds every token's row of
