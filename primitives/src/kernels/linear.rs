@@ -469,21 +469,36 @@ fn run_amx(p: &Problem<u16>, w: &[u16]) {
         });
         return;
     }
-    let tasks = p.n_out.div_ceil(AMX_ROWS);
-    let packed_len = AMX_ROWS * AMX_K / 2;
+    // SAFETY (of the kernel): only on `Isa::Amx` (CPU features and the OS permission checked),
+    // with the slices `run_packed_slices` packs.
+    run_packed_slices(p, w, AMX_ROWS, AMX_K, |p, packed, rows, k0, k1| unsafe {
+        amx::slice(p, packed, rows, k0, k1)
+    });
+}
+
+/// The packed paths' outer loop: tasks of `rows_per_task` rows of W, each repacked one
+/// `k_slice` at a time by `avx512::pack_bf16` into a per-thread buffer that `kernel` then
+/// multiplies the whole input by.
+#[cfg(target_arch = "x86_64")]
+fn run_packed_slices(
+    p: &Problem<u16>,
+    w: &[u16],
+    rows_per_task: usize,
+    k_slice: usize,
+    kernel: impl Fn(&Problem<u16>, &[u32], std::ops::Range<usize>, usize, usize) + Sync,
+) {
+    let tasks = p.n_out.div_ceil(rows_per_task);
+    let packed_len = rows_per_task * k_slice / 2;
     (0..tasks).into_par_iter().for_each(|task| {
-        let rows = task * AMX_ROWS..((task + 1) * AMX_ROWS).min(p.n_out);
+        let rows = task * rows_per_task..((task + 1) * rows_per_task).min(p.n_out);
         with_buffer(&PACKED, packed_len, |packed| {
             let mut k0 = 0;
             while k0 < p.n_in {
-                let k1 = (k0 + AMX_K).min(p.n_in);
-                // SAFETY: only on `Isa::Amx` (CPU features and the OS permission checked), which
-                // implies AVX-512; rows and k0..k1 inside the problem, k0 a multiple of 32, the
-                // input rows zero padded; tasks own disjoint columns of y.
-                unsafe {
-                    avx512::pack_bf16(w, p.n_in, rows.clone(), k0, k1, packed);
-                    amx::slice(p, packed, rows.clone(), k0, k1);
-                }
+                let k1 = (k0 + k_slice).min(p.n_in);
+                // SAFETY: the packed paths run only on AVX-512 CPUs; rows and k0..k1 are inside
+                // the problem, k0 is a multiple of 32 (slices are) and the buffer holds one slice.
+                unsafe { avx512::pack_bf16(w, p.n_in, rows.clone(), k0, k1, packed) };
+                kernel(p, packed, rows.clone(), k0, k1);
                 k0 = k1;
             }
         });
@@ -505,23 +520,10 @@ thread_local! {
 /// by all tokens.
 #[cfg(target_arch = "x86_64")]
 fn run_packed_bf16(p: &Problem<u16>, w: &[u16]) {
-    let tasks = p.n_out.div_ceil(PACK_ROWS);
-    let packed_len = PACK_ROWS * PACK_K / 2;
-    (0..tasks).into_par_iter().for_each(|task| {
-        let rows = task * PACK_ROWS..((task + 1) * PACK_ROWS).min(p.n_out);
-        with_buffer(&PACKED, packed_len, |packed| {
-            let mut k0 = 0;
-            while k0 < p.n_in {
-                let k1 = (k0 + PACK_K).min(p.n_in);
-                // SAFETY: this path is only taken on `Isa::Avx512Bf16`; rows, k0..k1 are inside
-                // the problem, k0 is a multiple of 32 and the input rows are zero padded.
-                unsafe {
-                    avx512::pack_bf16(w, p.n_in, rows.clone(), k0, k1, packed);
-                    avx512::outer_bf16(p, packed, rows.clone(), k0, k1);
-                }
-                k0 = k1;
-            }
-        });
+    // SAFETY (of the kernel): this path is only taken on `Isa::Avx512Bf16`, with the slices
+    // `run_packed_slices` packs; the input rows are zero padded.
+    run_packed_slices(p, w, PACK_ROWS, PACK_K, |p, packed, rows, k0, k1| unsafe {
+        avx512::outer_bf16(p, packed, rows, k0, k1)
     });
 }
 

@@ -53,14 +53,15 @@ pub(super) fn cpu_has_amx_bf16() -> bool {
     amx_bf16 && amx_tile
 }
 
-/// Which parts of a 32-token x 32-row block exist: tokens in the two input tiles, rows of W in
-/// the two weight tiles (each 0..=16; the first of each pair at least 1).
+/// Which tiles of a 2 x 2 block exist: rows of the two A tiles and columns of the two B tiles
+/// (each 0..=16; the first of each pair at least 1). Accumulator tmm{2i+j} = A_i B_j is
+/// `a_i` x `b_j`. `slice`'s A is tokens and B rows of W; `in_place`'s the other way round.
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct Block {
-    tokens_lo: usize,
-    tokens_hi: usize,
-    rows_lo: usize,
-    rows_hi: usize,
+    a_lo: usize,
+    a_hi: usize,
+    b_lo: usize,
+    b_hi: usize,
 }
 
 /// The 64-byte tile configuration `ldtilecfg` reads.
@@ -68,8 +69,8 @@ struct Block {
 struct TileConfig([u8; 64]);
 
 impl TileConfig {
-    /// Palette 1. tmm4/tmm5: input tiles (tokens x 32 bf16); tmm6/tmm7: W tiles (16 pairs x
-    /// rows u32); tmm0..tmm3: y blocks (tokens_lo|hi x rows_lo|hi f32), tmm{2i+j} = A_i B_j.
+    /// Palette 1. tmm4/tmm5: A tiles (rows x 32 bf16); tmm6/tmm7: B tiles (16 pairs x columns
+    /// u32); tmm0..tmm3: accumulators (f32), tmm{2i+j} = A_i B_j. Absent tiles are unconfigured.
     fn new(b: Block) -> TileConfig {
         let mut c = [0u8; 64];
         c[0] = 1;
@@ -82,16 +83,136 @@ impl TileConfig {
             c[16 + 2 * tmm..18 + 2 * tmm].copy_from_slice(&(colsb as u16).to_le_bytes());
             c[48 + tmm] = rows as u8;
         };
-        set(0, b.tokens_lo, 4 * b.rows_lo);
-        set(1, b.tokens_lo, 4 * b.rows_hi);
-        set(2, b.tokens_hi, 4 * b.rows_lo);
-        set(3, b.tokens_hi, 4 * b.rows_hi);
-        set(4, b.tokens_lo, 64);
-        set(5, b.tokens_hi, 64);
-        set(6, 16, 4 * b.rows_lo);
-        set(7, 16, 4 * b.rows_hi);
+        set(0, b.a_lo, 4 * b.b_lo);
+        set(1, b.a_lo, 4 * b.b_hi);
+        set(2, b.a_hi, 4 * b.b_lo);
+        set(3, b.a_hi, 4 * b.b_hi);
+        set(4, b.a_lo, 64);
+        set(5, b.a_hi, 64);
+        set(6, 16, 4 * b.b_lo);
+        set(7, 16, 4 * b.b_hi);
         TileConfig(c)
     }
+
+    /// Loads this configuration on the calling thread (which zeroes every tile).
+    ///
+    /// # Safety
+    /// As the kernels: AMX-BF16 and the OS permission.
+    unsafe fn load(&self) {
+        // SAFETY: 64 aligned bytes of a valid palette-1 configuration.
+        unsafe { asm!("ldtilecfg [{}]", in(reg) self.0.as_ptr(), options(nostack, readonly)) };
+    }
+}
+
+/// Zeroes the block's accumulators.
+///
+/// # Safety
+/// `b` is the loaded configuration.
+#[inline(always)]
+unsafe fn zero_acc(b: Block) {
+    // SAFETY: only configured tiles are touched.
+    unsafe {
+        asm!("tilezero tmm0", options(nostack, nomem));
+        if b.b_hi > 0 {
+            asm!("tilezero tmm1", options(nostack, nomem));
+        }
+        if b.a_hi > 0 {
+            asm!("tilezero tmm2", options(nostack, nomem));
+            if b.b_hi > 0 {
+                asm!("tilezero tmm3", options(nostack, nomem));
+            }
+        }
+    }
+}
+
+/// Loads the block's accumulators tmm{2i+j} from `c[2i+j]`, rows `stride` bytes apart (0: one
+/// row broadcast down the tile).
+///
+/// # Safety
+/// `b` is the loaded configuration; each pointer has the configured rows x columns readable.
+#[inline(always)]
+unsafe fn load_acc(b: Block, c: [*const f32; 4], stride: usize) {
+    // SAFETY: by the contract.
+    unsafe {
+        asm!("tileloadd tmm0, [{p} + {s}*1]", p = in(reg) c[0], s = in(reg) stride, options(nostack, readonly));
+        if b.b_hi > 0 {
+            asm!("tileloadd tmm1, [{p} + {s}*1]", p = in(reg) c[1], s = in(reg) stride, options(nostack, readonly));
+        }
+        if b.a_hi > 0 {
+            asm!("tileloadd tmm2, [{p} + {s}*1]", p = in(reg) c[2], s = in(reg) stride, options(nostack, readonly));
+            if b.b_hi > 0 {
+                asm!("tileloadd tmm3, [{p} + {s}*1]", p = in(reg) c[3], s = in(reg) stride, options(nostack, readonly));
+            }
+        }
+    }
+}
+
+/// Stores the block's accumulators tmm{2i+j} to `c[2i+j]`, rows `stride` bytes apart.
+///
+/// # Safety
+/// `b` is the loaded configuration; each pointer has the configured rows x columns writable.
+#[inline(always)]
+unsafe fn store_acc(b: Block, c: [*mut f32; 4], stride: usize) {
+    // SAFETY: by the contract.
+    unsafe {
+        asm!("tilestored [{p} + {s}*1], tmm0", p = in(reg) c[0], s = in(reg) stride, options(nostack));
+        if b.b_hi > 0 {
+            asm!("tilestored [{p} + {s}*1], tmm1", p = in(reg) c[1], s = in(reg) stride, options(nostack));
+        }
+        if b.a_hi > 0 {
+            asm!("tilestored [{p} + {s}*1], tmm2", p = in(reg) c[2], s = in(reg) stride, options(nostack));
+            if b.b_hi > 0 {
+                asm!("tilestored [{p} + {s}*1], tmm3", p = in(reg) c[3], s = in(reg) stride, options(nostack));
+            }
+        }
+    }
+}
+
+/// One k step of 32: loads the A tiles at `a[i]` (rows `sa` bytes apart) and the B tiles at
+/// `b[j]` (16 pair rows `sb` bytes apart) and adds every existing product A_i B_j.
+///
+/// # Safety
+/// `blk` is the loaded configuration; each pointer has its configured tile readable.
+#[inline(always)]
+unsafe fn step<A, B>(blk: Block, a: [*const A; 2], sa: usize, b: [*const B; 2], sb: usize) {
+    // SAFETY: by the contract.
+    unsafe {
+        asm!(
+            "tileloadd tmm4, [{a} + {sa}*1]",
+            "tileloadd tmm6, [{b} + {sb}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            a = in(reg) a[0], sa = in(reg) sa, b = in(reg) b[0], sb = in(reg) sb,
+            options(nostack, readonly)
+        );
+        if blk.b_hi > 0 {
+            asm!(
+                "tileloadd tmm7, [{b} + {sb}*1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                b = in(reg) b[1], sb = in(reg) sb,
+                options(nostack, readonly)
+            );
+        }
+        if blk.a_hi > 0 {
+            asm!(
+                "tileloadd tmm5, [{a} + {sa}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                a = in(reg) a[1], sa = in(reg) sa,
+                options(nostack, readonly)
+            );
+            if blk.b_hi > 0 {
+                asm!("tdpbf16ps tmm3, tmm5, tmm7", options(nostack, nomem));
+            }
+        }
+    }
+}
+
+/// Releases this thread's tile state.
+///
+/// # Safety
+/// No tile is read afterwards.
+unsafe fn release() {
+    // SAFETY: by the contract.
+    unsafe { asm!("tilerelease", options(nostack, nomem)) };
 }
 
 /// y[.., rows] (+)= x[.., k0..k1] W[rows, k0..k1]^T for every token, on the tiles, from a slice
@@ -131,69 +252,44 @@ pub(super) unsafe fn slice(
             let r0 = rows.start + g * 32;
             let nr = (rows.end - r0).min(32);
             let block = Block {
-                tokens_lo: tl.min(16),
-                tokens_hi: tl.saturating_sub(16),
-                rows_lo: nr.min(16),
-                rows_hi: nr.saturating_sub(16),
+                a_lo: tl.min(16),
+                a_hi: tl.saturating_sub(16),
+                b_lo: nr.min(16),
+                b_hi: nr.saturating_sub(16),
             };
-            let (two_t, two_r) = (block.tokens_hi > 0, block.rows_hi > 0);
-            // SAFETY (whole block): tiles are used only as configured (the `two_*` flags guard
-            // the second tile of each pair); every y block is inside y (tokens t0.., columns
-            // r0.. of the configured counts), every input tile reads configured rows of 64 bytes
-            // inside the padded rows, every W tile 16 pairs of configured columns inside the
-            // packed group.
+            // SAFETY (whole block): the helpers touch only the configured tiles; every y block
+            // is inside y (tokens t0.., columns r0.. of the configured counts), every input tile
+            // reads configured rows of 64 bytes inside the padded rows, every W tile 16 pairs of
+            // configured columns inside the packed group.
             unsafe {
                 if loaded != Some(block) {
-                    let cfg = TileConfig::new(block);
-                    asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+                    TileConfig::new(block).load();
                     loaded = Some(block);
                 }
                 let c00 = p.y.0.add(t0 * p.n_out + r0);
-                let c01 = c00.add(16);
-                let c10 = c00.add(16 * p.n_out);
-                let c11 = c10.add(16);
+                let c = [
+                    c00,
+                    c00.add(16),
+                    c00.add(16 * p.n_out),
+                    c00.add(16 * p.n_out + 16),
+                ];
                 // The accumulators start as y (later slices), or as the bias broadcast down the
                 // tile's rows (a stride-0 load) or zeros (first slice): y is then written once
                 // per slice and never read before the first, which at OPT-125m widths (768) is
                 // as much memory traffic as the products' own.
-                let (c00_in, c01_in, c10_in, c11_in, in_stride) = match (first, p.bias) {
-                    (false, _) => (c00 as *const f32, c01 as _, c10 as _, c11 as _, c_stride),
+                match (first, p.bias) {
+                    (false, _) => load_acc(block, c.map(|c| c as *const f32), c_stride),
                     (true, Some(b)) => {
                         let b0 = b.as_ptr().add(r0);
-                        (b0, b0.add(16), b0, b0.add(16), 0)
+                        load_acc(block, [b0, b0.add(16), b0, b0.add(16)], 0);
                     }
-                    (true, None) => (c00 as *const f32, c01 as _, c10 as _, c11 as _, usize::MAX),
-                };
-                if in_stride == usize::MAX {
-                    asm!("tilezero tmm0", options(nostack, nomem));
-                    if two_r {
-                        asm!("tilezero tmm1", options(nostack, nomem));
-                    }
-                    if two_t {
-                        asm!("tilezero tmm2", options(nostack, nomem));
-                        if two_r {
-                            asm!("tilezero tmm3", options(nostack, nomem));
-                        }
-                    }
-                } else {
-                    asm!("tileloadd tmm0, [{p} + {s}*1]", p = in(reg) c00_in, s = in(reg) in_stride, options(nostack, readonly));
-                    if two_r {
-                        asm!("tileloadd tmm1, [{p} + {s}*1]", p = in(reg) c01_in, s = in(reg) in_stride, options(nostack, readonly));
-                    }
-                    if two_t {
-                        asm!("tileloadd tmm2, [{p} + {s}*1]", p = in(reg) c10_in, s = in(reg) in_stride, options(nostack, readonly));
-                        if two_r {
-                            asm!("tileloadd tmm3, [{p} + {s}*1]", p = in(reg) c11_in, s = in(reg) in_stride, options(nostack, readonly));
-                        }
-                    }
+                    (true, None) => zero_acc(block),
                 }
                 let a_lo = p.x.as_ptr().add(t0 * p.x_stride + k0);
                 let a_hi = a_lo.add(16 * p.x_stride);
                 let b_lo = packed.as_ptr().add(g * pairs * 32);
                 let b_hi = b_lo.add(16);
                 for s in 0..steps {
-                    let (a0, a1) = (a_lo.add(s * 32), a_hi.add(s * 32));
-                    let (b0, b1) = (b_lo.add(s * 512), b_hi.add(s * 512));
                     // The next step's tiles into L1: a tile load cannot start before the
                     // products reading its register are done (tiles are not renamed), so a load
                     // that misses L1 stalls the tile unit. Measured at OPT-1.3B shapes, this
@@ -206,69 +302,21 @@ pub(super) unsafe fn slice(
                         _mm_prefetch::<_MM_HINT_T0>(next_b.wrapping_add(line * 64));
                         _mm_prefetch::<_MM_HINT_T0>(next_a.wrapping_add(line * a_stride));
                     }
-                    asm!(
-                        "tileloadd tmm4, [{a} + {sa}*1]",
-                        "tileloadd tmm6, [{b} + {sb}*1]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        a = in(reg) a0, sa = in(reg) a_stride, b = in(reg) b0, sb = in(reg) b_stride,
-                        options(nostack, readonly)
+                    step(
+                        block,
+                        [a_lo.add(s * 32), a_hi.add(s * 32)],
+                        a_stride,
+                        [b_lo.add(s * 512), b_hi.add(s * 512)],
+                        b_stride,
                     );
-                    if two_r {
-                        asm!(
-                            "tileloadd tmm7, [{b} + {sb}*1]",
-                            "tdpbf16ps tmm1, tmm4, tmm7",
-                            b = in(reg) b1, sb = in(reg) b_stride,
-                            options(nostack, readonly)
-                        );
-                    }
-                    if two_t {
-                        asm!(
-                            "tileloadd tmm5, [{a} + {sa}*1]",
-                            "tdpbf16ps tmm2, tmm5, tmm6",
-                            a = in(reg) a1, sa = in(reg) a_stride,
-                            options(nostack, readonly)
-                        );
-                        if two_r {
-                            asm!("tdpbf16ps tmm3, tmm5, tmm7", options(nostack, nomem));
-                        }
-                    }
                 }
-                asm!("tilestored [{p} + {s}*1], tmm0", p = in(reg) c00, s = in(reg) c_stride, options(nostack));
-                if two_r {
-                    asm!("tilestored [{p} + {s}*1], tmm1", p = in(reg) c01, s = in(reg) c_stride, options(nostack));
-                }
-                if two_t {
-                    asm!("tilestored [{p} + {s}*1], tmm2", p = in(reg) c10, s = in(reg) c_stride, options(nostack));
-                    if two_r {
-                        asm!("tilestored [{p} + {s}*1], tmm3", p = in(reg) c11, s = in(reg) c_stride, options(nostack));
-                    }
-                }
+                store_acc(block, c, c_stride);
             }
         }
         t0 += 32;
     }
-    // SAFETY: releases this thread's tile state; no tile is read afterwards.
-    unsafe { asm!("tilerelease", options(nostack, nomem)) };
-}
-
-/// Palette 1 for `in_place`: tmm0/tmm1 accumulate W rows 0..16 of the task (tokens 0..16 /
-/// 16..32), tmm2/tmm3 rows 16..32; tmm4/tmm5 hold the two W tiles (rows x 32 bf16), tmm6/tmm7
-/// the two input tiles (16 pairs x 16 tokens). `rows_lo` is 1..=16, `rows_hi` 0..=16.
-fn in_place_config(rows_lo: usize, rows_hi: usize) -> TileConfig {
-    let mut c = [0u8; 64];
-    c[0] = 1;
-    let mut set = |tmm: usize, rows: usize| {
-        let colsb: u16 = if rows == 0 { 0 } else { 64 };
-        c[16 + 2 * tmm..18 + 2 * tmm].copy_from_slice(&colsb.to_le_bytes());
-        c[48 + tmm] = rows as u8;
-    };
-    for (tmm, rows) in [rows_lo, rows_lo, rows_hi, rows_hi, rows_lo, rows_hi, 16, 16]
-        .into_iter()
-        .enumerate()
-    {
-        set(tmm, rows);
-    }
-    TileConfig(c)
+    // SAFETY: no tile is read afterwards.
+    unsafe { release() };
 }
 
 /// Whether `in_place` can run a product: W rows are read 32 bf16 (64 bytes) at a time where
@@ -277,7 +325,6 @@ fn in_place_config(rows_lo: usize, rows_hi: usize) -> TileConfig {
 pub(super) fn in_place_fits(tokens: usize, n_in: usize) -> bool {
     tokens <= 32 && n_in.is_multiple_of(32) && n_in > 0
 }
-
 /// y[.., rows] = x W[rows]^T (+ bias) for at most 32 rows and one group of at most 32 tokens,
 /// over the whole reduction, with W read in place as the A operand and the input, packed once
 /// by the caller (`avx512::pack_bf16` over the token rows: 32 u32 per pair of k), as B. The
@@ -294,8 +341,14 @@ pub(super) unsafe fn in_place(p: &Problem<u16>, w: &[u16], packed: &[u32], rows:
     assert!(packed.len() >= 16 * n_in && w.len() >= p.n_out * n_in);
     let rows_lo = rows.len().min(16);
     let rows_hi = rows.len() - rows_lo;
-    let two_t = p.tokens > 16;
-    let cfg = in_place_config(rows_lo, rows_hi);
+    // A: W rows (rows_lo + rows_hi); B: the two token halves, 16 columns each (the packed
+    // input is zero past the last token).
+    let block = Block {
+        a_lo: rows_lo,
+        a_hi: rows_hi,
+        b_lo: 16,
+        b_hi: if p.tokens > 16 { 16 } else { 0 },
+    };
     let w_stride = n_in * 2;
     let x_stride = 128usize;
     let a_lo = w[rows.start * n_in..].as_ptr();
@@ -306,62 +359,27 @@ pub(super) unsafe fn in_place(p: &Problem<u16>, w: &[u16], packed: &[u32], rows:
     };
     let b_lo = packed.as_ptr();
     let mut sums = [[[0f32; 16]; 16]; 4];
-    // SAFETY (whole block): tiles are used only as configured (`rows_hi`, `two_t` guard the
-    // second of each pair); W tiles read rows_lo / rows_hi rows of 64 bytes inside the task's
-    // rows of W (k + 32 <= n_in); input tiles read 16 pairs of 128 bytes inside `packed`; the
-    // stores write the 1 KiB blocks of `sums`.
+    // SAFETY (whole block): the helpers touch only the configured tiles; W tiles read rows_lo /
+    // rows_hi rows of 64 bytes inside the task's rows of W (k + 32 <= n_in); input tiles read
+    // 16 pairs of 128 bytes inside `packed`; the stores write the 1 KiB blocks of `sums`.
     unsafe {
-        asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
-        asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
-        if rows_hi > 0 {
-            asm!("tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
-        }
+        TileConfig::new(block).load();
+        zero_acc(block);
         let mut k = 0;
         while k < n_in {
-            let (a0, a1) = (a_lo.add(k), a_hi.add(k));
             let b0 = b_lo.add(k / 2 * 32);
-            let b1 = b0.add(16);
-            asm!(
-                "tileloadd tmm4, [{a} + {s}*1]",
-                "tileloadd tmm6, [{x} + {t}*1]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                a = in(reg) a0, s = in(reg) w_stride, x = in(reg) b0, t = in(reg) x_stride,
-                options(nostack, readonly)
+            step(
+                block,
+                [a_lo.add(k), a_hi.add(k)],
+                w_stride,
+                [b0, b0.add(16)],
+                x_stride,
             );
-            if two_t {
-                asm!(
-                    "tileloadd tmm7, [{x} + {t}*1]",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    x = in(reg) b1, t = in(reg) x_stride,
-                    options(nostack, readonly)
-                );
-            }
-            if rows_hi > 0 {
-                asm!(
-                    "tileloadd tmm5, [{a} + {s}*1]",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    a = in(reg) a1, s = in(reg) w_stride,
-                    options(nostack, readonly)
-                );
-                if two_t {
-                    asm!("tdpbf16ps tmm3, tmm5, tmm7", options(nostack, nomem));
-                }
-            }
             k += 32;
         }
         let base = sums.as_mut_ptr() as *mut f32;
-        let out = |i: usize| base.add(i * 256);
-        asm!("tilestored [{p} + {s}*1], tmm0", p = in(reg) out(0), s = in(reg) 64usize, options(nostack));
-        if two_t {
-            asm!("tilestored [{p} + {s}*1], tmm1", p = in(reg) out(1), s = in(reg) 64usize, options(nostack));
-        }
-        if rows_hi > 0 {
-            asm!("tilestored [{p} + {s}*1], tmm2", p = in(reg) out(2), s = in(reg) 64usize, options(nostack));
-            if two_t {
-                asm!("tilestored [{p} + {s}*1], tmm3", p = in(reg) out(3), s = in(reg) 64usize, options(nostack));
-            }
-        }
-        asm!("tilerelease", options(nostack, nomem));
+        store_acc(block, [0, 1, 2, 3].map(|i| base.add(i * 256)), 64);
+        release();
     }
     // sums[2 * (row / 16) + token / 16][row % 16][token % 16]
     for (i, r) in rows.enumerate() {
