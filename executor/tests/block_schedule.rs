@@ -40,13 +40,13 @@ fn config(max_new_tokens: usize) -> GenerationConfig {
 }
 
 fn run_shape(
-    name: &str,
+    model: &Path,
     shape: Shape,
     prompts: &[Vec<u32>],
     parent: &Path,
 ) -> (GenerationOutput, ChannelStats) {
     let loaded = run::load_placed(
-        &ModelSource::Checkpoint(fixture(name)),
+        &ModelSource::Checkpoint(model.to_path_buf()),
         false,
         shape.weights,
     )
@@ -73,8 +73,8 @@ fn run_shape(
     .unwrap()
 }
 
-fn reference(name: &str, prompts: &[Vec<u32>]) -> GenerationOutput {
-    let loaded = run::load(&ModelSource::Checkpoint(fixture(name)), false).unwrap();
+fn reference(model: &Path, prompts: &[Vec<u32>]) -> GenerationOutput {
+    let loaded = run::load(&ModelSource::Checkpoint(model.to_path_buf()), false).unwrap();
     generate(&loaded.model, &CpuBackend, prompts, &config(5)).unwrap()
 }
 
@@ -84,6 +84,52 @@ fn assert_same(name: &str, shape: Shape, got: &GenerationOutput, want: &Generati
 
 fn empty(dir: &Path) -> bool {
     std::fs::read_dir(dir).unwrap().next().is_none()
+}
+
+/// The pre-LN fixture cut to its first decoder layer.
+fn one_layer_fixture() -> tempfile::TempDir {
+    let dir = common::copy_fixture("opt-tiny-preln");
+    let weights = dir.path().join("model.safetensors");
+    let kept: Vec<_> = common::read_tensors(&weights)
+        .into_iter()
+        .filter(|t| !t.name.contains(".layers.") || t.name.contains(".layers.0."))
+        .collect();
+    common::write_tensors(&weights, &kept);
+    let config_path = dir.path().join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["num_hidden_layers"] = 1.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    dir
+}
+
+/// With one layer, each GPU batch's cache read is of the layer it wrote at the previous step, so
+/// the read must wait for that write (`kv_writes_layer`); with more layers another layer's
+/// compute always lies between the two. This pins the tokens of that path; it does not catch a
+/// missing wait on its own (with the wait removed it still passed three runs out of three: the
+/// fixture's writes of a few KiB finish before the next read is issued).
+#[test]
+fn one_layer_model_reads_its_own_cache_writes() {
+    let model = one_layer_fixture();
+    let p = prompts();
+    let want = reference(model.path(), &p);
+    for (gbs, nb) in [(2, 2), (1, 4), (4, 1)] {
+        let shape = Shape {
+            gbs,
+            nb,
+            kv: 1.0,
+            act: 0.5,
+            ..ALL_CPU
+        };
+        let parent = tempfile::tempdir().unwrap();
+        let (got, stats) = run_shape(model.path(), shape, &p, parent.path());
+        assert_same("opt-tiny-preln, 1 layer", shape, &got, &want);
+        assert!(
+            stats.kv_disk_sequences > 0 && stats.cache.write_bytes > 0,
+            "{shape:?}: the cache went to disk"
+        );
+        assert!(empty(parent.path()), "{shape:?}: offload directory removed");
+    }
 }
 
 #[test]
@@ -165,10 +211,10 @@ fn every_placement_and_shape_gives_the_in_memory_tokens() {
     ];
     // The f16 checkpoint keeps its KV cache in f16 (2-byte disk slots and staging).
     for name in ["opt-tiny-preln", "opt-tiny-postln", "opt-tiny-preln-f16"] {
-        let want = reference(name, &p);
+        let want = reference(&fixture(name), &p);
         for (label, shape) in shapes {
             let parent = tempfile::tempdir().unwrap();
-            let (got, stats) = run_shape(name, shape, &p, parent.path());
+            let (got, stats) = run_shape(&fixture(name), shape, &p, parent.path());
             assert_same(&format!("{name}: {label}"), shape, &got, &want);
             if shape.weights > 0.0 {
                 assert!(stats.weights.read_bytes > 0, "{label}: no weight reads");
@@ -190,7 +236,7 @@ fn every_placement_and_shape_gives_the_in_memory_tokens() {
 #[test]
 fn three_prompts_in_uneven_blocks() {
     let p: Vec<Vec<u32>> = prompts().into_iter().take(3).collect();
-    let want = reference("opt-tiny-preln", &p);
+    let want = reference(&fixture("opt-tiny-preln"), &p);
     for (gbs, nb) in [(1, 3), (2, 2), (3, 1)] {
         let shape = Shape {
             gbs,
@@ -201,7 +247,7 @@ fn three_prompts_in_uneven_blocks() {
             cpu_attention: gbs != 2,
         };
         let parent = tempfile::tempdir().unwrap();
-        let (got, _) = run_shape("opt-tiny-preln", shape, &p, parent.path());
+        let (got, _) = run_shape(&fixture("opt-tiny-preln"), shape, &p, parent.path());
         assert_same("3 prompts", shape, &got, &want);
     }
 }
@@ -289,7 +335,7 @@ proptest! {
         cpu_attention in any::<bool>(),
     ) {
         let p = prompts();
-        let want = reference("opt-tiny-preln", &p);
+        let want = reference(&fixture("opt-tiny-preln"), &p);
         let shape = Shape {
             gbs,
             nb,
@@ -299,7 +345,7 @@ proptest! {
             cpu_attention,
         };
         let parent = tempfile::tempdir().unwrap();
-        let (got, _) = run_shape("opt-tiny-preln", shape, &p, parent.path());
+        let (got, _) = run_shape(&fixture("opt-tiny-preln"), shape, &p, parent.path());
         assert_same("proptest", shape, &got, &want);
         prop_assert!(empty(parent.path()));
     }
@@ -401,7 +447,7 @@ fn weight_staging_is_the_memory_plans() {
     let sizes = planner::memory::layer_matrix_bytes(spec);
     for weights in [0.2, 0.5, 0.75, 0.9] {
         let shape = Shape { weights, ..ALL_CPU };
-        let (_, stats) = run_shape(name, shape, &prompts(), dir.path());
+        let (_, stats) = run_shape(&fixture(name), shape, &prompts(), dir.path());
         let layout = planner::memory::disk_layout(&sizes, spec.num_layers as usize, weights);
         let planned = planner::memory::disk_staging_bytes(&layout, &sizes);
         let staged = stats.weight_staging_bytes;

@@ -147,8 +147,11 @@ pub fn largest_intermediate_bytes(model: &ModelSpec, sc: &Scenario) -> f64 {
 /// positions' two `[gbs, h1]` and one `[gbs, e]`, the attention scratch (`s + n` keys for each of
 /// `nh` heads; the executor takes the larger of heads and threads, and OPT has at least 12 heads),
 /// three `[bls, vocab]` logit buffers (the step's, the prefill's and the last step's), plus, with
-/// compressed weights, the largest matrix dequantized. The executor checks its own allocation
-/// against this (test `workspace_bytes_are_the_memory_plans` in opt.rs).
+/// compressed weights, the largest matrix dequantized, plus the converted input the matrix
+/// kernels keep on the calling thread after the largest product (`gbs * s` tokens of the FFN's
+/// `h2`; `primitives::kernels::linear_input_scratch_bytes`). The executor checks its own
+/// allocation against this (test `workspace_bytes_are_the_memory_plans` in opt.rs). Not counted:
+/// each worker thread's repacked weight slice (at most 512 KiB per thread).
 pub fn cpu_workspace_bytes(model: &ModelSpec, sc: &Scenario) -> f64 {
     let h1 = model.hidden_size as f64;
     let h2 = model.ffn_dim as f64;
@@ -170,7 +173,11 @@ pub fn cpu_workspace_bytes(model: &ModelSpec, sc: &Scenario) -> f64 {
     } else {
         0.0
     };
-    4.0 * floats + dequantized
+    let kernel_input = primitives::kernels::linear_input_scratch_bytes(
+        rows as usize,
+        model.ffn_dim.max(model.hidden_size) as usize,
+    ) as f64;
+    4.0 * floats + dequantized + kernel_input
 }
 
 /// Bytes pinned for bounce buffers of pageable-to-device copies (two 64 MiB buffers), on hosts with

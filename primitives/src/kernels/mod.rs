@@ -102,10 +102,9 @@ pub fn linear(x: &[f32], tokens: usize, w: &Matrix, bias: Option<&[f32]>, y: &mu
 }
 
 /// Bytes of the converted input that `linear` keeps on its calling thread, between calls, after
-/// a product of `tokens` rows of `n_in` (64 MiB for OPT-6.7B's FFN output at 1024 tokens). Not yet
-/// counted by `planner::memory::cpu_workspace_bytes`: adding it there pushes three checked-in
-/// policies over capacity, so it waits for their re-solve. The per-thread repacked weight slices
-/// (at most 256 KiB per thread) are not included.
+/// a product of `tokens` rows of `n_in` (64 MiB for OPT-6.7B's FFN output at 1024 tokens), so that
+/// `planner::memory::cpu_workspace_bytes` can count it. The per-thread repacked weight slices (at
+/// most 512 KiB per thread) are not included.
 pub fn linear_input_scratch_bytes(tokens: usize, n_in: usize) -> usize {
     linear::input_scratch_bytes(tokens, n_in)
 }
