@@ -1,6 +1,7 @@
 //! The memory plan's CPU compute buffers (`planner::memory::cpu_workspace_bytes`) must be what the
 //! executor allocates for them: its workspace (`OptWorkspace`), the block's three logit
-//! buffers and the matrix kernels' converted input. The planner cannot see the executor, so the check lives here.
+//! buffers and the matrix kernels' converted input. The planner cannot see the executor, so the
+//! check lives here.
 
 mod common;
 
@@ -31,14 +32,10 @@ fn workspace_bytes_are_the_memory_plans() {
             // As the block schedule sizes it: the padded prompt, a cache of s + n - 1 positions.
             let ws = model.workspace(gbs as usize, s as usize, (s + n - 1) as usize);
             let logits = 3 * (gbs * nb) as usize * model.vocab_size() * 4;
-            // The matrix kernels' converted input after the largest product (the FFN's second
-            // matrix over the whole prompt); primitives' test
-            // `linear_input_scratch_is_what_the_plan_counts` holds this figure to what they keep.
-            let kernel_input = primitives::kernels::linear_input_scratch_bytes(
-                (gbs * s) as usize,
-                spec.ffn_dim.max(spec.hidden_size) as usize,
-            );
-            let allocated = (ws.bytes() + logits as u64 + kernel_input as u64) as f64;
+            // The kernels' converted input is theirs, not the workspace's; primitives' test
+            // `linear_input_scratch_is_what_the_plan_counts` holds that figure to what they keep.
+            let kernel_input = planner::memory::kernel_input_scratch_bytes(spec, &sc);
+            let allocated = (ws.bytes() + logits as u64) as f64 + kernel_input;
             let planned = cpu_workspace_bytes(spec, &sc);
             // The plan counts s + n scratch positions per head, the executor s + n - 1 for each of
             // max(heads, threads): equal up to one position per head when threads <= heads.

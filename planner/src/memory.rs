@@ -147,9 +147,8 @@ pub fn largest_intermediate_bytes(model: &ModelSpec, sc: &Scenario) -> f64 {
 /// positions' two `[gbs, h1]` and one `[gbs, e]`, the attention scratch (`s + n` keys for each of
 /// `nh` heads; the executor takes the larger of heads and threads, and OPT has at least 12 heads),
 /// three `[bls, vocab]` logit buffers (the step's, the prefill's and the last step's), plus, with
-/// compressed weights, the largest matrix dequantized, plus the converted input the matrix
-/// kernels keep on the calling thread after the largest product (`gbs * s` tokens of the FFN's
-/// `h2`; `primitives::kernels::linear_input_scratch_bytes`). The executor checks its own
+/// compressed weights, the largest matrix dequantized, plus the matrix kernels' converted input
+/// ([`kernel_input_scratch_bytes`]). The executor checks its own
 /// allocation against this (test `workspace_bytes_are_the_memory_plans` in opt.rs). Not counted:
 /// each worker thread's repacked weight slice (at most 512 KiB per thread).
 pub fn cpu_workspace_bytes(model: &ModelSpec, sc: &Scenario) -> f64 {
@@ -173,11 +172,17 @@ pub fn cpu_workspace_bytes(model: &ModelSpec, sc: &Scenario) -> f64 {
     } else {
         0.0
     };
-    let kernel_input = primitives::kernels::linear_input_scratch_bytes(
-        rows as usize,
-        model.ffn_dim.max(model.hidden_size) as usize,
-    ) as f64;
-    4.0 * floats + dequantized + kernel_input
+    4.0 * floats + dequantized + kernel_input_scratch_bytes(model, sc)
+}
+
+/// Bytes of the converted input the matrix kernels keep on the calling thread after a GPU batch's
+/// largest product (the prompt's `gbs * s` tokens into the wider of `h1` and `h2`), part of
+/// [`cpu_workspace_bytes`]; the kernels' own test holds `linear_input_scratch_bytes` to what they
+/// keep.
+pub fn kernel_input_scratch_bytes(model: &ModelSpec, sc: &Scenario) -> f64 {
+    let tokens = sc.gpu_batch_size * sc.prompt_len;
+    let widest_input = model.ffn_dim.max(model.hidden_size);
+    primitives::kernels::linear_input_scratch_bytes(tokens as usize, widest_input as usize) as f64
 }
 
 /// Bytes pinned for bounce buffers of pageable-to-device copies (two 64 MiB buffers), on hosts with
