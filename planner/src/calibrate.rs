@@ -10,8 +10,16 @@
 //!   and write busy times: they overlap on one device);
 //! - the CPU rates (matmul at prefill and decode shapes, attention, DRAM bandwidth): the four log
 //!   scale factors that minimise the squared log ratio of modelled to measured CPU compute time,
-//!   prefill and decode of every report, by coordinate descent. Rates the reports carry no signal
-//!   for (their terms never bind) stay where they were, held by a small pull toward the start.
+//!   prefill and decode of every report, by coordinate descent.
+//!
+//! Both fits are maximum a posteriori, not least squares: a report's seconds are trusted to
+//! [`RUN_LOG_SPREAD`] and the profile's figures to [`CPU_PRIOR_LOG_SPREAD`] and
+//! [`DISK_PRIOR_LOG_SPREAD`] (log scale, one standard deviation). A rate whose term is a large
+//! share of the reports' time moves nearly all the way to what they say; one whose term is a
+//! small share (attention at short contexts, DRAM once the products are compute bound) moves
+//! little. Without that prior, a fold of four reports moved the attention and DRAM rates 3-7x to
+//! absorb a few percent of run-to-run noise, and held-out runs were then missed by up to 31%
+//! (docs/benchmarks.md, fidelity on Zen 3).
 //!
 //! On a profile with a GPU only the disk rates are refitted (the CPU seconds of a GPU run are not
 //! its whole compute, and GPU rates are not fitted yet).
@@ -148,8 +156,23 @@ fn scaled(base: &Profile, log_scale: &[f64; 4]) -> Profile {
     p
 }
 
-/// Sum of squared log ratios (modelled / measured CPU compute) over the reports, plus the pull
-/// toward the starting rates.
+/// How far (log scale, one standard deviation) a channel's measured seconds move between runs of
+/// the same policy on one host: the same policy ran 11% and 25% apart in the fidelity loops of
+/// docs/benchmarks.md, most of it I/O; compute seconds alone move less.
+pub const RUN_LOG_SPREAD: f64 = 0.10;
+
+/// How far (log scale, one standard deviation) a measured CPU figure may be from what runs get:
+/// profiles taken minutes apart on one host differed by up to 8% (Xeon) and 16-24% (Zen 3).
+/// Order as `CPU_FIGURES`.
+pub const CPU_PRIOR_LOG_SPREAD: [f64; 4] = [0.25; 4];
+
+/// As `CPU_PRIOR_LOG_SPREAD` for the disk rates, which moved 16-37% between profiles, and up to
+/// 1.96x, on the virtual disks measured so far.
+pub const DISK_PRIOR_LOG_SPREAD: f64 = 0.35;
+
+/// Negative log posterior of the CPU log scales, up to a constant: squared log ratios (modelled /
+/// measured CPU compute) over the reports in units of `RUN_LOG_SPREAD`, plus the prior's pull
+/// toward the profile in units of `CPU_PRIOR_LOG_SPREAD`.
 fn misfit(base: &Profile, log_scale: &[f64; 4], reports: &[ExecutorReport]) -> f64 {
     let p = scaled(base, log_scale);
     let mut sum = 0.0;
@@ -162,7 +185,12 @@ fn misfit(base: &Profile, log_scale: &[f64; 4], reports: &[ExecutorReport]) -> f
             sum += (dec / m).ln().powi(2);
         }
     }
-    sum + 1e-4 * log_scale.iter().map(|x| x * x).sum::<f64>()
+    let prior: f64 = log_scale
+        .iter()
+        .zip(CPU_PRIOR_LOG_SPREAD)
+        .map(|(x, s)| (x / s).powi(2))
+        .sum();
+    sum / RUN_LOG_SPREAD.powi(2) + prior
 }
 
 /// Golden-section search of `f` on [lo, hi].
@@ -262,7 +290,8 @@ pub fn calibrate(
     // executor's busy times overlap (a write queued behind reads is busy while they run), so the
     // two rates are fitted together to the disk's occupancy, taken as the larger of the two busy
     // times: minimise (ln (read_bytes / R + write_bytes / W) / occupancy)^2 over the reports,
-    // with the same pull toward the starting rates. A rate with no bytes behind it is left alone.
+    // with the prior's pull toward the profile's rates (`DISK_PRIOR_LOG_SPREAD`). A rate with no
+    // bytes behind it is left alone.
     let disk_runs: Vec<(f64, f64, f64)> = runs
         .iter()
         .map(|r| {
@@ -293,7 +322,8 @@ pub fn calibrate(
             .iter()
             .map(|(rb, wb, busy)| ((rb / r + wb / w) / busy).ln().powi(2))
             .sum::<f64>()
-            + 1e-4 * (x[0] * x[0] + x[1] * x[1])
+            / RUN_LOG_SPREAD.powi(2)
+            + (x[0] * x[0] + x[1] * x[1]) / DISK_PRIOR_LOG_SPREAD.powi(2)
     };
     let mut y = [0.0f64; 2];
     for _round in 0..12 {
@@ -438,18 +468,53 @@ mod tests {
             .iter()
             .map(|(_, r)| fidelity(&cal.profile, r).unwrap().error())
             .collect();
+        // The prior keeps a little of the start, more for a rate that binds in fewer reports
+        // (DRAM binds only the small batches' decode: 45.6 GB/s fitted against 48.8), so the
+        // recovery is close rather than exact.
         assert!(median(&before) > 0.2, "{before:?}");
-        assert!(median(&after) < 0.01, "{after:?}");
+        assert!(median(&after) < 0.05, "{after:?}");
         let fitted = |name: &str| cal.refits.iter().find(|r| r.figure == name).unwrap().after;
         let rel = |a: f64, b: f64| (a / b - 1.0).abs();
-        assert!(rel(fitted("cpu.dram_gbps"), truth.cpu.dram_gbps.value) < 0.01);
+        assert!(rel(fitted("cpu.dram_gbps"), truth.cpu.dram_gbps.value) < 0.08);
         assert!(
             rel(
                 fitted("cpu.matmul_prefill_tflops"),
                 truth.cpu.matmul_prefill_tflops.value
-            ) < 0.01
+            ) < 0.06
         );
         assert_eq!(cal.profile.cpu.dram_gbps.source, Source::Fitted);
+    }
+
+    #[test]
+    fn run_to_run_noise_does_not_move_the_rates_far() {
+        // Reports that the profile predicts up to +/- 10% per channel (what the same policy does
+        // from one run to the next here): no rate may move by more than that noise, however
+        // little of the reports' time its term explains. A least-squares fit with four rates
+        // and eight residuals moved the attention rate far (3-7x on real reports).
+        let start = Profile::embedded("cpu-2core-24gib").unwrap();
+        let model = ModelSpec::builtin("opt-1.3b").unwrap();
+        let noise = [1.10, 0.92, 1.05, 0.90, 0.95, 1.08, 1.10, 0.93];
+        let reports: Vec<(String, ExecutorReport)> = [(1, 1), (4, 1), (16, 1), (8, 2)]
+            .iter()
+            .zip(noise.chunks(2))
+            .map(|(&(gbs, nb), n)| {
+                let mut p = Policy::all_cpu("opt-1.3b", 64, 8, gbs);
+                p.batch.num_gpu_batches = nb;
+                let mut r = synthetic(&start, &model, &p);
+                r.prefill_compute_s *= n[0];
+                r.decode_compute_s *= n[1];
+                (format!("{gbs}x{nb}"), r)
+            })
+            .collect();
+        let cal = calibrate(&start, &reports).unwrap();
+        for refit in &cal.refits {
+            let moved = (refit.after / refit.before).ln().abs();
+            assert!(
+                moved < 0.1,
+                "{refit:?} moved by {:.3}x",
+                refit.after / refit.before
+            );
+        }
     }
 
     #[test]
@@ -461,7 +526,18 @@ mod tests {
         r.disk_read_bytes = 3_000_000_000;
         r.disk_read_busy_s = 2.0;
         let cal = calibrate(&start, &[("r".into(), r)]).unwrap();
-        assert!((cal.profile.disk.read_gbps.value / 1.5 - 1.0).abs() < 1e-3);
+        // One report moves the read rate most of the way from the profile to 1.5 GB/s (the
+        // prior keeps the rest: RUN_LOG_SPREAD^2 / (RUN_LOG_SPREAD^2 + DISK_PRIOR^2) of the
+        // log distance).
+        let (from, to) = (start.disk.read_gbps.value.ln(), 1.5f64.ln());
+        let kept =
+            RUN_LOG_SPREAD.powi(2) / (RUN_LOG_SPREAD.powi(2) + DISK_PRIOR_LOG_SPREAD.powi(2));
+        let expected = (to + kept * (from - to)).exp();
+        let fitted = cal.profile.disk.read_gbps.value;
+        assert!(
+            (fitted / expected - 1.0).abs() < 1e-3,
+            "{fitted} vs {expected}"
+        );
         // No writes in the reports: the write rate is left alone.
         assert_eq!(cal.profile.disk.write_gbps, start.disk.write_gbps);
     }
