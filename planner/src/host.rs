@@ -44,10 +44,10 @@ pub enum HostError {
 
 /// Steps of [`measure_profile`], for a progress bar: (what, share of the total time).
 pub const STEPS: &[(&str, f64)] = &[
-    ("CPU: products at prefill shape", 0.10),
-    ("CPU: products at decode shapes, 2 to 64 rows", 0.15),
-    ("CPU: weight streaming at batch 1", 0.10),
-    ("CPU: attention", 0.05),
+    (
+        "CPU: products at prefill and decode shapes, weight streaming, attention (in rounds)",
+        0.40,
+    ),
     ("disk: direct write, direct read, buffered read", 0.50),
     ("GPU", 0.10),
 ];
@@ -137,59 +137,68 @@ pub fn measure_profile(
     let threads = rayon::current_num_threads();
     // Passes on this 2-core VM spread by +-25% within one run (other tenants), and the median of
     // 7 moved by up to 24% between runs; with 21, two back-to-back runs agreed within 12% on
-    // every CPU figure but attention (docs/benchmarks.md; slower drifts of the host remain).
+    // every CPU figure but attention, and with 21 timed in rounds (below) within 6% on every CPU
+    // figure (docs/benchmarks.md; slower drifts of the host, 1.25-1.6x, remain).
     let passes = if opts.quick { 3 } else { 21 };
+    // Fraction of the whole run done when each step starts (`STEPS`).
     let mut done = 0.0;
-    let step = |i: usize, done: &mut f64, progress: &mut dyn FnMut(&str, f64)| {
-        progress(STEPS[i].0, *done);
-        *done += STEPS[i].1;
-    };
-
-    step(0, &mut done, progress);
+    progress(STEPS[0].0, done);
     // One layer's products of a 2048-wide model (OPT-1.3B; wider models have the same shapes
     // scaled), at 256 rows: a GPU batch of 8 prompts of 32 tokens, or 2 of 128.
     let shapes = measure::layer_shapes(2048);
     let pre_rows = 256;
-    let prefill = measure::linear_flops(pre_rows, &shapes, 0, passes);
-    step(1, &mut done, progress);
+    let prefill_chain = measure::LinearChain::new(&shapes, 0);
     let stream_bytes = if opts.quick { 256 << 20 } else { 1 << 30 };
     // The decode rate by rows: a GPU batch of 2 .. 64 sequences, weights streaming from DRAM.
     let curve_rows = [2usize, 4, 8, 16, 32, 64];
-    let curve: Vec<Rate> = curve_rows
-        .iter()
-        .map(|&rows| measure::linear_flops(rows, &shapes, stream_bytes, passes))
-        .collect();
-    let decode = curve[3].clone();
-    step(2, &mut done, progress);
-    let stream = measure::linear_stream_bandwidth(stream_bytes, 4096, 2048, passes);
-    let plain = measure::dram_read_bandwidth(stream_bytes, passes);
-    step(3, &mut done, progress);
+    let curve_chain = measure::LinearChain::new(&shapes, stream_bytes);
+    let stream_chain = measure::LinearChain::new(&[(4096, 2048)], stream_bytes);
+    let plain_buffer = measure::DramBuffer::new(stream_bytes);
     // 32 sequences: their caches (134 MB of bf16) are four times the 32 MiB last-level cache, as
     // a real decode's are larger than it; with 8 (34 MB, about its size) passes moved 2x inside
     // one run.
     let attention_seqs = 32;
-    let attention = measure::attention_flops(attention_seqs, 1, 512, 32, 64, passes);
+    let attention_set = measure::AttentionSet::new(attention_seqs, 1, 512, 32, 64);
+    // All CPU figures in rounds (measure::interleaved), so that the host's slow spells fall on
+    // every figure alike: order prefill, the curve, streaming, plain reads, attention.
+    let mut benches = vec![prefill_chain.flops_bench(pre_rows)];
+    benches.extend(curve_rows.iter().map(|&r| curve_chain.flops_bench(r)));
+    benches.push(stream_chain.bytes_bench(1));
+    benches.push(plain_buffer.bench());
+    benches.push(attention_set.bench());
+    let base = done;
+    let mut rates = measure::interleaved(passes, &mut benches, &mut |f| {
+        progress(STEPS[0].0, base + f * STEPS[0].1)
+    });
+    drop(benches);
+    done += STEPS[0].1;
+    let attention = rates.pop().expect("attention rate");
+    let plain = rates.pop().expect("plain read rate");
+    let stream = rates.pop().expect("stream rate");
+    let curve = rates.split_off(1);
+    let prefill = rates.pop().expect("prefill rate");
+    let decode = curve[3].clone();
 
-    step(4, &mut done, progress);
+    progress(STEPS[1].0, done);
     let disk_bytes: u64 = if opts.quick { 512 << 20 } else { 2 << 30 };
     // Each disk pass moves the whole 2 GiB file: with 11 the full profile took 2.2-2.6 minutes
     // here.
     let disk_passes = if opts.quick { 3 } else { 11 };
     let base = done;
     let disk = measure::disk(&opts.offload_dir, disk_bytes, disk_passes, &mut |f| {
-        progress(STEPS[4].0, base + f * STEPS[4].1)
+        progress(STEPS[1].0, base + f * STEPS[1].1)
     })
     .map_err(|source| HostError::Disk {
         dir: opts.offload_dir.display().to_string(),
         source,
     })?;
-    done += STEPS[4].1;
+    done += STEPS[1].1;
     let free = free_bytes(&opts.offload_dir).map_err(|source| HostError::FreeSpace {
         dir: opts.offload_dir.display().to_string(),
         source,
     })?;
 
-    step(5, &mut done, progress);
+    progress(STEPS[2].0, done);
     let gpu = primitives::gpu::measure_gpu(opts.quick);
     progress("done", 1.0);
 

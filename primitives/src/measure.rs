@@ -3,7 +3,8 @@
 //! Every figure comes from the same code the executor runs (the `kernels::linear` product with bf16
 //! weights read in place, `kernels::attention`, `storage::IoPool` direct reads and writes), so a
 //! profile describes what will run, not a vendor peak. Each function returns a [`Rate`]: the median
-//! of several timed passes and the passes themselves, after one untimed warm-up pass.
+//! of several timed passes and the passes themselves, after two untimed warm-up passes. The CPU
+//! workloads are also [`Bench`]es, which [`interleaved`] times in rounds against each other.
 
 use crate::kernels::{self, Matrix, WeightData};
 use crate::storage::{DirectFile, IoPool, IoPoolConfig, OffloadDir, ReadHandle, StorageError};
@@ -46,18 +47,56 @@ impl Rate {
     }
 }
 
-/// Runs `work` twice untimed, then `passes` times; each pass's rate is `amount / seconds`.
-fn timed(passes: usize, amount: f64, mut work: impl FnMut()) -> Rate {
-    work();
-    work();
-    let rates = (0..passes.max(1))
-        .map(|_| {
+/// One timed workload for [`interleaved`]: every run of `work` does `amount` units (FLOPs or
+/// bytes), so a pass's rate is `amount / seconds`.
+pub struct Bench<'a> {
+    amount: f64,
+    work: Box<dyn FnMut() + 'a>,
+}
+
+impl<'a> Bench<'a> {
+    /// A workload of `amount` units per run of `work`.
+    pub fn new(amount: f64, work: impl FnMut() + 'a) -> Bench<'a> {
+        Bench {
+            amount,
+            work: Box::new(work),
+        }
+    }
+}
+
+/// Times several workloads against each other: every bench runs twice untimed, then `passes`
+/// rounds time each bench once, in turn. One [`Rate`] per bench, in order. `progress` gets the
+/// fraction done after each round.
+///
+/// Interleaving is what makes the figures of one profile comparable: on a shared VM the host
+/// slows and speeds up over tens of seconds, and figures timed one after another each caught a
+/// different spell (a decode rate at 8 rows below the one at 4, five spreads of 5-31%); taken in
+/// rounds, a slow spell lands on every figure alike and the medians keep their order.
+pub fn interleaved(
+    passes: usize,
+    benches: &mut [Bench],
+    progress: &mut dyn FnMut(f64),
+) -> Vec<Rate> {
+    for b in benches.iter_mut() {
+        (b.work)();
+        (b.work)();
+    }
+    let passes = passes.max(1);
+    let mut rates = vec![Vec::with_capacity(passes); benches.len()];
+    for pass in 0..passes {
+        for (b, r) in benches.iter_mut().zip(&mut rates) {
             let start = Instant::now();
-            work();
-            amount / start.elapsed().as_secs_f64().max(1e-9)
-        })
-        .collect();
-    Rate::from_passes(rates)
+            (b.work)();
+            r.push(b.amount / start.elapsed().as_secs_f64().max(1e-9));
+        }
+        progress((pass + 1) as f64 / passes as f64);
+    }
+    rates.into_iter().map(Rate::from_passes).collect()
+}
+
+/// Times one workload (see [`interleaved`]).
+fn timed(passes: usize, bench: Bench) -> Rate {
+    interleaved(passes, &mut [bench], &mut |_| {}).remove(0)
 }
 
 /// Deterministic bf16 values in [-0.5, 0.5): the kernels' speed does not depend on them, but
@@ -79,10 +118,71 @@ pub fn layer_shapes(h: usize) -> [(usize, usize); 3] {
     [(h, h), (4 * h, h), (h, 4 * h)]
 }
 
-/// FLOP/s of `kernels::linear` for `rows` input rows against a chain of bf16 matrices cycling
-/// through `shapes` (`[out, in]`) until they total about `total_bytes` (at least one of each):
-/// 2 rows out in per product. With many rows (a prefill) this is the products' compute rate; with
-/// a few rows (a decode step of a GPU batch) and a chain larger than the last-level cache, the
+/// A chain of bf16 matrices cycling through `shapes` (`[out, in]`) until they total about
+/// `total_bytes` (at least one of each), multiplied in order by `kernels::linear` as a model's
+/// layers are. One chain serves benches at several row counts, so a decode curve reads the same
+/// weights at every point.
+pub struct LinearChain {
+    chain: Vec<(usize, usize, Vec<bf16>)>,
+    bytes: usize,
+}
+
+impl LinearChain {
+    /// Allocates and fills the chain (on 2 MiB pages).
+    pub fn new(shapes: &[(usize, usize)], total_bytes: usize) -> LinearChain {
+        let mut chain: Vec<(usize, usize, Vec<bf16>)> = Vec::new();
+        let mut bytes = 0;
+        while chain.len() < shapes.len() || bytes < total_bytes {
+            let (out, inp) = shapes[chain.len() % shapes.len()];
+            chain.push((out, inp, bf16_values(out * inp, chain.len() as u32 + 1)));
+            bytes += out * inp * 2;
+        }
+        LinearChain { chain, bytes }
+    }
+
+    /// FLOP/s of `rows` input rows through the whole chain (2 rows out in per product), whole
+    /// passes over the chain repeated until one timed pass does about 3 GFLOP.
+    pub fn flops_bench(&self, rows: usize) -> Bench<'_> {
+        let flops: f64 = self
+            .chain
+            .iter()
+            .map(|(out, inp, _)| 2.0 * (rows * out * inp) as f64)
+            .sum();
+        let repeats = ((3e9 / flops).ceil() as usize).clamp(1, 1000);
+        self.bench(rows, repeats, flops * repeats as f64)
+    }
+
+    /// Weight bytes/s of one pass of `rows` input rows through the chain.
+    pub fn bytes_bench(&self, rows: usize) -> Bench<'_> {
+        self.bench(rows, 1, self.bytes as f64)
+    }
+
+    fn bench(&self, rows: usize, repeats: usize, amount: f64) -> Bench<'_> {
+        let widest_in = self.chain.iter().map(|c| c.1).max().unwrap_or(0);
+        let widest_out = self.chain.iter().map(|c| c.0).max().unwrap_or(0);
+        let x: Vec<f32> = (0..rows * widest_in)
+            .map(|i| (i % 17) as f32 * 0.01)
+            .collect();
+        let mut y = vec![0.0f32; rows * widest_out];
+        Bench::new(amount, move || {
+            for _ in 0..repeats {
+                for (out, inp, w) in &self.chain {
+                    let m = Matrix {
+                        data: WeightData::Bf16(w),
+                        out_features: *out,
+                        in_features: *inp,
+                    };
+                    kernels::linear(&x[..rows * inp], rows, &m, None, &mut y[..rows * out]);
+                }
+            }
+            std::hint::black_box(&y);
+        })
+    }
+}
+
+/// FLOP/s of `kernels::linear` for `rows` input rows against a [`LinearChain`] of `shapes` and
+/// about `total_bytes`. With many rows (a prefill) this is the products' compute rate; with a
+/// few rows (a decode step of a GPU batch) and a chain larger than the last-level cache, the
 /// rate a decode step gets, weights streaming from DRAM included.
 pub fn linear_flops(
     rows: usize,
@@ -90,69 +190,100 @@ pub fn linear_flops(
     total_bytes: usize,
     passes: usize,
 ) -> Rate {
-    let mut chain: Vec<(usize, usize, Vec<bf16>)> = Vec::new();
-    let mut bytes = 0;
-    while chain.len() < shapes.len() || bytes < total_bytes {
-        let (out, inp) = shapes[chain.len() % shapes.len()];
-        chain.push((out, inp, bf16_values(out * inp, chain.len() as u32 + 1)));
-        bytes += out * inp * 2;
-    }
-    let widest_in = shapes.iter().map(|s| s.1).max().unwrap_or(0);
-    let widest_out = shapes.iter().map(|s| s.0).max().unwrap_or(0);
-    let x: Vec<f32> = (0..rows * widest_in)
-        .map(|i| (i % 17) as f32 * 0.01)
-        .collect();
-    let mut y = vec![0.0f32; rows * widest_out];
-    let chain_flops: f64 = chain
-        .iter()
-        .map(|(out, inp, _)| 2.0 * (rows * out * inp) as f64)
-        .sum();
-    // Whole passes over the chain, enough that one timed pass takes tens of milliseconds.
-    let repeats = ((3e9 / chain_flops).ceil() as usize).clamp(1, 1000);
-    timed(passes, chain_flops * repeats as f64, || {
-        for _ in 0..repeats {
-            for (out, inp, w) in &chain {
-                let m = Matrix {
-                    data: WeightData::Bf16(w),
-                    out_features: *out,
-                    in_features: *inp,
-                };
-                kernels::linear(&x[..rows * inp], rows, &m, None, &mut y[..rows * out]);
-            }
-        }
-        std::hint::black_box(&y);
-    })
+    timed(
+        passes,
+        LinearChain::new(shapes, total_bytes).flops_bench(rows),
+    )
 }
 
 /// Bytes/s with which a batch-1 `kernels::linear` streams bf16 weights: a chain of `[out, inp]`
-/// matrices totalling about `total_bytes` (larger than the last-level cache), each multiplied by
-/// one row, as a batch-1 decode step does. This is the memory side of the CPU roofline as the
-/// executor sees it.
+/// matrices totalling about `total_bytes` (larger than the last-level cache; at least two),
+/// each multiplied by one row, as a batch-1 decode step does. This is the memory side of the
+/// CPU roofline as the executor sees it.
 pub fn linear_stream_bandwidth(total_bytes: usize, out: usize, inp: usize, passes: usize) -> Rate {
-    let per_matrix = out * inp * 2;
-    let count = total_bytes.div_ceil(per_matrix).max(2);
-    let weights: Vec<Vec<bf16>> = (0..count)
-        .map(|i| bf16_values(out * inp, i as u32 + 7))
-        .collect();
-    let x: Vec<f32> = (0..inp).map(|i| (i % 13) as f32 * 0.01).collect();
-    let mut y = vec![0.0f32; out];
-    timed(passes, (count * per_matrix) as f64, || {
-        for w in &weights {
-            let m = Matrix {
-                data: WeightData::Bf16(w),
-                out_features: out,
-                in_features: inp,
-            };
-            kernels::linear(&x, 1, &m, None, &mut y);
-        }
-        std::hint::black_box(&y);
-    })
+    let chain = LinearChain::new(&[(out, inp)], total_bytes.max(2 * out * inp * 2));
+    timed(passes, chain.bytes_bench(1))
 }
 
-/// FLOP/s of `kernels::attention` for `seqs` sequences (one call each, as the executor makes),
-/// `q_len` new queries over `kv_len` cached positions, `heads` x `head_dim`: 4 q_len kv_len
-/// heads head_dim FLOPs per sequence (scores and weighted sum), counting every key as the
-/// roofline does. The cache rows are bf16, as the executor holds them for bf16 checkpoints.
+/// `seqs` sequences' bf16 KV caches and one query block, for [`AttentionSet::bench`].
+pub struct AttentionSet {
+    seqs: usize,
+    q_len: usize,
+    kv_len: usize,
+    heads: usize,
+    head_dim: usize,
+    q: Vec<f32>,
+    kv: Vec<Vec<bf16>>,
+}
+
+impl AttentionSet {
+    /// Fills the caches (on 2 MiB pages, as the executor's KV cache is).
+    pub fn new(
+        seqs: usize,
+        q_len: usize,
+        kv_len: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> AttentionSet {
+        let d = heads * head_dim;
+        let q: Vec<f32> = (0..q_len * d).map(|i| (i % 11) as f32 * 0.01).collect();
+        let kv: Vec<Vec<bf16>> = (0..2 * seqs)
+            .map(|s| {
+                let mut v = kernels::huge_page_vec(kv_len * d, bf16::ZERO);
+                v.iter_mut()
+                    .enumerate()
+                    .for_each(|(i, x)| *x = bf16::from_f32(((i + s) % 19) as f32 * 0.01));
+                v
+            })
+            .collect();
+        AttentionSet {
+            seqs,
+            q_len,
+            kv_len,
+            heads,
+            head_dim,
+            q,
+            kv,
+        }
+    }
+
+    /// FLOP/s of `kernels::attention` over every sequence in turn (one call each, as the executor
+    /// makes), counting every key as the roofline does: 4 q_len kv_len heads head_dim per
+    /// sequence (scores and weighted sum).
+    pub fn bench(&self) -> Bench<'_> {
+        let d = self.heads * self.head_dim;
+        let valid = vec![true; self.kv_len];
+        let mut out = vec![0.0f32; self.q_len * d];
+        let mut scratch = vec![0.0f32; self.kv_len * rayon::current_num_threads().max(self.heads)];
+        let flops = 4.0 * (self.seqs * self.q_len * self.kv_len * d) as f64;
+        let scale = 1.0 / (self.head_dim as f32).sqrt();
+        // Enough rounds that a pass takes tens of milliseconds: a single round of a few
+        // milliseconds moved by 1.8x between two runs on an idle machine.
+        let rounds = ((5e8 / flops).ceil() as usize).clamp(1, 1000);
+        Bench::new(flops * rounds as f64, move || {
+            for s in (0..self.seqs).cycle().take(self.seqs * rounds) {
+                kernels::attention(
+                    &self.q,
+                    self.q_len,
+                    kernels::KvRows::Bf16(&self.kv[2 * s]),
+                    kernels::KvRows::Bf16(&self.kv[2 * s + 1]),
+                    self.kv_len,
+                    &valid,
+                    self.heads,
+                    self.head_dim,
+                    scale,
+                    &mut out,
+                    &mut scratch,
+                );
+            }
+            std::hint::black_box(&out);
+        })
+    }
+}
+
+/// FLOP/s of `kernels::attention` for `seqs` sequences, `q_len` new queries over `kv_len` cached
+/// positions, `heads` x `head_dim` (see [`AttentionSet::bench`]). The cache rows are bf16, as the
+/// executor holds them for bf16 checkpoints.
 pub fn attention_flops(
     seqs: usize,
     q_len: usize,
@@ -161,71 +292,56 @@ pub fn attention_flops(
     head_dim: usize,
     passes: usize,
 ) -> Rate {
-    let d = heads * head_dim;
-    let q: Vec<f32> = (0..q_len * d).map(|i| (i % 11) as f32 * 0.01).collect();
-    let kv: Vec<Vec<bf16>> = (0..2 * seqs)
-        .map(|s| {
-            // On 2 MiB pages, as the executor's KV cache is.
-            let mut v = kernels::huge_page_vec(kv_len * d, bf16::ZERO);
-            v.iter_mut()
-                .enumerate()
-                .for_each(|(i, x)| *x = bf16::from_f32(((i + s) % 19) as f32 * 0.01));
-            v
+    timed(
+        passes,
+        AttentionSet::new(seqs, q_len, kv_len, heads, head_dim).bench(),
+    )
+}
+
+/// A buffer of `bytes` for plain reads, for [`DramBuffer::bench`].
+pub struct DramBuffer(Vec<f32>);
+
+impl DramBuffer {
+    /// Allocates and writes the buffer (on 2 MiB pages, written in parallel).
+    pub fn new(bytes: usize) -> DramBuffer {
+        let len = bytes / 4;
+        let mut buf = kernels::huge_page_vec(len, 0.0f32);
+        buf.par_chunks_mut(1 << 16)
+            .enumerate()
+            .for_each(|(i, c)| c.fill(i as f32 * 1e-9));
+        DramBuffer(buf)
+    }
+
+    /// Bytes/s of plain reads by every worker thread (each sums a contiguous part).
+    pub fn bench(&self) -> Bench<'_> {
+        let buf = &self.0;
+        let part = buf
+            .len()
+            .div_ceil(rayon::current_num_threads().max(1))
+            .max(1);
+        Bench::new((buf.len() * 4) as f64, move || {
+            let total: f32 = buf
+                .par_chunks(part)
+                .map(|c| {
+                    // 16 independent lanes: the loop is limited by loads, not by the adds.
+                    let mut lanes = [0.0f32; 16];
+                    for chunk in c.chunks_exact(16) {
+                        for (l, v) in lanes.iter_mut().zip(chunk) {
+                            *l += v;
+                        }
+                    }
+                    lanes.iter().sum::<f32>()
+                })
+                .sum();
+            std::hint::black_box(total);
         })
-        .collect();
-    let valid = vec![true; kv_len];
-    let mut out = vec![0.0f32; q_len * d];
-    let mut scratch = vec![0.0f32; kv_len * rayon::current_num_threads().max(heads)];
-    let flops = 4.0 * (seqs * q_len * kv_len * d) as f64;
-    let scale = 1.0 / (head_dim as f32).sqrt();
-    // Enough rounds that a pass takes tens of milliseconds: a single round of a few milliseconds
-    // moved by 1.8x between two runs on an idle machine.
-    let rounds = ((5e8 / flops).ceil() as usize).clamp(1, 1000);
-    timed(passes, flops * rounds as f64, || {
-        for s in (0..seqs).cycle().take(seqs * rounds) {
-            kernels::attention(
-                &q,
-                q_len,
-                kernels::KvRows::Bf16(&kv[2 * s]),
-                kernels::KvRows::Bf16(&kv[2 * s + 1]),
-                kv_len,
-                &valid,
-                heads,
-                head_dim,
-                scale,
-                &mut out,
-                &mut scratch,
-            );
-        }
-        std::hint::black_box(&out);
-    })
+    }
 }
 
 /// Bytes/s of plain reads by every worker thread over a buffer of `bytes` (each thread sums a
 /// contiguous part): the DRAM read ceiling, for comparison with [`linear_stream_bandwidth`].
 pub fn dram_read_bandwidth(bytes: usize, passes: usize) -> Rate {
-    let len = bytes / 4;
-    let mut buf = kernels::huge_page_vec(len, 0.0f32);
-    buf.par_chunks_mut(1 << 16)
-        .enumerate()
-        .for_each(|(i, c)| c.fill(i as f32 * 1e-9));
-    let part = len.div_ceil(rayon::current_num_threads().max(1));
-    timed(passes, (len * 4) as f64, || {
-        let total: f32 = buf
-            .par_chunks(part)
-            .map(|c| {
-                // 16 independent lanes: the loop is limited by loads, not by the adds.
-                let mut lanes = [0.0f32; 16];
-                for chunk in c.chunks_exact(16) {
-                    for (l, v) in lanes.iter_mut().zip(chunk) {
-                        *l += v;
-                    }
-                }
-                lanes.iter().sum::<f32>()
-            })
-            .sum();
-        std::hint::black_box(total);
-    })
+    timed(passes, DramBuffer::new(bytes).bench())
 }
 
 /// What [`disk`] measured on one directory.
@@ -372,6 +488,23 @@ mod tests {
             assert_eq!(rate.passes.len(), 2);
             assert!(rate.median.is_finite() && rate.median > 0.0, "{rate:?}");
         }
+    }
+
+    #[test]
+    fn interleaved_benches_run_in_rounds() {
+        use std::cell::RefCell;
+        let order = RefCell::new(Vec::new());
+        let mut benches = [
+            Bench::new(1.0, || order.borrow_mut().push('a')),
+            Bench::new(2.0, || order.borrow_mut().push('b')),
+        ];
+        let mut seen = Vec::new();
+        let rates = interleaved(3, &mut benches, &mut |f| seen.push(f));
+        drop(benches);
+        // Two warm-up runs each, then one timed run of each bench per round.
+        assert_eq!(order.into_inner().iter().collect::<String>(), "aabbababab");
+        assert_eq!(seen, [1.0 / 3.0, 2.0 / 3.0, 1.0]);
+        assert!(rates.iter().all(|r| r.passes.len() == 3 && r.median > 0.0));
     }
 
     #[test]
