@@ -59,7 +59,7 @@ impl Rates {
     /// The rates of a hardware profile (its GPU's copy rate, or [`DEFAULT_H2D_BYTES_PER_S`]).
     pub fn from_profile(p: &planner::profile::Profile) -> Rates {
         Rates {
-            cpu_bytes_per_s: p.cpu_rates(1).dram_bytes_per_s,
+            cpu_bytes_per_s: p.cpu_rates(1, 1).dram_bytes_per_s,
             h2d_bytes_per_s: p
                 .gpu_rates()
                 .map_or(DEFAULT_H2D_BYTES_PER_S, |g| g.h2d_pinned_bytes_per_s),

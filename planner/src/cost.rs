@@ -53,7 +53,10 @@ impl<'a> CostInputs<'a> {
             } else {
                 None
             },
-            cpu: profile.cpu_rates(scenario.gpu_batch_size),
+            cpu: profile.cpu_rates(
+                scenario.gpu_batch_size,
+                scenario.gpu_batch_size * scenario.prompt_len,
+            ),
             disk: profile.disk_rates(),
             scenario,
         }

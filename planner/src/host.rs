@@ -146,7 +146,7 @@ pub fn measure_profile(
     // One layer's products of a 2048-wide model (OPT-1.3B; wider models have the same shapes
     // scaled), at 256 rows: a GPU batch of 8 prompts of 32 tokens, or 2 of 128.
     let shapes = measure::layer_shapes(2048);
-    let pre_rows = 256;
+    let pre_rows = crate::profile::PREFILL_ROWS as usize;
     let prefill_chain = measure::LinearChain::new(&shapes, 0);
     let stream_bytes = if opts.quick { 256 << 20 } else { 1 << 30 };
     // The decode rate by rows: a GPU batch of 2 .. 64 sequences, weights streaming from DRAM.

@@ -160,6 +160,11 @@ pub struct RateCurve {
     pub note: String,
 }
 
+/// Input rows of the products `planner profile` times for `cpu.matmul_prefill_tflops` (a GPU
+/// batch of 8 prompts of 32 tokens, or 2 of 128): where the rate-by-rows line of
+/// [`Profile::cpu_rates`] reaches that figure.
+pub const PREFILL_ROWS: f64 = 256.0;
+
 impl RateCurve {
     /// The rate at `rows`, in TFLOP/s.
     pub fn at(&self, rows: f64) -> f64 {
@@ -177,6 +182,23 @@ impl RateCurve {
             }
         }
         t[t.len() - 1]
+    }
+
+    /// The rate at `rows` on the curve extended by one more point, (`end_rows`, `end_tflops`),
+    /// past its last row count: log-log between the two, flat beyond `end_rows`.
+    pub fn at_extended(&self, rows: f64, end_rows: f64, end_tflops: f64) -> f64 {
+        let (last_rows, last) = (
+            self.rows[self.rows.len() - 1],
+            self.tflops[self.tflops.len() - 1],
+        );
+        if rows <= last_rows || end_rows <= last_rows {
+            return self.at(rows);
+        }
+        if rows >= end_rows {
+            return end_tflops;
+        }
+        let f = (rows.ln() - last_rows.ln()) / (end_rows.ln() - last_rows.ln());
+        (last.ln() + f * (end_tflops.ln() - last.ln())).exp()
     }
 
     /// Why the curve is unusable, if it is.
@@ -415,16 +437,26 @@ impl Profile {
         })
     }
 
-    /// CPU rates in base units, for GPU batches of `rows` sequences (the decode rate comes from
-    /// `matmul_decode_by_rows` when the profile has it).
-    pub fn cpu_rates(&self, rows: u64) -> CpuRates {
+    /// CPU rates in base units for products of `decode_rows` input rows in a decode step (a GPU
+    /// batch's sequences) and `prefill_rows` in the prefill (its sequences x the prompt).
+    ///
+    /// With a `matmul_decode_by_rows` curve, both product rates are read from one rate-by-rows
+    /// line: the curve, then on to `matmul_prefill_tflops` at [`PREFILL_ROWS`] (see
+    /// [`RateCurve::at_extended`]). A 1 x 32-token prefill runs its products at 32 rows, nearer
+    /// the curve's 32-row rate than the 256-row one (predicted 0.61 s against 1.17 s measured
+    /// with the 256-row rate). Without the curve: the two figures as they are.
+    pub fn cpu_rates(&self, decode_rows: u64, prefill_rows: u64) -> CpuRates {
         let c = &self.cpu;
-        let decode_tflops = match &c.matmul_decode_by_rows {
-            Some(curve) => curve.at(rows as f64),
-            None => c.matmul_decode_tflops.value,
+        let prefill = c.matmul_prefill_tflops.value;
+        let (decode_tflops, prefill_tflops) = match &c.matmul_decode_by_rows {
+            Some(curve) => (
+                curve.at_extended(decode_rows as f64, PREFILL_ROWS, prefill),
+                curve.at_extended(prefill_rows as f64, PREFILL_ROWS, prefill),
+            ),
+            None => (c.matmul_decode_tflops.value, prefill),
         };
         CpuRates {
-            matmul_prefill_flops: c.matmul_prefill_tflops.value * TFLOPS,
+            matmul_prefill_flops: prefill_tflops * TFLOPS,
             matmul_decode_flops: decode_tflops * TFLOPS,
             attention_flops: c.attention_tflops.value * TFLOPS,
             dram_bytes_per_s: c.dram_gbps.value * GBPS,
@@ -734,10 +766,22 @@ mod tests {
         assert!((curve.at(4.0) - (0.04f64 * 0.1).sqrt()).abs() < 1e-12);
         let mut p = Profile::embedded("cpu-2core-24gib").unwrap();
         p.cpu.matmul_decode_by_rows = None;
-        let single = p.cpu_rates(8).matmul_decode_flops;
+        let single = p.cpu_rates(8, 8).matmul_decode_flops;
         assert_eq!(single, p.cpu.matmul_decode_tflops.value * TFLOPS);
+        // Without the curve the prefill figure stands for every prefill.
+        let prefill = p.cpu.matmul_prefill_tflops.value * TFLOPS;
+        assert_eq!(p.cpu_rates(8, 8).matmul_prefill_flops, prefill);
         p.cpu.matmul_decode_by_rows = Some(curve.clone());
-        assert!((p.cpu_rates(8).matmul_decode_flops - 0.1 * TFLOPS).abs() < 1.0);
+        assert!((p.cpu_rates(8, 8).matmul_decode_flops - 0.1 * TFLOPS).abs() < 1.0);
+        // With it, one line by rows: the curve, then log-log on to the prefill figure at
+        // PREFILL_ROWS, flat beyond; a prefill of few rows gets the curve's rate.
+        let at = |rows: u64| p.cpu_rates(rows, rows);
+        assert!((at(8).matmul_prefill_flops - 0.1 * TFLOPS).abs() < 1.0);
+        assert_eq!(at(512).matmul_prefill_flops, prefill);
+        assert_eq!(at(256).matmul_decode_flops, prefill);
+        let mid = (0.16f64 * p.cpu.matmul_prefill_tflops.value).sqrt() * TFLOPS;
+        let between = (32.0f64 * PREFILL_ROWS).sqrt() as u64; // halfway in log rows: 90.5
+        assert!((at(between).matmul_prefill_flops / mid - 1.0).abs() < 0.01);
         p.validate("x").unwrap();
         let mut bad = p.clone();
         bad.cpu.matmul_decode_by_rows = Some(RateCurve {
