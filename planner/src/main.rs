@@ -125,12 +125,14 @@ Embedded profiles can also be named as builtin:NAME (t4-flexgen, a10-hetegen, h1
     /// Measure this machine (CPU kernels, DRAM, disk, GPU when present) into a profile TOML.
     #[command(after_help = "Examples:
   planner profile --quick
-      about 5 s; prints the figures (each with how it was measured); without --quick about 30 s
+      about 15 s on 2 cores; prints the figures (each with how it was measured); without --quick
+      about 3 minutes (21 passes per CPU figure, 11 per disk figure over a 2 GiB file)
   planner profile --offload-dir /mnt/nvme -o profiles/my-host.toml
   planner profile --quick -o b.toml --compare a.toml
       a second run next to a first one: flags every figure that moved by more than 15%
 
-The CPU figures time the executor's own kernels (bf16 weights), the disk figures use direct I/O in a
+The CPU figures time the executor's own kernels (bf16 weights), one pass of each in turn so that a
+slow spell of a shared host falls on all of them alike; the disk figures use direct I/O in a
 temporary directory under --offload-dir (removed afterwards, also on Ctrl-C). Without a GPU the
 profile has no [gpu] section and the output says why.")]
     Profile {
