@@ -138,7 +138,7 @@ pub fn measure_profile(
     // Passes on this 2-core VM spread by +-25% within one run (other tenants), and the median of
     // 7 moved by up to 24% between runs; with 21, two back-to-back runs agreed within 12% on
     // every CPU figure but attention, and with 21 timed in rounds (below) within 6% on every CPU
-    // figure (docs/benchmarks.md; slower drifts of the host, 1.25-1.6x, remain).
+    // figure (docs/benchmarks.md; slower drifts of the host, 1.2-1.6x, remain).
     let passes = if opts.quick { 3 } else { 21 };
     // Fraction of the whole run done when each step starts (`STEPS`).
     let mut done = 0.0;
@@ -147,36 +147,43 @@ pub fn measure_profile(
     // scaled), at 256 rows: a GPU batch of 8 prompts of 32 tokens, or 2 of 128.
     let shapes = measure::layer_shapes(2048);
     let pre_rows = crate::profile::PREFILL_ROWS as usize;
-    let prefill_chain = measure::LinearChain::new(&shapes, 0);
     let stream_bytes = if opts.quick { 256 << 20 } else { 1 << 30 };
     // The decode rate by rows: a GPU batch of 2 .. 64 sequences, weights streaming from DRAM.
     let curve_rows = [2usize, 4, 8, 16, 32, 64];
-    let curve_chain = measure::LinearChain::new(&shapes, stream_bytes);
-    let stream_chain = measure::LinearChain::new(&[(4096, 2048)], stream_bytes);
-    let plain_buffer = measure::DramBuffer::new(stream_bytes);
     // 32 sequences: their caches (134 MB of bf16) are four times the 32 MiB last-level cache, as
     // a real decode's are larger than it; with 8 (34 MB, about its size) passes moved 2x inside
     // one run.
     let attention_seqs = 32;
-    let attention_set = measure::AttentionSet::new(attention_seqs, 1, 512, 32, 64);
     // All CPU figures in rounds (measure::interleaved), so that the host's slow spells fall on
-    // every figure alike: order prefill, the curve, streaming, plain reads, attention.
-    let mut benches = vec![prefill_chain.flops_bench(pre_rows)];
-    benches.extend(curve_rows.iter().map(|&r| curve_chain.flops_bench(r)));
-    benches.push(stream_chain.bytes_bench(1));
-    benches.push(plain_buffer.bench());
-    benches.push(attention_set.bench());
-    let base = done;
-    let mut rates = measure::interleaved(passes, &mut benches, &mut |f| {
-        progress(STEPS[0].0, base + f * STEPS[0].1)
-    });
-    drop(benches);
+    // every figure alike. Their buffers (about 3 GiB in a full run) live only in this block, not
+    // through the disk measurement.
+    let (prefill, curve, stream, plain, attention) = {
+        let prefill_chain = measure::LinearChain::new(&shapes, 0);
+        let curve_chain = measure::LinearChain::new(&shapes, stream_bytes);
+        let stream_chain = measure::LinearChain::new(&[(4096, 2048)], stream_bytes);
+        let plain_buffer = measure::DramBuffer::new(stream_bytes);
+        let attention_set = measure::AttentionSet::new(attention_seqs, 1, 512, 32, 64);
+        let mut benches = vec![prefill_chain.flops_bench(pre_rows)];
+        benches.extend(curve_rows.iter().map(|&r| curve_chain.flops_bench(r)));
+        benches.push(stream_chain.bytes_bench(1));
+        benches.push(plain_buffer.bench());
+        benches.push(attention_set.bench());
+        let base = done;
+        let rates = measure::interleaved(passes, &mut benches, &mut |f| {
+            progress(STEPS[0].0, base + f * STEPS[0].1)
+        });
+        let [prefill, curve @ .., stream, plain, attention] = &rates[..] else {
+            unreachable!("one rate per bench");
+        };
+        (
+            prefill.clone(),
+            curve.to_vec(),
+            stream.clone(),
+            plain.clone(),
+            attention.clone(),
+        )
+    };
     done += STEPS[0].1;
-    let attention = rates.pop().expect("attention rate");
-    let plain = rates.pop().expect("plain read rate");
-    let stream = rates.pop().expect("stream rate");
-    let curve = rates.split_off(1);
-    let prefill = rates.pop().expect("prefill rate");
     let decode = curve[3].clone();
 
     progress(STEPS[1].0, done);

@@ -148,8 +148,8 @@ pub fn largest_intermediate_bytes(model: &ModelSpec, sc: &Scenario) -> f64 {
 /// `nh` heads; the executor takes the larger of heads and threads, and OPT has at least 12 heads),
 /// three `[bls, vocab]` logit buffers (the step's, the prefill's and the last step's), plus, with
 /// compressed weights, the largest matrix dequantized, plus the matrix kernels' converted input
-/// ([`kernel_input_scratch_bytes`]). The executor checks its own
-/// allocation against this (test `workspace_bytes_are_the_memory_plans` in opt.rs). Not counted:
+/// ([`kernel_input_scratch_bytes`]). The executor checks its own allocation against this (test
+/// `workspace_bytes_are_the_memory_plans` in executor/tests/workspace_plan.rs). Not counted:
 /// each worker thread's repacked weight slice (at most 512 KiB per thread).
 pub fn cpu_workspace_bytes(model: &ModelSpec, sc: &Scenario) -> f64 {
     let h1 = model.hidden_size as f64;

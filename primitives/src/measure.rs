@@ -70,8 +70,9 @@ impl<'a> Bench<'a> {
 ///
 /// Interleaving is what makes the figures of one profile comparable: on a shared VM the host
 /// slows and speeds up over tens of seconds, and figures timed one after another each caught a
-/// different spell (a decode rate at 8 rows below the one at 4, five spreads of 5-31%); taken in
-/// rounds, a slow spell lands on every figure alike and the medians keep their order.
+/// different spell (a decode rate at 8 rows below the one at 4; passes around the curve's
+/// medians spread 5-31%); taken in rounds, a slow spell lands on every figure alike and the
+/// medians keep their order.
 pub fn interleaved(
     passes: usize,
     benches: &mut [Bench],
@@ -299,41 +300,20 @@ pub fn attention_flops(
 }
 
 /// A buffer of `bytes` for plain reads, for [`DramBuffer::bench`].
-pub struct DramBuffer(Vec<f32>);
+pub struct DramBuffer(Vec<u8>);
 
 impl DramBuffer {
     /// Allocates and writes the buffer (on 2 MiB pages, written in parallel).
     pub fn new(bytes: usize) -> DramBuffer {
-        let len = bytes / 4;
-        let mut buf = kernels::huge_page_vec(len, 0.0f32);
-        buf.par_chunks_mut(1 << 16)
-            .enumerate()
-            .for_each(|(i, c)| c.fill(i as f32 * 1e-9));
-        DramBuffer(buf)
+        DramBuffer(kernels::huge_page_vec(bytes, 1u8))
     }
 
-    /// Bytes/s of plain reads by every worker thread (each sums a contiguous part).
+    /// Bytes/s of plain reads by every worker thread (`kernels::stream_read`: each thread sums a
+    /// contiguous part), the reference the `dram_bandwidth` and `kernel_bench` examples use too.
     pub fn bench(&self) -> Bench<'_> {
         let buf = &self.0;
-        let part = buf
-            .len()
-            .div_ceil(rayon::current_num_threads().max(1))
-            .max(1);
-        Bench::new((buf.len() * 4) as f64, move || {
-            let total: f32 = buf
-                .par_chunks(part)
-                .map(|c| {
-                    // 16 independent lanes: the loop is limited by loads, not by the adds.
-                    let mut lanes = [0.0f32; 16];
-                    for chunk in c.chunks_exact(16) {
-                        for (l, v) in lanes.iter_mut().zip(chunk) {
-                            *l += v;
-                        }
-                    }
-                    lanes.iter().sum::<f32>()
-                })
-                .sum();
-            std::hint::black_box(total);
+        Bench::new(buf.len() as f64, move || {
+            std::hint::black_box(kernels::stream_read(buf));
         })
     }
 }
