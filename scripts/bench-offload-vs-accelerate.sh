@@ -7,6 +7,8 @@
 #   - Hugging Face Accelerate's disk offload (transformers from_pretrained with a device_map that puts
 #     75% of the decoder layers on "disk" and an offload_folder), CPU execution;
 #   - the disk bound: disk-resident bytes per decode step / O_DIRECT read bandwidth measured here.
+#     Also against the rate the disk device itself gave the executor's decode (the kernel's block
+#     counters, in the executor's report), since this virtual disk's speed moves by the minute.
 # Page cache: caches are dropped (and the drop checked) before every run of either system; the
 # executor reads disk-resident weights with O_DIRECT; the Accelerate run evicts each disk layer's
 # bytes after use (posix_fadvise DONTNEED). Every run's block-device reads ("File system inputs" of

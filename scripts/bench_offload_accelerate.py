@@ -510,6 +510,17 @@ def cmd_report(args):
                 f"{med(util):.0%} of prefill + decode (medians); decode step vs the bound at that rate: "
                 f"{(disk_bytes / (med(rates) * 1e9)) / s['dspt']:.1%}"
             )
+        dev = [(j["device_decode_read_bytes"] / j["device_decode_busy_s"] / 1e9,
+                j["device_decode_busy_s"] / j["decode_s"])
+               for j in js if j.get("device_decode_busy_s") and j.get("decode_s")]
+        if dev:
+            dev_rate = med([d[0] for d in dev])
+            ratios.append(
+                f"- batch {batch}: the disk device's own counters in decode ({js[0].get('disk_device')}): "
+                f"{dev_rate:.2f} GB/s while busy, busy {med([d[1] for d in dev]):.0%} of decode "
+                f"(medians); decode step vs the bound at that rate: "
+                f"{(disk_bytes / (dev_rate * 1e9)) / s['dspt']:.1%} (goal >= 85%)"
+            )
         a = summary.get(("accelerate", batch))
         if a and a["tps"] and s["tps"]:
             ratios.append(

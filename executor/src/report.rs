@@ -80,6 +80,17 @@ pub struct TierReport {
     pub disk_write_bytes: u64,
     /// Seconds with disk writes in flight.
     pub disk_write_busy_s: f64,
+    /// The block device under the disk-resident weights (Linux), whose own counters follow: what
+    /// the disk did whoever asked, so decode can be set against the rate the disk gave the run.
+    pub disk_device: Option<String>,
+    /// Bytes the device read during prefill.
+    pub device_prefill_read_bytes: Option<u64>,
+    /// Seconds the device had requests in flight during prefill.
+    pub device_prefill_busy_s: Option<f64>,
+    /// Bytes the device read during the decode steps.
+    pub device_decode_read_bytes: Option<u64>,
+    /// Seconds the device had requests in flight during the decode steps.
+    pub device_decode_busy_s: Option<f64>,
     /// Seconds the compute thread computed (all layers, head, sampling).
     pub cpu_compute_busy_s: f64,
     /// Seconds the compute thread waited on I/O (what overlap did not hide).
@@ -122,6 +133,33 @@ pub struct TierReport {
 }
 
 impl RunReport {
+    /// What the block device under the weights did in decode, by its own counters: bytes read,
+    /// time busy against the decode time, and the rate while busy (the rate the disk gave this
+    /// run, to set a decode step's disk bytes against).
+    pub fn disk_device_line(&self) -> Option<String> {
+        let t = &self.tiers;
+        let (name, bytes, busy) = (
+            t.disk_device.as_ref()?,
+            t.device_decode_read_bytes?,
+            t.device_decode_busy_s?,
+        );
+        let share = if self.decode_s > 0.0 {
+            format!("{:.0}%", 100.0 * busy / self.decode_s)
+        } else {
+            "-".into()
+        };
+        let rate = if busy > 0.0 {
+            format!("{:.2} GB/s while busy", bytes as f64 / busy / 1e9)
+        } else {
+            "idle".into()
+        };
+        Some(format!(
+            "{name}: decode read {:.3} GiB, busy {busy:.3} s of {:.3} s ({share}), {rate}",
+            bytes as f64 / (1u64 << 30) as f64,
+            self.decode_s
+        ))
+    }
+
     /// A human-readable table.
     pub fn table(&self) -> String {
         let mut s = String::new();
@@ -256,6 +294,9 @@ impl RunReport {
                     ),
                 ),
             ]);
+            if let Some(line) = self.disk_device_line() {
+                rows.push(("disk device", line));
+            }
         }
         if let Some(d) = &t.device {
             let mib = |b: u64| b as f64 / (1u64 << 20) as f64;

@@ -417,6 +417,13 @@ pub fn add_tiers(
     t.disk_read_busy_s = read_busy;
     t.disk_write_bytes = stats.cache.write_bytes;
     t.disk_write_busy_s = stats.cache.write_busy_s;
+    if let Some(d) = &stats.disk_device {
+        t.disk_device = Some(d.name.clone());
+        t.device_prefill_read_bytes = Some(d.prefill.read_bytes);
+        t.device_prefill_busy_s = Some(d.prefill.busy_s);
+        t.device_decode_read_bytes = Some(d.decode.read_bytes);
+        t.device_decode_busy_s = Some(d.decode.busy_s);
+    }
     t.cpu_compute_busy_s = stats.cpu_compute_s;
     t.io_wait_s = stats.io_wait_s;
     t.prefill_compute_s = stats.prefill_compute_s;

@@ -208,6 +208,20 @@ pub struct ChannelStats {
     pub notes: Vec<String>,
     /// What the device tiers held and moved (runs on a device only).
     pub device: Option<DeviceReport>,
+    /// The block device under the disk-resident weights and what it did in prefill and in the
+    /// decode steps, by the kernel's counters (Linux; `None` without disk weights or `/sys`).
+    pub disk_device: Option<DeviceStages>,
+}
+
+/// A block device's activity per stage of a run.
+#[derive(Debug, Clone)]
+pub struct DeviceStages {
+    /// Kernel name of the device, e.g. `vda`.
+    pub name: String,
+    /// From the first layer's reads to the first token.
+    pub prefill: primitives::storage::DeviceActivity,
+    /// From the first token to the last.
+    pub decode: primitives::storage::DeviceActivity,
 }
 
 impl ChannelStats {
@@ -606,6 +620,11 @@ fn run_block(
         }
         tier.ranges.push(row);
     }
+    // Every checkpoint shard normally sits on one device; the first one found is the one counted.
+    let disk_device = tier
+        .files
+        .keys()
+        .find_map(|path| primitives::storage::BlockDevice::for_path(path));
     stats.weight_disk_bytes_per_step = tier
         .ranges
         .iter()
@@ -736,6 +755,8 @@ fn run_block(
     let mut steps = 0;
     let mut position = 0;
     let started = Instant::now();
+    let device_at_start = disk_device.as_ref().and_then(|d| d.sample());
+    let mut device_at_first_token = None;
     let mut first = true;
     submit_weights(&tier, 0, &mut weights_next)?;
     loop {
@@ -1015,6 +1036,7 @@ fn run_block(
         if first {
             prefill_logits = logits.clone();
             prefill_s = started.elapsed().as_secs_f64();
+            device_at_first_token = disk_device.as_ref().and_then(|d| d.sample());
             stats.prefill_compute_s = stats.cpu_compute_s;
             first = false;
             if let Some(t) = &gpu_tier {
@@ -1025,6 +1047,19 @@ fn run_block(
         }
     }
     let decode_s = started.elapsed().as_secs_f64() - prefill_s;
+    let device_at_end = disk_device.as_ref().and_then(|d| d.sample());
+    if let (Some(d), Some(a), Some(b), Some(c)) = (
+        &disk_device,
+        device_at_start,
+        device_at_first_token,
+        device_at_end,
+    ) {
+        stats.disk_device = Some(DeviceStages {
+            name: d.name.clone(),
+            prefill: b.since(&a),
+            decode: c.since(&b),
+        });
+    }
     // Drain outstanding writes so that errors surface and the statistics are complete.
     for b in &mut batches {
         for w in b.kv_writes.drain(..).chain(b.act_writes.drain(..)) {

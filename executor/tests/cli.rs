@@ -292,6 +292,30 @@ fn a_disk_policy_runs_reports_its_channels_and_cleans_up() {
     assert_eq!(json["kv_disk_sequences"].as_u64(), Some(2), "{json}");
     assert!(json["predicted_decode_s_per_token"].as_f64().unwrap() > 0.0);
     assert!(json["ratio_throughput"].as_f64().unwrap() > 0.0);
+    // The block device under the checkpoint reports its own counters where /sys has them.
+    let fixture_dir = fixture("opt-tiny-preln");
+    match primitives::storage::BlockDevice::for_path(&fixture_dir) {
+        Some(device) => {
+            assert_eq!(
+                json["disk_device"].as_str(),
+                Some(device.name.as_str()),
+                "{json}"
+            );
+            assert!(
+                json["device_decode_busy_s"].as_f64().unwrap() >= 0.0,
+                "{json}"
+            );
+            assert!(
+                json["device_decode_read_bytes"].as_u64().is_some(),
+                "{json}"
+            );
+            assert!(stderr.contains("disk device"), "{stderr}");
+        }
+        None => {
+            assert!(json["disk_device"].is_null(), "{json}");
+            eprintln!("no block device under the fixtures: device counters not checked");
+        }
+    }
     assert!(std::fs::read_dir(offload.path()).unwrap().next().is_none());
 }
 

@@ -11,18 +11,22 @@
 //!   a bounded [`BufferPool`] and return to it on drop.
 //! - [`OffloadDir`]: a unique directory removed on drop and on Ctrl-C/SIGTERM, whose files are
 //!   preallocated so a full disk fails early with [`StorageError::NoSpace`].
+//! - [`BlockDevice`]: the kernel's counters for the device under a file, so a run can say what
+//!   the disk itself did in a stage (bytes read, time busy), not only what its threads timed.
 //!
 //! See docs/storage-and-compression.md for measured bandwidths.
 
 #![warn(missing_docs)]
 
 mod aligned;
+mod device_stat;
 mod direct;
 mod error;
 mod offload;
 mod pool;
 
 pub use aligned::{align_down, align_up, AlignedBuf, ALIGN};
+pub use device_stat::{BlockDevice, DeviceActivity, DeviceCounters};
 pub use direct::{AlignedRead, DirectFile, IoMode};
 pub use error::{Result, StorageError};
 pub use offload::{cleanup_live_dirs, install_cleanup_handler, OffloadDir, OffloadFile};
