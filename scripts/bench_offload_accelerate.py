@@ -510,16 +510,17 @@ def cmd_report(args):
                 f"{med(util):.0%} of prefill + decode (medians); decode step vs the bound at that rate: "
                 f"{(disk_bytes / (med(rates) * 1e9)) / s['dspt']:.1%}"
             )
+        # Per run: the device's rate while busy in that run's decode, and that run's decode step.
         dev = [(j["device_decode_read_bytes"] / j["device_decode_busy_s"] / 1e9,
-                j["device_decode_busy_s"] / j["decode_s"])
-               for j in js if j.get("device_decode_busy_s") and j.get("decode_s")]
+                j["device_decode_busy_s"] / j["decode_s"], j["decode_s_per_token"], j["disk_device"])
+               for j in js if j.get("device_decode_busy_s") and j.get("decode_s_per_token")]
         if dev:
-            dev_rate = med([d[0] for d in dev])
             ratios.append(
-                f"- batch {batch}: the disk device's own counters in decode ({js[0].get('disk_device')}): "
-                f"{dev_rate:.2f} GB/s while busy, busy {med([d[1] for d in dev]):.0%} of decode "
-                f"(medians); decode step vs the bound at that rate: "
-                f"{(disk_bytes / (dev_rate * 1e9)) / s['dspt']:.1%} (goal >= 85%)"
+                f"- batch {batch}: the disk device's own counters in decode ({dev[0][3]}, "
+                f"{len(dev)} of {len(js)} runs): {med([d[0] for d in dev]):.2f} GB/s while busy, busy "
+                f"{med([d[1] for d in dev]):.0%} of decode; decode step vs the bound at that run's "
+                f"device rate: {med([disk_bytes / (d[0] * 1e9) / d[2] for d in dev]):.1%} "
+                f"(medians; goal >= 85%)"
             )
         a = summary.get(("accelerate", batch))
         if a and a["tps"] and s["tps"]:
