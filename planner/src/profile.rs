@@ -39,6 +39,10 @@ pub const EMBEDDED_PROFILES: &[(&str, &str)] = &[
         "cpu-2core-24gib",
         include_str!("../../profiles/cpu-2core-24gib.toml"),
     ),
+    (
+        "cpu-2core-24gib-avx2",
+        include_str!("../../profiles/cpu-2core-24gib-avx2.toml"),
+    ),
 ];
 
 /// Prefix that names an embedded profile in a policy's `provenance.profile`.
