@@ -130,14 +130,10 @@ next_run() {
     echo "$n"
 }
 
-# The profile the policies name, which the executor's prediction uses: the embedded
-# development-box profile (a Zen 4 with AVX-512), or on a CPU without AVX-512 the one measured on
-# such a CPU (its matrix rates are a quarter to a third of the other's: 0.084 against 0.362
-# TFLOP/s at prefill, 0.053 against 0.188 at decode).
+# The profile the template is solved on and the executor predicts with: the embedded profile of
+# this CPU class, the rule of planner::profile::embedded_cpu_profile (the executor's default).
 profile=builtin:cpu-2core-24gib
-if ! grep -qw avx512f /proc/cpuinfo && [ -f profiles/cpu-2core-24gib-avx2.toml ]; then
-    profile=profiles/cpu-2core-24gib-avx2.toml
-fi
+grep -qw avx512f /proc/cpuinfo || profile=builtin:cpu-2core-24gib-avx2
 log "Profile for the policies' prediction: $profile"
 "$planner" solve --model "$model" --profile "$profile" --objective latency --batch 1 \
     --prompt-len "$prompt_len" --gen-len "$new_tokens" --no-compression -o "$out/solved-template.toml" >/dev/null

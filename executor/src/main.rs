@@ -227,7 +227,8 @@ fn resolve_profile(name: Option<&str>) -> anyhow::Result<(String, Profile)> {
             None => (name.to_string(), Profile::load(std::path::Path::new(name))?),
         },
         None => {
-            let (name, why) = default_cpu_profile(primitives::kernels::instruction_set());
+            let (name, why) =
+                planner::profile::embedded_cpu_profile(primitives::kernels::instruction_set());
             eprintln!(
                 "note: predicting with the embedded profile builtin:{name} (this host has no GPU \
                  and {why}); pass --profile for another"
@@ -235,17 +236,6 @@ fn resolve_profile(name: Option<&str>) -> anyhow::Result<(String, Profile)> {
             (format!("builtin:{name}"), Profile::embedded(name)?)
         }
     })
-}
-
-/// The embedded CPU profile closest to a host whose kernels run on `isa`
-/// (`primitives::kernels::instruction_set`): the matrix rates of the 2-core development box were
-/// a quarter to a third as high without AVX-512, so predicting an AVX2 host with the AVX-512
-/// profile put its prefill 3.2x too fast.
-fn default_cpu_profile(isa: &str) -> (&'static str, &'static str) {
-    match isa {
-        "portable" | "avx2" => ("cpu-2core-24gib-avx2", "its CPU has no AVX-512"),
-        _ => ("cpu-2core-24gib", "its CPU has AVX-512"),
-    }
 }
 
 fn run_cli(cli: Cli) -> anyhow::Result<()> {
@@ -569,23 +559,4 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
             .with_context(|| format!("cannot write report {}", path.display()))?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hosts_without_avx512_predict_with_the_avx2_profile() {
-        for isa in ["portable", "avx2"] {
-            assert_eq!(default_cpu_profile(isa).0, "cpu-2core-24gib-avx2");
-        }
-        for isa in ["avx512", "avx512bf16", "amx"] {
-            assert_eq!(default_cpu_profile(isa).0, "cpu-2core-24gib");
-        }
-        // Both names are embedded, whichever this host picks.
-        for isa in ["avx2", "avx512"] {
-            Profile::embedded(default_cpu_profile(isa).0).unwrap();
-        }
-    }
 }

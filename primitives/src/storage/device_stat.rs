@@ -43,9 +43,7 @@ impl BlockDevice {
     pub fn for_path(path: &Path) -> Option<BlockDevice> {
         use std::os::unix::fs::MetadataExt;
         let dev = std::fs::metadata(path).ok()?.dev();
-        // Linux's encoding of st_dev (glibc's gnu_dev_major / gnu_dev_minor).
-        let major = ((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0xfff);
-        let minor = ((dev >> 12) & 0xffff_ff00) | (dev & 0xff);
+        let (major, minor) = (libc::major(dev), libc::minor(dev));
         let dir = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
         let name = std::fs::read_to_string(dir.join("uevent"))
             .ok()?
