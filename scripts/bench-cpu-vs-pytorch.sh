@@ -62,8 +62,9 @@ for model in $models; do
         log "$key: executor, $reps runs"
         for rep in $(seq 1 "$reps"); do
             if [ "$batch" = 1 ]; then
-                # Right before each run it is compared with, so both see the same machine load;
-                # the report divides by the highest of these (the conservative choice).
+                # Right before each run it is compared with, so both see the same machine load
+                # (this host's DRAM rate moves by 20-30% within minutes); the report gives the
+                # median of the runs' own ratios, and against the highest of these as well.
                 "$dram_bw" 1024 9 | tee -a "$out/$key.dram.txt"
             fi
             "$executor" --random-weights --model-name "$model" --dtype "$dtype" --seed 1 \

@@ -170,12 +170,15 @@ def median_report(paths):
 
 def cmd_report(args):
     def dram_of(key):
+        """The DRAM read figures measured right before each executor run of `key`, in run order."""
         path = os.path.join(args.results, key + ".dram.txt")
         if not os.path.exists(path):
-            return None
-        # One "dram_read_gb_s <value>" line per measurement; the highest is the ceiling.
-        values = [float(line.split()[-1]) for line in open(path) if line.startswith("dram_read_gb_s")]
-        return max(values) if values else None
+            return []
+        # One "dram_read_gb_s <value>" line per measurement, appended before each run.
+        return [float(line.split()[-1]) for line in open(path) if line.startswith("dram_read_gb_s")]
+
+    def run_number(path):
+        return int(path.rsplit(".", 2)[-2])
 
     rows = []
     for name in sorted(os.listdir(args.results)):
@@ -184,9 +187,12 @@ def cmd_report(args):
         key = name[: -len(".torch.json")]
         torch_r = json.load(open(os.path.join(args.results, name)))
         exe_paths = sorted(
-            os.path.join(args.results, f)
-            for f in os.listdir(args.results)
-            if f.startswith(key + ".executor.") and f.endswith(".json")
+            (
+                os.path.join(args.results, f)
+                for f in os.listdir(args.results)
+                if f.startswith(key + ".executor.") and f.endswith(".json")
+            ),
+            key=run_number,
         )
         exe = median_report(exe_paths) if exe_paths else None
         rows.append((key, torch_r, exe))
@@ -218,23 +224,45 @@ def cmd_report(args):
     out("")
     out(
         "Executor batch-1 decode: weight bytes read per token / time per token, against the DRAM "
-        "read bandwidth measured right before each of those runs (each a median of 9 passes over "
-        "1 GiB; the highest is used):"
+        "read bandwidth measured right before the same run (a median of 9 passes over 1 GiB). "
+        "The share is the median over runs of each run's own ratio; the last column divides the "
+        "median decode bandwidth by the highest DRAM figure of all the runs instead (the most "
+        "conservative pairing, which mixes minutes):"
     )
     out("")
-    out("| model | weight bytes per step | time per token ms | decode bandwidth GB/s | DRAM read GB/s | % of DRAM |")
-    out("|---|---|---|---|---|---|")
+    out(
+        "| model | weight bytes per step | time per token ms | decode bandwidth GB/s "
+        "| DRAM read GB/s (median, highest) | % of DRAM, same run | % of highest DRAM |"
+    )
+    out("|---|---|---|---|---|---|---|")
     for key, t, e in rows:
         if e is None or e["batch_size"] != 1:
             continue
         steps = e["decode_steps"] or (t["new_tokens"] - 1)
         per_token = e["decode_s"] / steps
         bw = e["weight_bytes_per_step"] / per_token / 1e9
-        dram_gbs = dram_of(key)
-        share = f"**{100 * bw / dram_gbs:.0f}%**" if dram_gbs else "-"
+        drams = dram_of(key)
+        paths = sorted(
+            (
+                os.path.join(args.results, f)
+                for f in os.listdir(args.results)
+                if f.startswith(key + ".executor.") and f.endswith(".json")
+            ),
+            key=run_number,
+        )
+        ratios = []
+        for path in paths:
+            run = json.load(open(path))
+            i = run_number(path) - 1
+            if i < len(drams) and run.get("decode_s"):
+                run_bw = e["weight_bytes_per_step"] * (run["decode_steps"] or steps) / run["decode_s"]
+                ratios.append(run_bw / 1e9 / drams[i])
+        same_run = f"**{100 * statistics.median(ratios):.0f}%**" if ratios else "-"
+        highest = f"{100 * bw / max(drams):.0f}%" if drams else "-"
+        dram_text = f"{statistics.median(drams):.2f}, {max(drams):.2f}" if drams else "-"
         out(
             f"| {t['model']} | {e['weight_bytes_per_step'] / 1e6:.1f} MB | {per_token * 1e3:.2f} "
-            f"| {bw:.2f} | {dram_gbs or float('nan'):.2f} | {share} |"
+            f"| {bw:.2f} | {dram_text} | {same_run} | {highest} |"
         )
     text = "\n".join(lines)
     print(text)

@@ -119,10 +119,16 @@ pub trait WeightStore: Send + Sync {
     }
 }
 
-/// Copies `bytes` into a Vec of `dtype`'s element type (aligned whatever `bytes` is).
+/// Copies `bytes` into a buffer of `dtype`'s element type (aligned whatever `bytes` is), on
+/// whole huge pages as the decode kernels want it.
 fn owned_from_bytes(dtype: ElementType, bytes: &[u8]) -> OwnedWeights {
-    fn collect<T: bytemuck::Pod + Default>(bytes: &[u8]) -> Vec<T> {
-        let mut v = vec![T::default(); bytes.len() / std::mem::size_of::<T>()];
+    fn collect<T: bytemuck::Pod + Default + Send + Sync>(
+        bytes: &[u8],
+    ) -> crate::kernels::HugePageBuf<T> {
+        let mut v = crate::kernels::HugePageBuf::filled(
+            bytes.len() / std::mem::size_of::<T>(),
+            T::default(),
+        );
         bytemuck::cast_slice_mut::<T, u8>(&mut v).copy_from_slice(bytes);
         v
     }
@@ -604,10 +610,10 @@ fn fill<T: Copy + Default + Send + Sync>(
     progress: &(dyn Fn(u64) + Sync),
     elem_bytes: u64,
     convert: impl Fn(f32) -> T + Sync,
-) -> Vec<T> {
+) -> crate::kernels::HugePageBuf<T> {
     // On 2 MiB pages: batch-1 decode streams these at DRAM speed only if the hardware
     // prefetchers and the TLB are not restarted every 4 KiB (see `advise_huge_pages`).
-    let mut v = crate::kernels::huge_page_vec(len, T::default());
+    let mut v = crate::kernels::HugePageBuf::filled(len, T::default());
     match init {
         Init::Constant(c) => v.fill(convert(c)),
         Init::Uniform { std } => {

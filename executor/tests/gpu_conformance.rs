@@ -53,7 +53,7 @@ impl Rng {
 /// Owned weights in one dtype (0 = f32, 1 = f16, 2 = bf16).
 fn owned(kind: usize, w: &[f32]) -> Owned {
     match kind {
-        0 => Owned::F32(w.to_vec()),
+        0 => Owned::F32(w.to_vec().into()),
         1 => Owned::F16(w.iter().map(|v| f16::from_f32(*v)).collect()),
         _ => Owned::Bf16(w.iter().map(|v| bf16::from_f32(*v)).collect()),
     }

@@ -9,7 +9,7 @@
 //!
 //! `cargo run --release --example dram_bandwidth -- [MiB, default 1024] [passes, default 9] [huge|4k]`
 
-use primitives::kernels::{huge_page_vec, stream_read};
+use primitives::kernels::{stream_read, HugePageBuf};
 use std::time::Instant;
 
 fn main() {
@@ -23,12 +23,15 @@ fn main() {
     let huge = args.next().as_deref() != Some("4k");
     let len = mib << 20;
     // Written in parallel (the pages are really mapped before timing).
-    let buf = if huge {
-        huge_page_vec(len, 1u8)
+    let (huge_buf, small_buf);
+    let buf: &[u8] = if huge {
+        huge_buf = HugePageBuf::filled(len, 1u8);
+        &huge_buf
     } else {
         let mut v = vec![0u8; len];
         v.fill(1);
-        v
+        small_buf = v;
+        &small_buf
     };
     let threads = rayon::current_num_threads();
     let mut rates = Vec::new();

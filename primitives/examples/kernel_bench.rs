@@ -17,15 +17,15 @@
 //! a sixth argument `nohead` leaves the LM head out.
 
 use half::{bf16, f16};
-use primitives::kernels::{huge_page_vec, linear, stream_read, Matrix, WeightData};
+use primitives::kernels::{linear, stream_read, HugePageBuf, Matrix, WeightData};
 use rayon::prelude::*;
 use std::time::Instant;
 
 /// Owned weights of one linear layer in the benchmarked dtype.
 enum Weights {
-    F32(Vec<f32>),
-    F16(Vec<f16>),
-    Bf16(Vec<bf16>),
+    F32(HugePageBuf<f32>),
+    F16(HugePageBuf<f16>),
+    Bf16(HugePageBuf<bf16>),
 }
 
 impl Weights {
@@ -36,8 +36,12 @@ impl Weights {
             ((h >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
         };
         // On 2 MiB pages, as the executor's in-memory weights are.
-        fn fill<T: Copy + Send + Sync>(n: usize, zero: T, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
-            let mut v = huge_page_vec(n, zero);
+        fn fill<T: Copy + Send + Sync>(
+            n: usize,
+            zero: T,
+            f: impl Fn(usize) -> T + Sync,
+        ) -> HugePageBuf<T> {
+            let mut v = HugePageBuf::filled(n, zero);
             v.par_iter_mut().enumerate().for_each(|(i, x)| *x = f(i));
             v
         }

@@ -104,8 +104,8 @@ fn timed(passes: usize, bench: Bench) -> Rate {
 /// denormals and NaNs must not appear.
 /// Held on 2 MiB pages, as the executor holds weights where it can: on 4 KiB pages the rate drifted
 /// upward within a run (17 to 36 GB/s over seven passes) as the kernel collapsed pages.
-fn bf16_values(n: usize, seed: u32) -> Vec<bf16> {
-    let mut v = kernels::huge_page_vec(n, bf16::ZERO);
+fn bf16_values(n: usize, seed: u32) -> kernels::HugePageBuf<bf16> {
+    let mut v = kernels::HugePageBuf::filled(n, bf16::ZERO);
     v.par_iter_mut().enumerate().for_each(|(i, x)| {
         let h = (i as u32 ^ seed).wrapping_mul(0x9E37_79B9).rotate_left(13);
         *x = bf16::from_f32((h >> 8) as f32 / (1u32 << 24) as f32 - 0.5);
@@ -124,14 +124,14 @@ pub fn layer_shapes(h: usize) -> [(usize, usize); 3] {
 /// layers are. One chain serves benches at several row counts, so a decode curve reads the same
 /// weights at every point.
 pub struct LinearChain {
-    chain: Vec<(usize, usize, Vec<bf16>)>,
+    chain: Vec<(usize, usize, kernels::HugePageBuf<bf16>)>,
     bytes: usize,
 }
 
 impl LinearChain {
     /// Allocates and fills the chain (on 2 MiB pages).
     pub fn new(shapes: &[(usize, usize)], total_bytes: usize) -> LinearChain {
-        let mut chain: Vec<(usize, usize, Vec<bf16>)> = Vec::new();
+        let mut chain: Vec<(usize, usize, kernels::HugePageBuf<bf16>)> = Vec::new();
         let mut bytes = 0;
         while chain.len() < shapes.len() || bytes < total_bytes {
             let (out, inp) = shapes[chain.len() % shapes.len()];
@@ -214,7 +214,7 @@ pub struct AttentionSet {
     heads: usize,
     head_dim: usize,
     q: Vec<f32>,
-    kv: Vec<Vec<bf16>>,
+    kv: Vec<kernels::HugePageBuf<bf16>>,
 }
 
 impl AttentionSet {
@@ -228,9 +228,9 @@ impl AttentionSet {
     ) -> AttentionSet {
         let d = heads * head_dim;
         let q: Vec<f32> = (0..q_len * d).map(|i| (i % 11) as f32 * 0.01).collect();
-        let kv: Vec<Vec<bf16>> = (0..2 * seqs)
+        let kv: Vec<kernels::HugePageBuf<bf16>> = (0..2 * seqs)
             .map(|s| {
-                let mut v = kernels::huge_page_vec(kv_len * d, bf16::ZERO);
+                let mut v = kernels::HugePageBuf::filled(kv_len * d, bf16::ZERO);
                 v.iter_mut()
                     .enumerate()
                     .for_each(|(i, x)| *x = bf16::from_f32(((i + s) % 19) as f32 * 0.01));
@@ -300,12 +300,12 @@ pub fn attention_flops(
 }
 
 /// A buffer of `bytes` for plain reads, for [`DramBuffer::bench`].
-pub struct DramBuffer(Vec<u8>);
+pub struct DramBuffer(kernels::HugePageBuf<u8>);
 
 impl DramBuffer {
     /// Allocates and writes the buffer (on 2 MiB pages, written in parallel).
     pub fn new(bytes: usize) -> DramBuffer {
-        DramBuffer(kernels::huge_page_vec(bytes, 1u8))
+        DramBuffer(kernels::HugePageBuf::filled(bytes, 1u8))
     }
 
     /// Bytes/s of plain reads by every worker thread (`kernels::stream_read`: each thread sums a

@@ -10,6 +10,7 @@
 //! ([`KvDtype::round_in_place`]), so a row held in host memory, in a disk slot or in a device
 //! buffer (which stays f32) holds the same numbers, and every placement gives the same tokens.
 
+use super::HugePageBuf;
 use half::{bf16, f16};
 use std::ops::Range;
 
@@ -202,22 +203,21 @@ impl<'a> KvRowsMut<'a> {
 #[derive(Debug, Clone)]
 pub enum KvBuf {
     /// f32 rows.
-    F32(Vec<f32>),
+    F32(HugePageBuf<f32>),
     /// f16 rows.
-    F16(Vec<f16>),
+    F16(HugePageBuf<f16>),
     /// bf16 rows.
-    Bf16(Vec<bf16>),
+    Bf16(HugePageBuf<bf16>),
 }
 
 impl KvBuf {
     /// `len` zero elements of `dtype`, on huge pages where the buffer is large enough and
     /// written once here, so no decode step takes page faults on it.
     pub fn zeroed(dtype: KvDtype, len: usize) -> KvBuf {
-        use super::huge_page_vec;
         match dtype {
-            KvDtype::F32 => KvBuf::F32(huge_page_vec(len, 0.0f32)),
-            KvDtype::F16 => KvBuf::F16(huge_page_vec(len, f16::ZERO)),
-            KvDtype::Bf16 => KvBuf::Bf16(huge_page_vec(len, bf16::ZERO)),
+            KvDtype::F32 => KvBuf::F32(HugePageBuf::filled(len, 0.0f32)),
+            KvDtype::F16 => KvBuf::F16(HugePageBuf::filled(len, f16::ZERO)),
+            KvDtype::Bf16 => KvBuf::Bf16(HugePageBuf::filled(len, bf16::ZERO)),
         }
     }
 

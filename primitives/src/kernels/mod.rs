@@ -12,7 +12,7 @@ mod linear;
 mod memory;
 
 pub use kv::{KvBuf, KvDtype, KvRows, KvRowsMut};
-pub use memory::{advise_huge_pages, huge_page_vec, stream_read};
+pub use memory::{advise_huge_pages, stream_read, HugePageBuf, HUGE_PAGE_BYTES};
 
 /// The vector instruction set the kernels run on here (`amx`, `avx512bf16`, `avx512`, `avx2`
 /// or `portable`): a machine's speed depends on it as much as on its core count, so profiles record
@@ -42,10 +42,11 @@ pub enum WeightData<'a> {
 
 /// Weight elements owned in the dtype they are stored in: tensors copied out of a checkpoint,
 /// random weights, and matrices built by tests in each dtype.
+/// On whole huge pages ([`HugePageBuf`]) because the decode kernels stream them.
 pub enum OwnedWeights {
-    F32(Vec<f32>),
-    F16(Vec<half::f16>),
-    Bf16(Vec<half::bf16>),
+    F32(HugePageBuf<f32>),
+    F16(HugePageBuf<half::f16>),
+    Bf16(HugePageBuf<half::bf16>),
 }
 
 impl OwnedWeights {

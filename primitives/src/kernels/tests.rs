@@ -26,7 +26,7 @@ use super::OwnedWeights as Owned;
 impl Owned {
     fn new(kind: usize, w: &[f32]) -> Owned {
         match kind {
-            0 => Owned::F32(w.to_vec()),
+            0 => Owned::F32(w.to_vec().into()),
             1 => Owned::F16(w.iter().map(|v| f16::from_f32(*v)).collect()),
             _ => Owned::Bf16(w.iter().map(|v| bf16::from_f32(*v)).collect()),
         }
@@ -180,8 +180,8 @@ fn linear_few_token_wide_tiles_tails_and_prefetch_to_the_matrix_end() {
 }
 
 #[test]
-fn huge_page_vec_and_stream_read() {
-    let v = huge_page_vec(3 << 20, 7u16);
+fn huge_page_advice_and_stream_read() {
+    let v = vec![7u16; 3 << 20];
     assert!(v.len() == 3 << 20 && v.iter().all(|x| *x == 7));
     advise_huge_pages(&v[1..5]);
     let ones: Vec<f32> = vec![1.0; 1001];
@@ -452,5 +452,30 @@ fn linear_input_scratch_is_what_the_plan_counts() {
         })
         .join()
         .unwrap();
+    }
+}
+
+#[test]
+fn huge_page_buffers_start_on_a_huge_page_and_free_their_memory() {
+    // Large enough for a mapping of its own: starts at a 2 MiB boundary on Linux.
+    let len = (3 << 20) / 2 + 5;
+    let mut big = HugePageBuf::filled(len, 7u16);
+    assert!(big.len() == len && big.iter().all(|x| *x == 7));
+    if cfg!(target_os = "linux") {
+        assert!(big.is_huge_page_aligned());
+        assert_eq!(big.as_ptr() as usize % HUGE_PAGE_BYTES, 0);
+    }
+    big[len - 1] = 9;
+    let copy = big.clone();
+    assert_eq!(copy[len - 1], 9);
+    assert_eq!(&copy[..len - 1], &big[..len - 1]);
+    // Small ones stay on the heap and behave the same.
+    let small = HugePageBuf::from_slice(&[1.0f32, 2.0, 3.0]);
+    assert!(!small.is_huge_page_aligned());
+    assert_eq!(&*small, &[1.0, 2.0, 3.0]);
+    assert!(HugePageBuf::filled(0, 0u8).is_empty());
+    // Dropping unmaps each buffer once (an unmap of someone else's pages would crash here).
+    for _ in 0..64 {
+        drop(HugePageBuf::filled(HUGE_PAGE_BYTES, 1u8));
     }
 }
