@@ -38,7 +38,7 @@ fn main() {
     let mut check = 0.0f64;
     for _ in 0..passes {
         let start = Instant::now();
-        check += stream_read(&buf) as f64;
+        check += stream_read(buf) as f64;
         let secs = start.elapsed().as_secs_f64();
         rates.push(len as f64 / secs / 1e9);
     }

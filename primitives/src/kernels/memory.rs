@@ -111,10 +111,10 @@ impl<T: Copy + Send + Sync> HugePageBuf<T> {
     }
 }
 
-/// Maps `bytes` (rounded up to 4 KiB) of anonymous memory starting at a 2 MiB boundary, advised
-/// huge; None if the system refuses.
+/// Maps `bytes` (rounded up to 4 KiB) of zeroed anonymous memory starting at a 2 MiB boundary,
+/// advised huge; None if the system refuses. Release it with `unmap(ptr, len)`.
 #[cfg(target_os = "linux")]
-fn map_aligned(bytes: usize) -> Option<(std::ptr::NonNull<u8>, usize)> {
+pub(crate) fn map_aligned(bytes: usize) -> Option<(std::ptr::NonNull<u8>, usize)> {
     const PAGE: usize = 4096;
     let mapped = bytes.next_multiple_of(PAGE);
     let reserve = mapped.checked_add(HUGE_PAGE_BYTES)?;
@@ -150,17 +150,30 @@ fn map_aligned(bytes: usize) -> Option<(std::ptr::NonNull<u8>, usize)> {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn map_aligned(_bytes: usize) -> Option<(std::ptr::NonNull<u8>, usize)> {
+pub(crate) fn map_aligned(_bytes: usize) -> Option<(std::ptr::NonNull<u8>, usize)> {
     None
+}
+
+/// Releases a mapping made by [`map_aligned`].
+///
+/// # Safety
+/// `ptr` and `len` are exactly what `map_aligned` returned, and nothing refers to the memory.
+pub(crate) unsafe fn unmap(ptr: std::ptr::NonNull<u8>, len: usize) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: the caller's contract.
+    unsafe {
+        libc::munmap(ptr.as_ptr().cast(), len);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (ptr, len);
 }
 
 impl<T> Drop for HugePageBuf<T> {
     fn drop(&mut self) {
-        #[cfg(target_os = "linux")]
         if let Some(mapped) = self.mapped {
             // SAFETY: the mapping was made by `map_aligned` with this start and length and is
             // released once; the elements are Copy, so nothing needs dropping.
-            unsafe { libc::munmap(self.ptr.as_ptr().cast(), mapped) };
+            unsafe { unmap(self.ptr.cast(), mapped) };
         }
     }
 }

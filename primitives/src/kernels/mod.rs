@@ -9,7 +9,7 @@ use rayon::prelude::*;
 mod attention;
 mod kv;
 mod linear;
-mod memory;
+pub(crate) mod memory;
 
 pub use kv::{KvBuf, KvDtype, KvRows, KvRowsMut};
 pub use memory::{advise_huge_pages, stream_read, HugePageBuf, HUGE_PAGE_BYTES};

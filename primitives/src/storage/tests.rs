@@ -386,3 +386,28 @@ fn signals_remove_live_offload_dirs() {
         assert_eq!(std::fs::read_dir(parent.path()).unwrap().count(), 0);
     }
 }
+
+#[test]
+fn large_aligned_buffers_are_zeroed_and_start_on_a_huge_page() {
+    let mut buf = AlignedBuf::new((5 << 20) + 100).unwrap();
+    assert_eq!(buf.capacity() % ALIGN, 0);
+    assert!(buf.capacity() >= (5 << 20) + 100);
+    assert!(buf.as_slice().iter().all(|b| *b == 0));
+    if cfg!(target_os = "linux") {
+        assert_eq!(
+            buf.as_slice().as_ptr() as usize % crate::kernels::HUGE_PAGE_BYTES,
+            0
+        );
+    }
+    let n = buf.capacity();
+    buf.as_mut_slice()[n - 1] = 3;
+    assert_eq!(buf.as_slice()[n - 1], 3);
+    // A direct read lands in it exactly, as in the pools' buffers.
+    let td = tempfile::tempdir().unwrap();
+    let len: u64 = (3 << 20) + 5;
+    let p = make_file(td.path(), "big.bin", len);
+    let f = DirectFile::open(&p).unwrap();
+    let r = f.read_range(4096, (len - 4096) as usize).unwrap();
+    let want: Vec<u8> = (4096..len).map(pat).collect();
+    assert_eq!(r.bytes(), &want[..]);
+}
