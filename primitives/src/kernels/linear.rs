@@ -7,8 +7,10 @@
 //!   of W (good for the hardware prefetcher when bandwidth bound, as in batch-1 decode). Inside a
 //!   task, a microkernel computes a 4 rows x 6 tokens tile of y as 24 dot products, loading 4
 //!   weight vectors and 6 input vectors per step straight from W's [out, in] layout, so a 16-bit
-//!   W is widened in registers only. For 1-2 tokens (bandwidth bound) the tile is 8 rows, each
-//!   thread gets one contiguous row range, and W is prefetched into L2 `PREFETCH_BYTES` ahead.
+//!   W is widened in registers only. For 1-2 tokens (bandwidth bound) each thread gets one
+//!   contiguous row range; on AVX-512 one token reads it one row at a time (one sequential
+//!   stream per thread, `avx512::row_bf16` / `row_fma`), otherwise the tile is 8 rows and W is
+//!   prefetched into L2 `PREFETCH_BYTES` ahead (not on Zen 5, see `prefetch::distance`).
 //!   For many tokens the reduction dimension is cut into `K_BLOCK` slices so that a tile's
 //!   input rows stay in L1 and a task's slice of W in L2.
 //! - **Packed outer products** (prefill and large-batch decode, compute bound): bf16 with
@@ -49,10 +51,11 @@ const WIDE_ROWS: usize = 8;
 /// Tiles of at most this many tokens use `WIDE_ROWS` rows (8 x 2 accumulators + 8 weight
 /// vectors fit the 32 vector registers; 8 x 3 would not).
 const WIDE_MAX_TOKENS: usize = 2;
-/// How far ahead of a tile's first byte the few-token kernels prefetch W into L2 (bytes). The
-/// hardware prefetchers stop at 4 KiB page boundaries and a thread streams several rows at
-/// once, so on its own a core keeps too few DRAM reads in flight; measured on Zen 4 with OPT
-/// shapes, 32-64 KiB ahead (a few microseconds of streaming) is what saturates DRAM.
+/// How far ahead of a tile's first byte the few-token kernels prefetch W into L2 (bytes), on
+/// CPUs whose hardware prefetchers need the help (see `prefetch::distance`). The hardware
+/// prefetchers stop at 4 KiB page boundaries and a thread streams several rows at once, so on
+/// its own a Zen 4 core keeps too few DRAM reads in flight; measured there with OPT shapes,
+/// 32-64 KiB ahead (a few microseconds of streaming) is what saturates DRAM.
 const PREFETCH_BYTES: usize = 64 << 10;
 
 /// The instruction set a product runs on; chosen at run time so one binary runs everywhere.
@@ -737,7 +740,45 @@ mod prefetch {
     use super::PREFETCH_BYTES;
     use std::arch::x86_64::*;
 
-    /// Software prefetch of W into L2, `PREFETCH_BYTES` ahead of a tile, along the rows in
+    /// The prefetch distance in bytes, 0 for none: `STRATA_PREFETCH_BYTES` when set (for tuning
+    /// on a new CPU), else none on AMD Zen 5 and later, else `PREFETCH_BYTES`. On the 2-core
+    /// Zen 5 (family 26), OPT-1.3B's 24 layers + head at one token streamed at 0.93-0.96 of the
+    /// same repetition's DRAM read rate without software prefetch and at 0.87-0.91 with it at
+    /// 64 KiB (three interleaved pairs of `kernel_bench`; 16 and 256 KiB were no better): its
+    /// hardware prefetchers keep enough reads in flight, and the extra hints only compete with
+    /// the demand loads.
+    pub(super) fn distance() -> usize {
+        static CHOSEN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            if let Some(bytes) = std::env::var("STRATA_PREFETCH_BYTES")
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+            {
+                return bytes;
+            }
+            match amd_family() {
+                Some(family) if family >= 0x1A => 0,
+                _ => PREFETCH_BYTES,
+            }
+        })
+    }
+
+    /// The CPU family of an AMD processor (0x19 Zen 3 and 4, 0x1A Zen 5), None on others.
+    fn amd_family() -> Option<u32> {
+        // CPUID leaves 0 and 1 exist on every x86-64 CPU.
+        let (vendor, signature) = (__cpuid(0), __cpuid(1));
+        let amd = vendor.ebx == u32::from_le_bytes(*b"Auth")
+            && vendor.edx == u32::from_le_bytes(*b"enti")
+            && vendor.ecx == u32::from_le_bytes(*b"cAMD");
+        if !amd {
+            return None;
+        }
+        let base = (signature.eax >> 8) & 0xF;
+        let extended = (signature.eax >> 20) & 0xFF;
+        Some(if base == 0xF { base + extended } else { base })
+    }
+
+    /// Software prefetch of W into L2, [`distance`] ahead of a tile, along the rows in
     /// memory order: a tile over whole rows reads a contiguous range of W, and the ranges of
     /// successive tiles of a task follow each other, so prefetching linearly ahead of the tile
     /// start, as fast as the tile consumes, fetches the next tiles' rows before they are read.
@@ -753,11 +794,12 @@ mod prefetch {
         #[inline(always)]
         pub(super) fn new<W>(w: &[W], tile: *const W, whole_rows: bool) -> Ahead {
             let end = w.as_ptr_range().end as *const u8;
+            let distance = distance();
             Ahead {
-                next: (tile as *const u8).wrapping_add(PREFETCH_BYTES),
+                next: (tile as *const u8).wrapping_add(distance),
                 // Never past W's last cache line: the hint would fetch someone else's memory.
                 last: end.wrapping_sub(64),
-                on: whole_rows,
+                on: whole_rows && distance > 0,
             }
         }
 
@@ -921,7 +963,58 @@ mod avx512 {
         k0: usize,
         k1: usize,
     ) {
-        tiled_block!(tile_fma[W], p, w, rows, k0, k1);
+        if p.tokens == 1 && k0 == 0 && k1 == p.n_in {
+            // SAFETY: whole rows of this task, and the caller's contract.
+            rows.for_each(|r| unsafe { row_fma(p, w, r) });
+        } else {
+            tiled_block!(tile_fma[W], p, w, rows, k0, k1);
+        }
+    }
+
+    /// As `row_bf16`, with the weights widened to f32 and f32 FMAs (f32 and f16 weights, and
+    /// bf16 without AVX512-BF16).
+    ///
+    /// # Safety
+    /// As `block_fma`, and `r < n_out`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    unsafe fn row_fma<W: Lanes16>(p: &Problem<f32>, w: &[W], r: usize) {
+        const STEP: usize = 16 * ROW_CHAINS;
+        let n = p.n_in;
+        let row = &w[r * n..(r + 1) * n];
+        let x = p.x.as_ptr();
+        let mut acc = [_mm512_setzero_ps(); ROW_CHAINS];
+        let mut k = 0;
+        // SAFETY (all blocks below): full steps stay inside the row and the input row (n
+        // elements each); the tail loads are masked to the elements left.
+        while k + STEP <= n {
+            for (c, a) in acc.iter_mut().enumerate() {
+                let at = k + 16 * c;
+                let (wv, xv) =
+                    unsafe { (W::load16(row.as_ptr().add(at)), _mm512_loadu_ps(x.add(at))) };
+                *a = _mm512_fmadd_ps(wv, xv, *a);
+            }
+            k += STEP;
+        }
+        while k < n {
+            let left = (n - k).min(16);
+            let (wv, xv) = unsafe {
+                if left == 16 {
+                    (W::load16(row.as_ptr().add(k)), _mm512_loadu_ps(x.add(k)))
+                } else {
+                    (
+                        W::load_tail(row.as_ptr().add(k), left),
+                        f32::load_tail(x.add(k), left),
+                    )
+                }
+            };
+            acc[0] = _mm512_fmadd_ps(wv, xv, acc[0]);
+            k += 16;
+        }
+        let [a, b, c, d] = acc;
+        let sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
+        // SAFETY: the row is inside the problem and owned by this task.
+        unsafe { p.store(&[[sum]], r, 0, true) };
     }
 
     /// R rows x T tokens of dot products over k0..k1 with f32 FMAs.
@@ -1002,7 +1095,69 @@ mod avx512 {
         k0: usize,
         k1: usize,
     ) {
-        tiled_block!(tile_bf16[], p, w, rows, k0, k1);
+        if p.tokens == 1 && k0 == 0 && k1 == p.n_in {
+            // SAFETY: whole rows of this task, and the caller's contract.
+            rows.for_each(|r| unsafe { row_bf16(p, w, r) });
+        } else {
+            tiled_block!(tile_bf16[], p, w, rows, k0, k1);
+        }
+    }
+
+    /// Independent accumulators per token in the one-row kernels: enough to hide the latency of
+    /// `vdpbf16ps` / `vfmadd` at the rate DRAM delivers one row.
+    const ROW_CHAINS: usize = 4;
+
+    /// One output row for one token over the whole of k, bf16 dot products, for one-token
+    /// (batch-1 decode) products, which are bandwidth bound: reading W one row after the other
+    /// gives each thread a single sequential stream, the pattern of `stream_read` (the DRAM
+    /// reference). On the 2-core Zen 5, OPT-1.3B's 24 layers + head at one token read at
+    /// 1.00-1.03 of the same repetition's `stream_read` rate this way, against 0.80-0.86 for
+    /// 8-row tiles with 64 KiB software prefetch (three interleaved `kernel_bench` pairs; f16
+    /// weights on `row_fma`: 0.81-0.97 against 0.79-0.82). At two tokens it was no better than
+    /// the tiles (0.71-0.93 against 0.80-0.84), so two tokens stay on those.
+    ///
+    /// # Safety
+    /// As `block_bf16_dp`, `r < n_out`, and the input row zero padded to a multiple of 32
+    /// elements (as `linear_on` lays it out).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn row_bf16(p: &Problem<u16>, w: &[u16], r: usize) {
+        const STEP: usize = 32 * ROW_CHAINS;
+        let n = p.n_in;
+        let row = &w[r * n..(r + 1) * n];
+        let x = p.x.as_ptr();
+        // SAFETY (all blocks below): __m512i and __m512bh are both 64 plain bytes; weight
+        // loads stay inside `row` (full steps, then masked tails) and input loads inside the
+        // input row, zero padded to a multiple of 32.
+        let bh = |v: __m512i| unsafe { std::mem::transmute::<__m512i, __m512bh>(v) };
+        let mut acc = [_mm512_setzero_ps(); ROW_CHAINS];
+        let mut k = 0;
+        while k + STEP <= n {
+            for (c, a) in acc.iter_mut().enumerate() {
+                let at = k + 32 * c;
+                let wv = bh(unsafe { _mm512_loadu_si512(row.as_ptr().add(at) as *const __m512i) });
+                let xv = bh(unsafe { _mm512_loadu_si512(x.add(at) as *const __m512i) });
+                *a = _mm512_dpbf16_ps(*a, wv, xv);
+            }
+            k += STEP;
+        }
+        while k < n {
+            let left = (n - k).min(32);
+            let mask = if left == 32 {
+                u32::MAX
+            } else {
+                (1u32 << left) - 1
+            };
+            let wv =
+                bh(unsafe { _mm512_maskz_loadu_epi16(mask, row.as_ptr().add(k) as *const i16) });
+            let xv = bh(unsafe { _mm512_loadu_si512(x.add(k) as *const __m512i) });
+            acc[0] = _mm512_dpbf16_ps(acc[0], wv, xv);
+            k += 32;
+        }
+        let [a, b, c, d] = acc;
+        let sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
+        // SAFETY: the row is inside the problem and owned by this task.
+        unsafe { p.store(&[[sum]], r, 0, true) };
     }
 
     /// R rows x T tokens of bf16 dot products over k0..k1 (`vdpbf16ps`, f32 accumulation).
