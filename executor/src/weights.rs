@@ -158,6 +158,9 @@ pub struct SafetensorsStore {
     files: Vec<(PathBuf, Mmap)>,
     metas: Vec<TensorMeta>,
     backing: Vec<Backing>,
+    /// Copies of the memory-resident tensors on whole huge pages, made by `preload_only`; `data`
+    /// serves these instead of the map, whose page cache sits on 4 KiB pages.
+    resident: Vec<std::sync::OnceLock<OwnedWeights>>,
     by_name: HashMap<String, TensorId>,
     /// Tensors present but stored in a dtype the kernels cannot read: name -> (dtype, file).
     unusable: HashMap<String, (String, String)>,
@@ -201,6 +204,7 @@ impl SafetensorsStore {
             files: Vec::new(),
             metas: Vec::new(),
             backing: Vec::new(),
+            resident: Vec::new(),
             by_name: HashMap::new(),
             unusable: HashMap::new(),
         };
@@ -313,6 +317,7 @@ impl SafetensorsStore {
                 origin: shown.clone(),
             });
             self.backing.push(backing);
+            self.resident.push(std::sync::OnceLock::new());
             self.by_name.insert(name, id);
         }
         self.files.push((path, map));
@@ -365,6 +370,11 @@ impl SafetensorsStore {
     /// Whether a tensor of that name is present (usable or not).
     pub fn contains(&self, name: &str) -> bool {
         self.by_name.contains_key(name) || self.unusable.contains_key(name)
+    }
+
+    /// How many tensors `preload_only` copied onto huge pages (the rest are read from the map).
+    pub fn resident_tensors(&self) -> usize {
+        self.resident.iter().filter(|r| r.get().is_some()).count()
     }
 
     /// How many tensors had to be copied out of the map because of misalignment.
@@ -448,6 +458,9 @@ impl WeightStore for SafetensorsStore {
     }
 
     fn data(&self, id: TensorId) -> WeightData<'_> {
+        if let Some(copy) = self.resident[id.0].get() {
+            return copy.view();
+        }
         match &self.backing[id.0] {
             Backing::Copied(owned) => owned.view(),
             Backing::Mapped { file, start, end } => {
@@ -478,49 +491,95 @@ impl WeightStore for SafetensorsStore {
         }
     }
 
+    /// Reads each kept tensor from its file into a buffer of its own on whole huge pages, and
+    /// drops the file's page cache for it: the decode kernels stream a mapped checkpoint's page
+    /// cache, which sits on 4 KiB pages, markedly slower than anonymous huge pages (see
+    /// docs/benchmarks.md, "Checkpoint weights on huge pages"), and the cache would otherwise
+    /// hold a second copy of every resident weight outside the memory plan.
     fn preload_only(
         &self,
         keep: &(dyn Fn(TensorId) -> bool + Sync),
         progress: &(dyn Fn(u64) + Sync),
     ) {
-        const PAGE: usize = 4096;
         for (i, b) in self.backing.iter().enumerate() {
             let Backing::Mapped { file, start, end } = b else {
                 continue;
             };
-            if !keep(TensorId(i)) {
+            if !keep(TensorId(i)) || self.resident[i].get().is_some() {
                 continue;
             }
-            let map = &self.files[*file].1;
-            let _ = map.advise_range(memmap2::Advice::WillNeed, *start, end - start);
-            map[*start..*end].par_chunks(4 << 20).for_each(|chunk| {
-                let mut sum = 0u8;
-                for i in (0..chunk.len()).step_by(PAGE) {
-                    sum = sum.wrapping_add(chunk[i]);
+            let path = &self.files[*file].0;
+            let copy = match read_resident(path, self.metas[i].dtype, *start, *end, progress) {
+                Ok(copy) => copy,
+                // Unreadable now (it was mapped a moment ago): serve it from the map as before,
+                // which faults it in through the page cache.
+                Err(_) => {
+                    let map = &self.files[*file].1;
+                    let _ = map.advise_range(memmap2::Advice::WillNeed, *start, end - start);
+                    progress((end - start) as u64);
+                    continue;
                 }
-                std::hint::black_box(sum);
-                progress(chunk.len() as u64);
-            });
+            };
+            let _ = self.resident[i].set(copy);
         }
-        self.release_skipped(keep);
+        self.release_skipped(&|id| self.resident[id.0].get().is_none() && keep(id));
     }
 
     fn preload(&self, progress: &(dyn Fn(u64) + Sync)) {
-        const CHUNK: usize = 4 << 20;
-        const PAGE: usize = 4096;
-        for (_, map) in &self.files {
-            let _ = map.advise(memmap2::Advice::WillNeed);
-            map.par_chunks(CHUNK).for_each(|chunk| {
-                // Touch one byte per page so the kernel faults the page in now.
-                let mut sum = 0u8;
-                for i in (0..chunk.len()).step_by(PAGE) {
-                    sum = sum.wrapping_add(chunk[i]);
-                }
-                std::hint::black_box(sum);
-                progress(chunk.len() as u64);
-            });
-        }
+        self.preload_only(&|_| true, progress)
     }
+}
+
+/// Reads bytes `start..end` of the checkpoint file at `path` into a huge-page buffer of `dtype`
+/// elements, in parallel chunks, then tells the kernel it may drop those file pages.
+fn read_resident(
+    path: &Path,
+    dtype: ElementType,
+    start: usize,
+    end: usize,
+    progress: &(dyn Fn(u64) + Sync),
+) -> std::io::Result<OwnedWeights> {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: usize = 4 << 20;
+    fn filled<T: bytemuck::Pod + Default + Send + Sync>(
+        bytes: usize,
+    ) -> crate::kernels::HugePageBuf<T> {
+        crate::kernels::HugePageBuf::filled(bytes / std::mem::size_of::<T>(), T::default())
+    }
+    let file = File::open(path)?;
+    let len = end - start;
+    let mut owned = match dtype {
+        ElementType::F32 => OwnedWeights::F32(filled(len)),
+        ElementType::F16 => OwnedWeights::F16(filled(len)),
+        ElementType::Bf16 => OwnedWeights::Bf16(filled(len)),
+    };
+    let bytes: &mut [u8] = match &mut owned {
+        OwnedWeights::F32(v) => bytemuck::cast_slice_mut(v),
+        OwnedWeights::F16(v) => bytemuck::cast_slice_mut(v),
+        OwnedWeights::Bf16(v) => bytemuck::cast_slice_mut(v),
+    };
+    bytes
+        .par_chunks_mut(CHUNK)
+        .enumerate()
+        .try_for_each(|(k, chunk)| {
+            file.read_exact_at(chunk, (start + k * CHUNK) as u64)?;
+            progress(chunk.len() as u64);
+            Ok::<_, std::io::Error>(())
+        })?;
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: plain syscall on an open descriptor; advice only.
+        unsafe {
+            libc::posix_fadvise(
+                file.as_raw_fd(),
+                start as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_DONTNEED,
+            )
+        };
+    }
+    Ok(owned)
 }
 
 /// How a random tensor is filled.
@@ -737,6 +796,56 @@ mod tests {
             _ => panic!("a should be f16"),
         }
         assert_eq!(store.total_bytes(), 14);
+    }
+
+    #[test]
+    fn preloaded_tensors_are_copied_and_read_back_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        // A tensor over 2 MiB, so its copy is a mapping of its own on huge pages.
+        let n = (3 << 20) / 2 + 7;
+        let values: Vec<u16> = (0..n).map(|i| (i * 2654435761usize >> 7) as u16).collect();
+        let mut tensors = std::collections::HashMap::new();
+        let big = bytemuck::cast_slice::<u16, u8>(&values).to_vec();
+        let small = bytemuck::cast_slice::<u16, u8>(&values[..5]).to_vec();
+        tensors.insert(
+            "big".to_string(),
+            safetensors::tensor::TensorView::new(Dtype::BF16, vec![n], &big).unwrap(),
+        );
+        tensors.insert(
+            "skipped".to_string(),
+            safetensors::tensor::TensorView::new(Dtype::BF16, vec![5], &small).unwrap(),
+        );
+        safetensors::serialize_to_file(&tensors, None, &dir.path().join(SINGLE_FILE)).unwrap();
+        let store = SafetensorsStore::open_dir(dir.path()).unwrap();
+        let big_id = store.find("big").unwrap();
+        let skipped = store.find("skipped").unwrap();
+        let done = std::sync::atomic::AtomicU64::new(0);
+        store.preload_only(&|id| id == big_id, &|b| {
+            done.fetch_add(b, std::sync::atomic::Ordering::Relaxed);
+        });
+        assert_eq!(
+            store.resident_tensors(),
+            1,
+            "only the kept tensor is copied"
+        );
+        assert_eq!(
+            done.into_inner(),
+            big.len() as u64,
+            "progress counts its bytes"
+        );
+        let WeightData::Bf16(got) = store.data(big_id) else {
+            panic!("big should be bf16")
+        };
+        assert!(got.iter().zip(&values).all(|(g, v)| g.to_bits() == *v));
+        assert_eq!(got.len(), n);
+        // The skipped tensor is still served, from the map.
+        let WeightData::Bf16(got) = store.data(skipped) else {
+            panic!("skipped should be bf16")
+        };
+        assert_eq!(
+            got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            values[..5]
+        );
     }
 
     #[test]
