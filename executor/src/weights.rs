@@ -803,7 +803,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // A tensor over 2 MiB, so its copy is a mapping of its own on huge pages.
         let n = (3 << 20) / 2 + 7;
-        let values: Vec<u16> = (0..n).map(|i| (i * 2654435761usize >> 7) as u16).collect();
+        let values: Vec<u16> = (0..n)
+            .map(|i| ((i * 2654435761usize) >> 7) as u16)
+            .collect();
         let mut tensors = std::collections::HashMap::new();
         let big = bytemuck::cast_slice::<u16, u8>(&values).to_vec();
         let small = bytemuck::cast_slice::<u16, u8>(&values[..5]).to_vec();
