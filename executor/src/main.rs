@@ -227,8 +227,10 @@ fn resolve_profile(name: Option<&str>) -> anyhow::Result<(String, Profile)> {
             None => (name.to_string(), Profile::load(std::path::Path::new(name))?),
         },
         None => {
-            let (name, why) =
-                planner::profile::embedded_cpu_profile(primitives::kernels::instruction_set());
+            let (name, why) = planner::profile::embedded_cpu_profile(
+                primitives::kernels::instruction_set(),
+                primitives::kernels::amd_family(),
+            );
             eprintln!(
                 "note: predicting with the embedded profile builtin:{name} (this host has no GPU \
                  and {why}); pass --profile for another"

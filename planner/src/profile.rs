@@ -43,16 +43,26 @@ pub const EMBEDDED_PROFILES: &[(&str, &str)] = &[
         "cpu-2core-24gib-avx2",
         include_str!("../../profiles/cpu-2core-24gib-avx2.toml"),
     ),
+    (
+        "cpu-2core-24gib-zen5",
+        include_str!("../../profiles/cpu-2core-24gib-zen5.toml"),
+    ),
 ];
 
 /// The embedded CPU profile for a GPU-less host whose kernels run on `isa`
-/// (`primitives::kernels::instruction_set`), and why: the 2-core development box's matrix rates
-/// without AVX-512 are a quarter to a third of its AVX-512 ones (0.084 against 0.362 TFLOP/s at
-/// prefill, 0.053 against 0.188 at decode, in the two profiles), and predicting the AVX2 host
-/// with the AVX-512 profile put its OPT-6.7B prefill 3.2x too fast.
-pub fn embedded_cpu_profile(isa: &str) -> (&'static str, &'static str) {
-    match isa {
-        "portable" | "avx2" => ("cpu-2core-24gib-avx2", "its CPU has no AVX-512"),
+/// (`primitives::kernels::instruction_set`) on a CPU of AMD family `amd_family`
+/// (`primitives::kernels::amd_family`), and why. The 2-core development box has been three CPU
+/// classes, and one profile mispredicts the others: without AVX-512 its matrix rates are a
+/// quarter to a third of Zen 4's (0.084 against 0.362 TFLOP/s at prefill, 0.053 against 0.188 at
+/// decode; the Zen 4 profile put the AVX2 host's OPT-6.7B prefill 3.2x too fast), and Zen 5's
+/// are 2.0-2.3x Zen 4's (0.833 and 0.381).
+pub fn embedded_cpu_profile(isa: &str, amd_family: Option<u32>) -> (&'static str, &'static str) {
+    match (isa, amd_family) {
+        ("portable" | "avx2", _) => ("cpu-2core-24gib-avx2", "its CPU has no AVX-512"),
+        (_, Some(family)) if family >= 0x1A => (
+            "cpu-2core-24gib-zen5",
+            "its CPU is an AMD Zen 5 or later (family 26+) with AVX-512",
+        ),
         _ => ("cpu-2core-24gib", "its CPU has AVX-512"),
     }
 }
@@ -686,16 +696,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hosts_without_avx512_predict_with_the_avx2_profile() {
-        for isa in ["portable", "avx2"] {
-            assert_eq!(embedded_cpu_profile(isa).0, "cpu-2core-24gib-avx2");
+    fn hosts_predict_with_the_profile_of_their_cpu_class() {
+        for family in [None, Some(0x19), Some(0x1A)] {
+            for isa in ["portable", "avx2"] {
+                assert_eq!(embedded_cpu_profile(isa, family).0, "cpu-2core-24gib-avx2");
+            }
         }
         for isa in ["avx512", "avx512bf16", "amx"] {
-            assert_eq!(embedded_cpu_profile(isa).0, "cpu-2core-24gib");
+            // Intel, and AMD Zen 4 (family 25).
+            assert_eq!(embedded_cpu_profile(isa, None).0, "cpu-2core-24gib");
+            assert_eq!(embedded_cpu_profile(isa, Some(0x19)).0, "cpu-2core-24gib");
+            assert_eq!(
+                embedded_cpu_profile(isa, Some(0x1A)).0,
+                "cpu-2core-24gib-zen5"
+            );
         }
-        // Both names are embedded, whichever this host picks.
-        for isa in ["avx2", "avx512"] {
-            Profile::embedded(embedded_cpu_profile(isa).0).unwrap();
+        // Every name is embedded, whichever this host picks.
+        for (isa, family) in [("avx2", None), ("avx512", None), ("avx512bf16", Some(0x1A))] {
+            Profile::embedded(embedded_cpu_profile(isa, family).0).unwrap();
         }
     }
 

@@ -151,6 +151,29 @@ impl Isa {
     }
 }
 
+/// The CPU family of an AMD processor (0x19 Zen 3 and 4, 0x1A Zen 5), None on others.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn amd_family() -> Option<u32> {
+    use std::arch::x86_64::__cpuid;
+    // CPUID leaves 0 and 1 exist on every x86-64 CPU.
+    let (vendor, signature) = (__cpuid(0), __cpuid(1));
+    let amd = vendor.ebx == u32::from_le_bytes(*b"Auth")
+        && vendor.edx == u32::from_le_bytes(*b"enti")
+        && vendor.ecx == u32::from_le_bytes(*b"cAMD");
+    if !amd {
+        return None;
+    }
+    let base = (signature.eax >> 8) & 0xF;
+    let extended = (signature.eax >> 20) & 0xFF;
+    Some(if base == 0xF { base + extended } else { base })
+}
+
+/// Not an x86 CPU, so not an AMD one.
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) fn amd_family() -> Option<u32> {
+    None
+}
+
 thread_local! {
     /// The input converted for the microkernels (bf16 bits, or bf16-rounded f32), kept per
     /// calling thread so decode steps reuse one buffer instead of allocating each call.
@@ -756,27 +779,13 @@ mod prefetch {
             {
                 return bytes;
             }
-            match amd_family() {
+            match super::amd_family() {
                 Some(family) if family >= 0x1A => 0,
                 _ => PREFETCH_BYTES,
             }
         })
     }
 
-    /// The CPU family of an AMD processor (0x19 Zen 3 and 4, 0x1A Zen 5), None on others.
-    fn amd_family() -> Option<u32> {
-        // CPUID leaves 0 and 1 exist on every x86-64 CPU.
-        let (vendor, signature) = (__cpuid(0), __cpuid(1));
-        let amd = vendor.ebx == u32::from_le_bytes(*b"Auth")
-            && vendor.edx == u32::from_le_bytes(*b"enti")
-            && vendor.ecx == u32::from_le_bytes(*b"cAMD");
-        if !amd {
-            return None;
-        }
-        let base = (signature.eax >> 8) & 0xF;
-        let extended = (signature.eax >> 20) & 0xFF;
-        Some(if base == 0xF { base + extended } else { base })
-    }
 
     /// Software prefetch of W into L2, [`distance`] ahead of a tile, along the rows in
     /// memory order: a tile over whole rows reads a contiguous range of W, and the ranges of

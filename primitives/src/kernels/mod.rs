@@ -27,6 +27,13 @@ pub fn instruction_set() -> &'static str {
     }
 }
 
+/// The CPU family of an AMD processor (0x19 for Zen 3 and Zen 4, 0x1A for Zen 5), None on other
+/// vendors and architectures: kernel tuning and the embedded profiles differ between these
+/// classes, which the instruction set alone does not tell apart.
+pub fn amd_family() -> Option<u32> {
+    linear::amd_family()
+}
+
 /// Borrowed weight elements in the dtype the checkpoint stores them in.
 ///
 /// Kept as an enum (rather than a generic) so that the model code can pick the dtype at run time
