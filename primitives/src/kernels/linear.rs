@@ -786,7 +786,6 @@ mod prefetch {
         })
     }
 
-
     /// Software prefetch of W into L2, [`distance`] ahead of a tile, along the rows in
     /// memory order: a tile over whole rows reads a contiguous range of W, and the ranges of
     /// successive tiles of a task follow each other, so prefetching linearly ahead of the tile
