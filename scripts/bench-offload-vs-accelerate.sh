@@ -133,7 +133,12 @@ next_run() {
 # The profile the template is solved on and the executor predicts with: the embedded profile of
 # this CPU class, the rule of planner::profile::embedded_cpu_profile (the executor's default).
 profile=builtin:cpu-2core-24gib
-grep -qw avx512f /proc/cpuinfo || profile=builtin:cpu-2core-24gib-avx2
+if ! grep -qw avx512f /proc/cpuinfo; then
+    profile=builtin:cpu-2core-24gib-avx2
+elif grep -q '^vendor_id.*AuthenticAMD' /proc/cpuinfo &&
+    [ "$(awk '/^cpu family/ {print $4; exit}' /proc/cpuinfo)" -ge 26 ]; then
+    profile=builtin:cpu-2core-24gib-zen5
+fi
 log "Profile for the policies' prediction: $profile"
 "$planner" solve --model "$model" --profile "$profile" --objective latency --batch 1 \
     --prompt-len "$prompt_len" --gen-len "$new_tokens" --no-compression -o "$out/solved-template.toml" >/dev/null

@@ -154,7 +154,8 @@ struct Cli {
 
     /// Hardware profile for the planner's prediction printed next to the measurements (a TOML
     /// file, or builtin:NAME). Default on a host without a GPU: builtin:cpu-2core-24gib-avx2 when
-    /// the CPU lacks AVX-512, else builtin:cpu-2core-24gib.
+    /// the CPU lacks AVX-512, builtin:cpu-2core-24gib-zen5 on AMD Zen 5 or later with AVX-512,
+    /// else builtin:cpu-2core-24gib.
     #[arg(long, value_name = "PROFILE")]
     profile: Option<String>,
 

@@ -61,7 +61,7 @@ enum Command {
   planner solve --model opt-6.7b --profile profiles/cpu-2core-24gib.toml --cpu-mem 8 --block 8x2
 
 Without --profile the embedded profile t4-flexgen is used, and the output says so.
-Embedded profiles can also be named as builtin:NAME (t4-flexgen, a10-hetegen, h100-pcie, cpu-2core-24gib, cpu-2core-24gib-avx2).")]
+Embedded profiles can also be named as builtin:NAME (t4-flexgen, a10-hetegen, h100-pcie, cpu-2core-24gib, cpu-2core-24gib-avx2, cpu-2core-24gib-zen5).")]
     Solve {
         /// Built-in model: opt-125m, opt-350m, opt-1.3b, opt-2.7b, opt-6.7b, opt-13b, opt-30b, opt-66b, opt-175b.
         #[arg(
