@@ -6,6 +6,10 @@
 //! the end and on Ctrl-C. Before each buffered pass the page cache is dropped
 //! (`/proc/sys/vm/drop_caches`, needs root; the output says whether it worked); buffered reads
 //! also drop their own pages with `posix_fadvise(DONTNEED)`, so neither mode is served from memory.
+//!
+//! Reads land in 1 MiB buffers on 4 KiB pages: this tool compares request patterns. The executor
+//! reads into large staging buffers on huge pages, which the Zen 5 development VM's disk served
+//! about twice as fast (see `primitives::measure::READ_RANGE`); `planner profile` measures that way.
 
 use primitives::storage::{DirectFile, IoPool, IoPoolConfig, OffloadDir, ReadHandle};
 use std::collections::VecDeque;
