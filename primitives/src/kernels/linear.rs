@@ -57,6 +57,9 @@ const WIDE_MAX_TOKENS: usize = 2;
 /// its own a Zen 4 core keeps too few DRAM reads in flight; measured there with OPT shapes,
 /// 32-64 KiB ahead (a few microseconds of streaming) is what saturates DRAM.
 const PREFETCH_BYTES: usize = 64 << 10;
+/// Most tokens for which the AVX-512 dot-product tiles prefetch W (in the first token group):
+/// below `PACK_MIN_TOKENS`, where that path runs batched decode with W streaming from DRAM.
+const PREFETCH_MAX_TOKENS: usize = 24;
 
 /// The instruction set a product runs on; chosen at run time so one binary runs everywhere.
 ///
@@ -760,30 +763,37 @@ fn portable_block<W: Widen>(
 #[cfg(target_arch = "x86_64")]
 mod prefetch {
     //! Software prefetch shared by the AVX2 and AVX-512 kernels (`prefetcht1` is baseline SSE).
-    use super::PREFETCH_BYTES;
+    use super::{PREFETCH_BYTES, WIDE_MAX_TOKENS};
     use std::arch::x86_64::*;
 
-    /// The prefetch distance in bytes, 0 for none: `STRATA_PREFETCH_BYTES` when set (for tuning
-    /// on a new CPU), else none on AMD Zen 5 and later, else `PREFETCH_BYTES`. On the 2-core
-    /// Zen 5 (family 26), OPT-1.3B's 24 layers + head at one token streamed at 0.93-0.96 of the
-    /// same repetition's DRAM read rate without software prefetch and at 0.87-0.91 with it at
-    /// 64 KiB (three interleaved pairs of `kernel_bench`; 16 and 256 KiB were no better): its
-    /// hardware prefetchers keep enough reads in flight, and the extra hints only compete with
-    /// the demand loads.
-    pub(super) fn distance() -> usize {
-        static CHOSEN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-        *CHOSEN.get_or_init(|| {
-            if let Some(bytes) = std::env::var("STRATA_PREFETCH_BYTES")
+    /// The prefetch distance in bytes for a product of `tokens` tokens, 0 for none:
+    /// `STRATA_PREFETCH_BYTES` when set (for tuning on a new CPU), else none for 1-2 tokens on
+    /// AMD Zen 5 and later, else `PREFETCH_BYTES`. On the 2-core Zen 5 (family 26), OPT-1.3B's
+    /// 24 layers + head streamed at 0.93-0.96 of the same repetition's DRAM rate without
+    /// software prefetch and at 0.87-0.91 with it at one token on the 8-row tiles (three
+    /// interleaved `kernel_bench` pairs; 16 and 256 KiB were no better; one token now runs
+    /// `row_bf16`, which needs none), and two tokens took 54-56 ms without against 58-61 with:
+    /// its hardware prefetchers keep enough reads in flight for a bandwidth-bound tile. With
+    /// more tokens the first token group's loads of W stall (perf puts most samples on them);
+    /// prefetching there, three interleaved pairs: 16 tokens 109.6-114.2 -> 103.7-109.4 ms, 24
+    /// tokens 137.4-142.8 -> 123.8-128.7 ms, 4 and 8 tokens unchanged within noise.
+    pub(super) fn distance(tokens: usize) -> usize {
+        static OVERRIDE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+        static ZEN5: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let forced = *OVERRIDE.get_or_init(|| {
+            std::env::var("STRATA_PREFETCH_BYTES")
                 .ok()
                 .and_then(|v| v.trim().parse::<usize>().ok())
-            {
-                return bytes;
-            }
-            match super::amd_family() {
-                Some(family) if family >= 0x1A => 0,
-                _ => PREFETCH_BYTES,
-            }
-        })
+        });
+        if let Some(bytes) = forced {
+            return bytes;
+        }
+        let zen5 = *ZEN5.get_or_init(|| super::amd_family().is_some_and(|f| f >= 0x1A));
+        if zen5 && tokens <= WIDE_MAX_TOKENS {
+            0
+        } else {
+            PREFETCH_BYTES
+        }
     }
 
     /// Software prefetch of W into L2, [`distance`] ahead of a tile, along the rows in
@@ -798,16 +808,17 @@ mod prefetch {
     }
 
     impl Ahead {
-        /// For a tile starting at `tile` inside `w`, reading whole rows if `whole_rows`.
+        /// For a tile of a `tokens`-token product starting at `tile` inside `w`, prefetching
+        /// only if `on` (the tile reads whole rows, straight from DRAM).
         #[inline(always)]
-        pub(super) fn new<W>(w: &[W], tile: *const W, whole_rows: bool) -> Ahead {
+        pub(super) fn new<W>(w: &[W], tile: *const W, on: bool, tokens: usize) -> Ahead {
             let end = w.as_ptr_range().end as *const u8;
-            let distance = distance();
+            let distance = distance(tokens);
             Ahead {
                 next: (tile as *const u8).wrapping_add(distance),
                 // Never past W's last cache line: the hint would fetch someone else's memory.
                 last: end.wrapping_sub(64),
-                on: whole_rows && distance > 0,
+                on: on && distance > 0,
             }
         }
 
@@ -837,7 +848,9 @@ mod avx512 {
     //! The AVX-512 microkernels. Callers must check the CPU features (see `Isa::detect`).
 
     use super::prefetch::Ahead;
-    use super::{Problem, Widen, TILE_ROWS, TILE_TOKENS, WIDE_MAX_TOKENS, WIDE_ROWS};
+    use super::{
+        Problem, Widen, PREFETCH_MAX_TOKENS, TILE_ROWS, TILE_TOKENS, WIDE_MAX_TOKENS, WIDE_ROWS,
+    };
     use half::{bf16, f16};
     use std::arch::x86_64::*;
     use std::ops::Range;
@@ -1045,7 +1058,14 @@ mod avx512 {
             std::array::from_fn(|t| p.x[(t0 + t) * p.x_stride + k0..].as_ptr());
         let len = k1 - k0;
         let full = len / 16 * 16;
-        let mut ahead = Ahead::new(w, wp[0], len == p.n_in && p.tokens <= TILE_TOKENS);
+        // Whole rows from DRAM: every tile of a bandwidth-bound product, and the first token
+        // group of one with up to `PREFETCH_MAX_TOKENS` (later groups find W in L2).
+        let mut ahead = Ahead::new(
+            w,
+            wp[0],
+            len == p.n_in && t0 == 0 && p.tokens <= PREFETCH_MAX_TOKENS,
+            p.tokens,
+        );
         let mut k = 0;
         while k < full {
             ahead.step(R * 16 * std::mem::size_of::<W>());
@@ -1191,7 +1211,14 @@ mod avx512 {
             std::array::from_fn(|t| p.x[(t0 + t) * p.x_stride + k0..].as_ptr());
         let len = k1 - k0;
         let full = len / 32 * 32;
-        let mut ahead = Ahead::new(w, wp[0], len == p.n_in && p.tokens <= TILE_TOKENS);
+        // Whole rows from DRAM: every tile of a bandwidth-bound product, and the first token
+        // group of one with up to `PREFETCH_MAX_TOKENS` (later groups find W in L2).
+        let mut ahead = Ahead::new(
+            w,
+            wp[0],
+            len == p.n_in && t0 == 0 && p.tokens <= PREFETCH_MAX_TOKENS,
+            p.tokens,
+        );
         let mut k = 0;
         while k < full {
             ahead.step(R * 64);
@@ -1649,7 +1676,7 @@ mod avx2 {
             std::array::from_fn(|t| p.x[(t0 + t) * p.x_stride + k0..].as_ptr());
         let len = k1 - k0;
         let full = len / 8 * 8;
-        let mut ahead = Ahead::new(w, wp[0], len == p.n_in && p.tokens <= TILE_TOKENS);
+        let mut ahead = Ahead::new(w, wp[0], len == p.n_in && p.tokens <= TILE_TOKENS, p.tokens);
         let mut k = 0;
         while k < full {
             ahead.step(R * 8 * std::mem::size_of::<W>());
