@@ -10,7 +10,8 @@
 //!   W is widened in registers only. For 1-2 tokens (bandwidth bound) each thread gets one
 //!   contiguous row range; on AVX-512 one token reads it one row at a time (one sequential
 //!   stream per thread, `avx512::row_bf16` / `row_fma`), otherwise the tile is 8 rows and W is
-//!   prefetched into L2 `PREFETCH_BYTES` ahead (not on Zen 5, see `prefetch::distance`).
+//!   prefetched into L2 `PREFETCH_BYTES` ahead (not at 1-2 tokens on Zen 5, see
+//!   `prefetch::distance`; up to 24 tokens the AVX-512 tiles prefetch in the first token group).
 //!   For many tokens the reduction dimension is cut into `K_BLOCK` slices so that a tile's
 //!   input rows stay in L1 and a task's slice of W in L2.
 //! - **Packed outer products** (prefill and large-batch decode, compute bound): bf16 with
