@@ -119,24 +119,23 @@ pub trait WeightStore: Send + Sync {
     }
 }
 
+/// A zeroed buffer of `bytes` bytes of `dtype`'s element type, on whole huge pages as the decode
+/// kernels want it, for the caller to overwrite.
+fn zeroed_owned(dtype: ElementType, bytes: usize) -> OwnedWeights {
+    use crate::kernels::HugePageBuf;
+    match dtype {
+        ElementType::F32 => OwnedWeights::F32(HugePageBuf::zeroed(bytes / 4)),
+        ElementType::F16 => OwnedWeights::F16(HugePageBuf::zeroed(bytes / 2)),
+        ElementType::Bf16 => OwnedWeights::Bf16(HugePageBuf::zeroed(bytes / 2)),
+    }
+}
+
 /// Copies `bytes` into a buffer of `dtype`'s element type (aligned whatever `bytes` is), on
 /// whole huge pages as the decode kernels want it.
 fn owned_from_bytes(dtype: ElementType, bytes: &[u8]) -> OwnedWeights {
-    fn collect<T: bytemuck::Pod + Default + Send + Sync>(
-        bytes: &[u8],
-    ) -> crate::kernels::HugePageBuf<T> {
-        let mut v = crate::kernels::HugePageBuf::filled(
-            bytes.len() / std::mem::size_of::<T>(),
-            T::default(),
-        );
-        bytemuck::cast_slice_mut::<T, u8>(&mut v).copy_from_slice(bytes);
-        v
-    }
-    match dtype {
-        ElementType::F32 => OwnedWeights::F32(collect(bytes)),
-        ElementType::F16 => OwnedWeights::F16(collect(bytes)),
-        ElementType::Bf16 => OwnedWeights::Bf16(collect(bytes)),
-    }
+    let mut owned = zeroed_owned(dtype, bytes.len());
+    owned.as_bytes_mut().copy_from_slice(bytes);
+    owned
 }
 
 /// Where one checkpoint tensor's elements are.
@@ -511,8 +510,9 @@ impl WeightStore for SafetensorsStore {
             let path = &self.files[*file].0;
             let copy = match read_resident(path, self.metas[i].dtype, *start, *end, progress) {
                 Ok(copy) => copy,
-                // Unreadable now (it was mapped a moment ago): serve it from the map as before,
-                // which faults it in through the page cache.
+                // Unreadable now (it was mapped a moment ago): serve it from the map instead,
+                // read ahead through the page cache (the progress bar may then count some of
+                // its bytes twice).
                 Err(_) => {
                     let map = &self.files[*file].1;
                     let _ = map.advise_range(memmap2::Advice::WillNeed, *start, end - start);
@@ -541,24 +541,11 @@ fn read_resident(
 ) -> std::io::Result<OwnedWeights> {
     use std::os::unix::fs::FileExt;
     const CHUNK: usize = 4 << 20;
-    fn filled<T: bytemuck::Pod + Default + Send + Sync>(
-        bytes: usize,
-    ) -> crate::kernels::HugePageBuf<T> {
-        crate::kernels::HugePageBuf::filled(bytes / std::mem::size_of::<T>(), T::default())
-    }
     let file = File::open(path)?;
     let len = end - start;
-    let mut owned = match dtype {
-        ElementType::F32 => OwnedWeights::F32(filled(len)),
-        ElementType::F16 => OwnedWeights::F16(filled(len)),
-        ElementType::Bf16 => OwnedWeights::Bf16(filled(len)),
-    };
-    let bytes: &mut [u8] = match &mut owned {
-        OwnedWeights::F32(v) => bytemuck::cast_slice_mut(v),
-        OwnedWeights::F16(v) => bytemuck::cast_slice_mut(v),
-        OwnedWeights::Bf16(v) => bytemuck::cast_slice_mut(v),
-    };
-    bytes
+    let mut owned = zeroed_owned(dtype, len);
+    owned
+        .as_bytes_mut()
         .par_chunks_mut(CHUNK)
         .enumerate()
         .try_for_each(|(k, chunk)| {

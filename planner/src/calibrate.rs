@@ -115,11 +115,11 @@ impl ExecutorReport {
     /// What the disk did in the run, for the disk fit: (bytes read, bytes written, seconds
     /// occupied). From the block device's counters when the report has them: the device's busy
     /// time is when it had any request in flight, which is what the cost model's disk time
-    /// stands for, whereas the executor's busy times add the I/O threads' queueing, and its pools
-    /// keep more requests in flight than one thread sees (OPT-6.7B with 40% of its weights on disk,
-    /// Zen 5 host: 43.1 GB in 12.6 device-busy seconds, 3.43 GB/s, against 19.4 s of executor read
-    /// busy time, 2.22 GB/s; the decode steps took what 3.4 GB/s gives). Otherwise the larger of
-    /// the executor's read and write busy times (they overlap on one device).
+    /// stands for, and the executor's busy times came out longer (OPT-6.7B with 40% of its
+    /// weights on disk, Zen 5 host: 43.1 GB in 12.6 device-busy seconds, 3.43 GB/s, against
+    /// 19.4 s of executor read-busy time, 2.22 GB/s; the decode steps took what 3.4 GB/s gives).
+    /// Otherwise the larger of the executor's read and write busy times (they overlap on one
+    /// device).
     fn disk_occupancy(&self) -> (f64, f64, f64) {
         let write = self.disk_write_bytes as f64;
         if let (Some(pr), Some(pb), Some(dr), Some(db)) = (

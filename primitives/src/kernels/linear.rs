@@ -155,29 +155,6 @@ impl Isa {
     }
 }
 
-/// The CPU family of an AMD processor (0x19 Zen 3 and 4, 0x1A Zen 5), None on others.
-#[cfg(target_arch = "x86_64")]
-pub(crate) fn amd_family() -> Option<u32> {
-    use std::arch::x86_64::__cpuid;
-    // CPUID leaves 0 and 1 exist on every x86-64 CPU.
-    let (vendor, signature) = (__cpuid(0), __cpuid(1));
-    let amd = vendor.ebx == u32::from_le_bytes(*b"Auth")
-        && vendor.edx == u32::from_le_bytes(*b"enti")
-        && vendor.ecx == u32::from_le_bytes(*b"cAMD");
-    if !amd {
-        return None;
-    }
-    let base = (signature.eax >> 8) & 0xF;
-    let extended = (signature.eax >> 20) & 0xFF;
-    Some(if base == 0xF { base + extended } else { base })
-}
-
-/// Not an x86 CPU, so not an AMD one.
-#[cfg(not(target_arch = "x86_64"))]
-pub(crate) fn amd_family() -> Option<u32> {
-    None
-}
-
 thread_local! {
     /// The input converted for the microkernels (bf16 bits, or bf16-rounded f32), kept per
     /// calling thread so decode steps reuse one buffer instead of allocating each call.
@@ -789,7 +766,7 @@ mod prefetch {
         if let Some(bytes) = forced {
             return bytes;
         }
-        let zen5 = *ZEN5.get_or_init(|| super::amd_family().is_some_and(|f| f >= 0x1A));
+        let zen5 = *ZEN5.get_or_init(|| crate::kernels::amd_family().is_some_and(|f| f >= 0x1A));
         if zen5 && tokens <= WIDE_MAX_TOKENS {
             0
         } else {

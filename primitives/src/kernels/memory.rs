@@ -62,20 +62,38 @@ impl<T: Copy + Send + Sync> HugePageBuf<T> {
     /// `len` copies of `value`, written in parallel (so the pages are faulted in here, as huge
     /// pages where the kernel has them, and not inside a timed loop).
     pub fn filled(len: usize, value: T) -> HugePageBuf<T> {
+        Self::build(len, value, true)
+    }
+
+    /// `len` zeros, for a buffer its caller overwrites whole (a tensor read from a file): a
+    /// fresh mapping is zero already, so unlike [`HugePageBuf::filled`] nothing is written here
+    /// and the pages are faulted in by that first write.
+    pub fn zeroed(len: usize) -> HugePageBuf<T>
+    where
+        T: bytemuck::Zeroable,
+    {
+        Self::build(len, T::zeroed(), false)
+    }
+
+    /// A buffer of `len` copies of `value`; `write_mapping` false only where `value` is all zero
+    /// bytes, which a fresh mapping holds already.
+    fn build(len: usize, value: T, write_mapping: bool) -> HugePageBuf<T> {
         let bytes = len
             .checked_mul(std::mem::size_of::<T>())
             .expect("buffer size overflows");
         if bytes >= HUGE_PAGE_BYTES && std::mem::align_of::<T>() <= 4096 {
             if let Some((ptr, mapped)) = map_aligned(bytes) {
                 let ptr = ptr.cast::<T>();
-                // SAFETY: the mapping holds `bytes` writable bytes at a 2 MiB boundary (aligned
-                // for T); elements are written before anything reads them.
-                let spare = unsafe {
-                    std::slice::from_raw_parts_mut(ptr.as_ptr().cast::<MaybeUninit<T>>(), len)
-                };
-                spare
-                    .par_chunks_mut(1 << 16)
-                    .for_each(|c| c.fill(MaybeUninit::new(value)));
+                if write_mapping {
+                    // SAFETY: the mapping holds `bytes` writable bytes at a 2 MiB boundary
+                    // (aligned for T); elements are written before anything reads them.
+                    let spare = unsafe {
+                        std::slice::from_raw_parts_mut(ptr.as_ptr().cast::<MaybeUninit<T>>(), len)
+                    };
+                    spare
+                        .par_chunks_mut(1 << 16)
+                        .for_each(|c| c.fill(MaybeUninit::new(value)));
+                }
                 return HugePageBuf {
                     ptr,
                     len,

@@ -30,8 +30,26 @@ pub fn instruction_set() -> &'static str {
 /// The CPU family of an AMD processor (0x19 for Zen 3 and Zen 4, 0x1A for Zen 5), None on other
 /// vendors and architectures: kernel tuning and the embedded profiles differ between these
 /// classes, which the instruction set alone does not tell apart.
+#[cfg(target_arch = "x86_64")]
 pub fn amd_family() -> Option<u32> {
-    linear::amd_family()
+    use std::arch::x86_64::__cpuid;
+    // CPUID leaves 0 and 1 exist on every x86-64 CPU.
+    let (vendor, signature) = (__cpuid(0), __cpuid(1));
+    let amd = vendor.ebx == u32::from_le_bytes(*b"Auth")
+        && vendor.edx == u32::from_le_bytes(*b"enti")
+        && vendor.ecx == u32::from_le_bytes(*b"cAMD");
+    if !amd {
+        return None;
+    }
+    let base = (signature.eax >> 8) & 0xF;
+    let extended = (signature.eax >> 20) & 0xFF;
+    Some(if base == 0xF { base + extended } else { base })
+}
+
+/// Not an x86 CPU, so not an AMD one.
+#[cfg(not(target_arch = "x86_64"))]
+pub fn amd_family() -> Option<u32> {
+    None
 }
 
 /// Borrowed weight elements in the dtype the checkpoint stores them in.
@@ -81,6 +99,15 @@ impl OwnedWeights {
             OwnedWeights::F32(v) => bytemuck::cast_slice(v),
             OwnedWeights::F16(v) => bytemuck::cast_slice(v),
             OwnedWeights::Bf16(v) => bytemuck::cast_slice(v),
+        }
+    }
+
+    /// The elements' bytes, for filling the buffer from a file or another buffer.
+    pub fn as_bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            OwnedWeights::F32(v) => bytemuck::cast_slice_mut(v),
+            OwnedWeights::F16(v) => bytemuck::cast_slice_mut(v),
+            OwnedWeights::Bf16(v) => bytemuck::cast_slice_mut(v),
         }
     }
 }

@@ -479,3 +479,18 @@ fn huge_page_buffers_start_on_a_huge_page_and_free_their_memory() {
         drop(HugePageBuf::filled(HUGE_PAGE_BYTES, 1u8));
     }
 }
+
+#[test]
+fn zeroed_huge_page_buffers_read_zero_mapped_or_not() {
+    let len = (3 << 20) / 4 + 3;
+    let mut big = HugePageBuf::<f32>::zeroed(len);
+    assert!(big.len() == len && big.iter().all(|x| *x == 0.0));
+    if cfg!(target_os = "linux") {
+        assert!(big.is_huge_page_aligned());
+    }
+    big[len - 1] = 2.5;
+    assert_eq!(big[len - 1], 2.5);
+    let small = HugePageBuf::<u16>::zeroed(9);
+    assert!(!small.is_huge_page_aligned());
+    assert_eq!(&*small, &[0u16; 9]);
+}

@@ -27,7 +27,7 @@ pub fn align_up(x: u64) -> u64 {
 /// development VM the disk read OPT-6.7B's disk-resident weights at 3.45-3.50 GB/s into such
 /// buffers against 1.96-2.57 GB/s into heap buffers on 4 KiB pages (decode 1.60 against 2.3-3.0 s
 /// per step, three interleaved pairs); the decode kernels, which read the weights straight out of
-/// these buffers, also computed the step in 0.92-1.00x the time.
+/// these buffers, also computed the step in 0.91-1.00x the time.
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     cap: usize,
