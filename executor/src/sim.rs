@@ -318,7 +318,7 @@ impl Device for SimDevice {
         }
         self.with_output(out, q_len * d, |st, os| {
             let bad = || self.invalid("attention: an input is out of range".into());
-            let need = crate::backend::attention_scratch_len(kv_len, num_heads);
+            let need = crate::backend::attention_scratch_len(kv_len, num_heads, head_dim);
             let mut scratch = std::mem::take(&mut st.scratch);
             if scratch.len() < need {
                 scratch.resize(need, 0.0);

@@ -452,7 +452,7 @@ fn throughput_table() {
         let v = rng.vec(kv_len * d);
         let valid = vec![true; kv_len];
         let mut out = vec![0.0; q_len * d];
-        let mut scratch = vec![0.0; executor::backend::attention_scratch_len(kv_len, nh)];
+        let mut scratch = vec![0.0; executor::backend::attention_scratch_len(kv_len, nh, hd)];
         let s = 1.0 / (hd as f32).sqrt();
         let cpu = time_ms(|| {
             CpuBackend.attention(

@@ -145,7 +145,8 @@ pub fn largest_intermediate_bytes(model: &ModelSpec, sc: &Scenario) -> f64 {
 /// logits): seven `[gbs * s, h1]` buffers (hidden, normed, q, k, v, attention output, sublayer
 /// output), the FFN's `[gbs * s, h2]`, opt-350m's embedding projection `[gbs * s, e]`, the last
 /// positions' two `[gbs, h1]` and one `[gbs, e]`, the attention scratch (`s + n` keys for each of
-/// `nh` heads; the executor takes the larger of heads and threads, and OPT has at least 12 heads),
+/// `nh` heads; the executor takes the larger of heads and threads, and OPT has at least 12 heads;
+/// plus the partial outputs of a decode row split by keys, `primitives::kernels::attention_partials_len`),
 /// three `[bls, vocab]` logit buffers (the step's, the prefill's and the last step's), plus, with
 /// compressed weights, the largest matrix dequantized, plus the matrix kernels' converted input
 /// ([`kernel_input_scratch_bytes`]). The executor checks its own allocation against this (test
@@ -166,6 +167,10 @@ pub fn cpu_workspace_bytes(model: &ModelSpec, sc: &Scenario) -> f64 {
     let floats = rows * (7.0 * h1 + h2 + projection)
         + gbs * (2.0 * h1 + embed)
         + positions * model.num_heads as f64
+        + primitives::kernels::attention_partials_len(
+            model.num_heads as usize,
+            model.head_dim() as usize,
+        ) as f64
         + 3.0 * sc.block_size() as f64 * model.vocab_size as f64;
     let dequantized = if sc.compression.weights {
         (3.0 * h1 * h1).max(h1 * h2) * model.dtype.bytes() as f64

@@ -466,7 +466,7 @@ impl CausalLm for OptModel {
             last: vec![0.0; batch * d.hidden],
             last_normed: vec![0.0; batch * d.hidden],
             last_projected: vec![0.0; batch * d.embed],
-            scratch: vec![0.0; attention_scratch_len(max_len, d.heads)],
+            scratch: vec![0.0; attention_scratch_len(max_len, d.heads, d.head_dim)],
         }
     }
 

@@ -189,6 +189,13 @@ pub fn add_inplace(acc: &mut [f32], x: &[f32]) {
     }
 }
 
+/// Floats of attention scratch beyond `num_heads` scores per key that a single query row needs
+/// to be split by keys (see [`attention`]): the parts' partial outputs and statistics. Callers
+/// that size scratch for a cache of `max_len` keys add this to `max_len * num_heads`.
+pub fn attention_partials_len(num_heads: usize, head_dim: usize) -> usize {
+    attention::partials_len(num_heads, head_dim)
+}
+
 /// Causal multi-head attention for one sequence.
 ///
 /// q: [q_len, nh*hd]; k, v: the cache rows [kv_len, nh*hd] (row stride nh*hd) in the cache's
@@ -198,7 +205,10 @@ pub fn add_inplace(acc: &mut [f32], x: &[f32]) {
 /// q·k * scale. out: [q_len, nh*hd]. scratch: at least kv_len f32 (caller-owned, so the decode
 /// loop allocates nothing). Given room for several rows (n * kv_len floats, n >= 2), query rows
 /// run on up to n threads: useful for prefill of a single sequence; a caller that already runs
-/// sequences in parallel passes kv_len floats per sequence.
+/// sequences in parallel passes kv_len floats per sequence. A single query row runs fastest
+/// with `nh * kv_len + attention_partials_len(nh, hd)` floats: its keys are then split into
+/// contiguous parts that run in parallel and are merged (how the parts fall depends on kv_len
+/// only, never on the thread count).
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: &[f32],

@@ -290,6 +290,21 @@ fn check_attention(
     slots: usize,
     seed: u64,
 ) {
+    check_attention_scratch(q_len, kv_len, nh, hd, valid, slots * kv_len.max(1), seed);
+}
+
+/// As `check_attention`, with `scratch_len` floats of scratch; returns every output (per
+/// element type and instruction set, in that order) so callers can compare runs bit for bit.
+fn check_attention_scratch(
+    q_len: usize,
+    kv_len: usize,
+    nh: usize,
+    hd: usize,
+    valid: &[bool],
+    scratch_len: usize,
+    seed: u64,
+) -> Vec<Vec<f32>> {
+    let mut outputs = Vec::new();
     let mut rng = Rng(seed);
     let d = nh * hd;
     let q = rng.vec(q_len * d);
@@ -311,7 +326,7 @@ fn check_attention(
         vb.rows_mut(0..vr.len()).write(0, &vr);
         for isa in Isa::available() {
             let mut out = vec![f32::NAN; q_len * d];
-            let mut scratch = vec![0.0; slots * kv_len.max(1)];
+            let mut scratch = vec![0.0; scratch_len];
             let a = attention::AttnRows {
                 q: &q,
                 q_len,
@@ -330,8 +345,10 @@ fn check_attention(
                     "q_len {q_len} kv {kv_len} {isa:?} {dtype:?}: out[{i}] = {g}, want {w}"
                 );
             }
+            outputs.push(out);
         }
     }
+    outputs
 }
 
 #[test]
@@ -383,6 +400,50 @@ fn attention_decode_splits_heads_between_threads() {
     // Sequential, with scratch for several heads at once.
     check_attention(1, 50, 6, 16, &padded, 4, 71);
     check_attention(3, 50, 6, 16, &padded, 4, 72);
+}
+
+#[test]
+fn attention_decode_splits_keys_into_parts() {
+    // One query row with scratch for the key-split path (`nh * kv_len` scores plus the
+    // partials, as the executor sizes it): 2, 3 and 4 parts, a last part shorter than the
+    // others, a first part with no valid key (its maximum is -inf and must weigh nothing in
+    // the merge), holes, and every key masked (zeros). The parts depend on kv_len only, so
+    // pools of 1, 2 and 3 threads must give the same bits.
+    let mut padded = vec![true; 300];
+    padded[..40].fill(false);
+    padded[150..153].fill(false);
+    let none = vec![false; 300];
+    let cases: [(usize, usize, usize, &[bool]); 6] = [
+        (64, 4, 64, &padded),
+        (100, 12, 64, &padded),
+        (257, 7, 40, &padded),
+        (300, 32, 16, &padded),
+        (130, 3, 100, &padded),
+        (200, 4, 64, &none),
+    ];
+    for (n, &(kv_len, nh, hd, valid)) in cases.iter().enumerate() {
+        let scratch = nh * kv_len + super::attention_partials_len(nh, hd);
+        let runs: Vec<Vec<Vec<f32>>> = [1, 2, 3]
+            .iter()
+            .map(|&threads| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| {
+                    check_attention_scratch(1, kv_len, nh, hd, valid, scratch, 80 + n as u64)
+                })
+            })
+            .collect();
+        for (threads, run) in [2, 3].iter().zip(&runs[1..]) {
+            for (a, b) in run.iter().zip(&runs[0]) {
+                assert!(
+                    a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "kv {kv_len} nh {nh}: {threads} threads differ from one"
+                );
+            }
+        }
+    }
 }
 
 #[test]
