@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Executor vs PyTorch + transformers on the CPU: random-weight OPT-125m and OPT-1.3B in bf16,
-# prompt 128, 32 new tokens (greedy, EOS ignored), batch 1 and 16, medians of several runs;
-# plus this machine's DRAM read bandwidth, measured in the same run, against the executor's
-# batch-1 decode bandwidth. See docs/benchmarks.md for what the figures mean.
+# prompt 128, 32 new tokens (greedy, EOS ignored), batch 1 and 16, the two engines taking turns
+# for several runs; plus this machine's DRAM read bandwidth, measured right before and after
+# each batch-1 executor run, against that run's decode bandwidth. See docs/benchmarks.md for
+# what the figures mean.
 #
 # Usage: scripts/bench-cpu-vs-pytorch.sh
 # Environment:
@@ -51,6 +52,10 @@ log "Machine"
 { lscpu | grep -E 'Model name|^CPU\(s\)|Thread|L3'; grep MemTotal /proc/meminfo; uptime; } | tee "$out/machine.txt"
 
 
+# The two engines take turns, one run each per repetition, so that both see the host in the same
+# state: this VM's DRAM rate moves between ~35 and ~64 GB/s within minutes, and a block of
+# executor runs followed by a block of PyTorch runs paired different states. The report gives
+# the median of each repetition's own ratio next to the ratio of medians.
 for model in $models; do
     for batch in $batches; do
         key="$model-b$batch"
@@ -59,28 +64,29 @@ for model in $models; do
         prompt_args=()
         while IFS= read -r ids; do prompt_args+=(--prompt-ids "$ids"); done <"$prompts"
 
-        log "$key: executor, $reps runs"
         for rep in $(seq 1 "$reps"); do
+            log "$key: run $rep of $reps (executor, then PyTorch)"
             if [ "$batch" = 1 ]; then
-                # Right before each run it is compared with, so both see the same machine load
-                # (this host's DRAM rate moves by 20-30% within minutes); the report gives the
-                # median of the runs' own ratios, and against the highest of these as well.
-                "$dram_bw" 1024 9 | tee -a "$out/$key.dram.txt"
+                # Right before and right after each executor run: the report pairs the run with
+                # their mean and says how many runs saw the two differ by more than 15% (the
+                # state changed around the run).
+                "$dram_bw" 1024 9 | grep '^dram_read_gb_s' | tee -a "$out/$key.dram-before.txt"
             fi
             "$executor" --random-weights --model-name "$model" --dtype "$dtype" --seed 1 \
                 "${prompt_args[@]}" --max-new-tokens "$new_tokens" --ignore-eos --quiet \
                 --report "$out/$key.executor.$rep.json" >"$out/$key.executor.$rep.log" 2>&1 \
                 || { echo "executor failed, see $out/$key.executor.$rep.log" >&2; tail -5 "$out/$key.executor.$rep.log" >&2; break; }
+            if [ "$batch" = 1 ]; then
+                "$dram_bw" 1024 9 | grep '^dram_read_gb_s' | tee -a "$out/$key.dram-after.txt"
+            fi
+            "$venv/bin/python" "$helper" torch --model "$model" --dtype "$dtype" --prompts "$prompts" \
+                --new-tokens "$new_tokens" --reps 1 --out "$out/$key.torch.$rep.json"
         done
-
-        log "$key: PyTorch, $reps runs"
-        "$venv/bin/python" "$helper" torch --model "$model" --dtype "$dtype" --prompts "$prompts" \
-            --new-tokens "$new_tokens" --reps "$reps" --out "$out/$key.torch.json"
     done
 done
 
 
-log "Results (medians of $reps runs; gen tok/s = batch x $new_tokens / (prefill + decode))"
+log "Results ($reps runs each, taking turns; gen tok/s = batch x $new_tokens / (prefill + decode))"
 "$venv/bin/python" "$helper" report --results "$out" --out "$out/results.md"
 echo
 echo "Raw JSON and logs: $out"

@@ -4,7 +4,9 @@
 Subcommands:
   prompts  --batch B --prompt-len L --seed S      one line of comma-separated token ids per prompt
   torch    --model NAME --dtype D --prompts FILE --new-tokens N --reps R --out FILE.json
-  report   --results DIR --out FILE.md               the comparison table (stdout and markdown)
+  report   --results DIR --out FILE.md               the comparison table (stdout and markdown), from
+                                                     DIR/<key>.executor.N.json, <key>.torch.N.json
+                                                     and <key>.dram-{before,after}.txt
   linear   --model NAME --dtype D --tokens 1,16,2048  PyTorch's F.linear over an OPT layer stack at
                                                      the shapes of primitives/examples/kernel_bench.rs
 
@@ -168,55 +170,80 @@ def median_report(paths):
     )
 
 
+def torch_median_report(paths):
+    """Medians over several `torch --reps 1` result files of one configuration."""
+    runs = [json.load(open(p)) for p in paths]
+    med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+    first = dict(runs[0])
+    first.update(
+        prefill_s=med("prefill_s"),
+        decode_s=med("decode_s"),
+        decode_tokens_per_s=med("decode_tokens_per_s"),
+        total_tokens_per_s=med("total_tokens_per_s"),
+    )
+    return first
+
+
 def cmd_report(args):
-    def dram_of(key):
-        """The DRAM read figures measured right before each executor run of `key`, in run order."""
-        path = os.path.join(args.results, key + ".dram.txt")
+    def numbers(key, what):
+        """The DRAM read figures measured `what` ("before" or "after") each executor run, in run order."""
+        path = os.path.join(args.results, f"{key}.dram-{what}.txt")
         if not os.path.exists(path):
             return []
-        # One "dram_read_gb_s <value>" line per measurement, appended before each run.
         return [float(line.split()[-1]) for line in open(path) if line.startswith("dram_read_gb_s")]
 
     def run_number(path):
         return int(path.rsplit(".", 2)[-2])
 
+    def runs_of(key, engine):
+        """{run number: path} of one engine's result files for `key`."""
+        prefix = f"{key}.{engine}."
+        return {
+            run_number(f): os.path.join(args.results, f)
+            for f in os.listdir(args.results)
+            if f.startswith(prefix) and f.endswith(".json") and f[len(prefix) : -5].isdigit()
+        }
+
     rows = []
-    for name in sorted(os.listdir(args.results)):
-        if not name.endswith(".torch.json"):
-            continue
-        key = name[: -len(".torch.json")]
-        torch_r = json.load(open(os.path.join(args.results, name)))
-        exe_paths = sorted(
-            (
-                os.path.join(args.results, f)
-                for f in os.listdir(args.results)
-                if f.startswith(key + ".executor.") and f.endswith(".json")
-            ),
-            key=run_number,
-        )
-        exe = median_report(exe_paths) if exe_paths else None
-        rows.append((key, torch_r, exe))
+    keys = sorted({f.split(".torch.")[0] for f in os.listdir(args.results) if ".torch." in f})
+    for key in keys:
+        torch_runs = runs_of(key, "torch")
+        exe_runs = runs_of(key, "executor")
+        t = torch_median_report([torch_runs[n] for n in sorted(torch_runs)])
+        e = median_report([exe_runs[n] for n in sorted(exe_runs)]) if exe_runs else None
+        # The ratio of each run pair (same repetition, minutes apart at most).
+        paired = []
+        for n in sorted(set(torch_runs) & set(exe_runs)):
+            te = json.load(open(torch_runs[n]))["total_tokens_per_s"]
+            ee = json.load(open(exe_runs[n]))["total_tokens_per_s"]
+            paired.append(ee / te)
+        rows.append((key, t, e, paired, exe_runs))
     order = lambda r: (list(OPT_SHAPES).index(r[1]["model"]), r[1]["batch_size"])  # noqa: E731
     rows.sort(key=order)
 
     lines = []
     out = lines.append
     out(
-        "| model | batch | PyTorch gen tok/s | executor gen tok/s | ratio "
+        "| model | batch | runs | PyTorch gen tok/s | executor gen tok/s | ratio of medians "
+        "| median of paired ratios (range) "
         "| PyTorch decode tok/s | executor decode tok/s | ratio "
         "| PyTorch prefill s | executor prefill s |"
     )
-    out("|---|---|---|---|---|---|---|---|---|---|")
-    for key, t, e in rows:
+    out("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for key, t, e, paired, _ in rows:
         if e is None:
             out(
-                f"| {t['model']} | {t['batch_size']} | {t['total_tokens_per_s']:.2f} | missing | - "
+                f"| {t['model']} | {t['batch_size']} | 0 | {t['total_tokens_per_s']:.2f} | missing | - | - "
                 f"| {t['decode_tokens_per_s']:.2f} | missing | - | {t['prefill_s']:.2f} | missing |"
             )
             continue
+        pair_text = (
+            f"**{statistics.median(paired):.2f}x** ({min(paired):.2f}-{max(paired):.2f})" if paired else "-"
+        )
         out(
-            f"| {t['model']} | {t['batch_size']} | {t['total_tokens_per_s']:.2f} "
-            f"| {e['total_tokens_per_s']:.2f} | **{e['total_tokens_per_s'] / t['total_tokens_per_s']:.2f}x** "
+            f"| {t['model']} | {t['batch_size']} | {len(paired)} | {t['total_tokens_per_s']:.2f} "
+            f"| {e['total_tokens_per_s']:.2f} | {e['total_tokens_per_s'] / t['total_tokens_per_s']:.2f}x "
+            f"| {pair_text} "
             f"| {t['decode_tokens_per_s']:.2f} | {e['decode_tokens_per_s']:.2f} "
             f"| {e['decode_tokens_per_s'] / t['decode_tokens_per_s']:.2f}x "
             f"| {t['prefill_s']:.2f} | {e['prefill_s']:.2f} |"
@@ -224,45 +251,44 @@ def cmd_report(args):
     out("")
     out(
         "Executor batch-1 decode: weight bytes read per token / time per token, against the DRAM "
-        "read bandwidth measured right before the same run (a median of 9 passes over 1 GiB). "
-        "The share is the median over runs of each run's own ratio; the last column divides the "
-        "median decode bandwidth by the highest DRAM figure of all the runs instead (the most "
+        "read bandwidth measured right before and right after the same run (each a median of 9 "
+        "passes over 1 GiB; the run is set against their mean). 'steady' counts the runs whose "
+        "before and after figures agree within 15%; the share is the median over those runs of each "
+        "run's own ratio (over all runs when none is steady), and the last column divides the "
+        "median decode bandwidth by the highest DRAM figure of the whole series (the most "
         "conservative pairing, which mixes minutes):"
     )
     out("")
     out(
         "| model | weight bytes per step | time per token ms | decode bandwidth GB/s "
-        "| DRAM read GB/s (median, highest) | % of DRAM, same run | % of highest DRAM |"
+        "| DRAM read GB/s (median, highest) | steady runs | % of DRAM, same run | % of highest DRAM |"
     )
-    out("|---|---|---|---|---|---|---|")
-    for key, t, e in rows:
+    out("|---|---|---|---|---|---|---|---|")
+    for key, t, e, _, exe_runs in rows:
         if e is None or e["batch_size"] != 1:
             continue
         steps = e["decode_steps"] or (t["new_tokens"] - 1)
         per_token = e["decode_s"] / steps
         bw = e["weight_bytes_per_step"] / per_token / 1e9
-        drams = dram_of(key)
-        paths = sorted(
-            (
-                os.path.join(args.results, f)
-                for f in os.listdir(args.results)
-                if f.startswith(key + ".executor.") and f.endswith(".json")
-            ),
-            key=run_number,
-        )
-        ratios = []
-        for path in paths:
-            run = json.load(open(path))
-            i = run_number(path) - 1
-            if i < len(drams) and run.get("decode_s"):
+        before, after = numbers(key, "before"), numbers(key, "after")
+        steady, every = [], []
+        for n in sorted(exe_runs):
+            run = json.load(open(exe_runs[n]))
+            i = n - 1
+            if i < min(len(before), len(after)) and run.get("decode_s"):
                 run_bw = e["weight_bytes_per_step"] * (run["decode_steps"] or steps) / run["decode_s"]
-                ratios.append(run_bw / 1e9 / drams[i])
-        same_run = f"**{100 * statistics.median(ratios):.0f}%**" if ratios else "-"
+                ratio = run_bw / 1e9 / ((before[i] + after[i]) / 2)
+                every.append(ratio)
+                if max(before[i], after[i]) <= 1.15 * min(before[i], after[i]):
+                    steady.append(ratio)
+        drams = before + after
+        chosen = steady or every
+        same_run = f"**{100 * statistics.median(chosen):.0f}%**" if chosen else "-"
         highest = f"{100 * bw / max(drams):.0f}%" if drams else "-"
         dram_text = f"{statistics.median(drams):.2f}, {max(drams):.2f}" if drams else "-"
         out(
             f"| {t['model']} | {e['weight_bytes_per_step'] / 1e6:.1f} MB | {per_token * 1e3:.2f} "
-            f"| {bw:.2f} | {dram_text} | {same_run} | {highest} |"
+            f"| {bw:.2f} | {dram_text} | {len(steady)} of {len(every)} | {same_run} | {highest} |"
         )
     text = "\n".join(lines)
     print(text)
