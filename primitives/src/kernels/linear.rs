@@ -868,7 +868,7 @@ mod prefetch {
         /// progress in bytes at every step (only whole lines are fetched).
         #[inline(always)]
         pub(super) fn step(&self, byte: usize) {
-            if !self.on || byte % 64 != 0 {
+            if !self.on || !byte.is_multiple_of(64) {
                 return;
             }
             for row in self.rows {
