@@ -112,12 +112,7 @@ fn attention_impl<K: KvElem>(a: &Attn<K>, out: &mut [f32], scratch: &mut [f32], 
         out.par_chunks_mut(rows_per_group * d)
             .zip(scratch.par_chunks_mut(a.kv_len.max(1)))
             .enumerate()
-            .for_each(|(g, (o, s))| {
-                let first = g * rows_per_group;
-                for (r, orow) in o.chunks_mut(d).enumerate() {
-                    run_heads(a, first + r, 0, orow, &mut s[..a.kv_len], isa);
-                }
-            });
+            .for_each(|(g, (o, s))| run_rows(a, g * rows_per_group, o, &mut s[..a.kv_len], isa));
     } else if slots >= 2 && a.q_len == 1 && threads >= 2 && work >= 1 << 16 {
         // One contiguous range of heads per thread, with room for all its heads' scores.
         let groups = threads.min(a.num_heads).min(slots);
@@ -127,11 +122,226 @@ fn attention_impl<K: KvElem>(a: &Attn<K>, out: &mut [f32], scratch: &mut [f32], 
             .zip(scratch.par_chunks_mut(per_group))
             .enumerate()
             .for_each(|(g, (o, s))| run_heads(a, 0, g * heads_per_group, o, s, isa));
+    } else if a.q_len >= 2 {
+        run_rows(a, 0, out, scratch, isa);
     } else {
-        for (i, orow) in out.chunks_mut(d).enumerate() {
-            run_heads(a, i, 0, orow, scratch, isa);
+        run_heads(a, 0, 0, out, scratch, isa);
+    }
+}
+
+/// Query rows `first..` (as many as `out` holds), every head, with `p` (at least kv_len
+/// floats) for one row's scores: on AVX-512 with 64- or 128-wide heads head by head over the
+/// cache widened to f32 once for all the rows (`rows_avx512`), else row by row.
+fn run_rows<K: KvElem>(a: &Attn<K>, first: usize, out: &mut [f32], p: &mut [f32], isa: Isa) {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa, Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx) {
+        // SAFETY: `Isa::detect` only reports an instruction set the CPU has.
+        match a.head_dim {
+            64 => return unsafe { rows_avx512::<K, 4>(a, first, out, p) },
+            128 => return unsafe { rows_avx512::<K, 8>(a, first, out, p) },
+            _ => {}
         }
     }
+    let d = a.num_heads * a.head_dim;
+    for (r, orow) in out.chunks_mut(d).enumerate() {
+        run_heads(a, first + r, 0, orow, p, isa);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// One head's keys and values widened to f32 (`rows_avx512`), kept per thread and grown to
+    /// the longest prompt seen: at most 2 x 2048 keys x 128 floats = 2 MiB.
+    static WIDE_KV: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Several query rows (prefill): for each head, its keys and values up to the last row's
+/// position are widened to f32 once into a per-thread buffer ([keys, head_dim], contiguous),
+/// then every row scores four keys at a time (four independent FMA chains with the key rows
+/// as memory operands, their horizontal sums taken together), takes the softmax, and sums
+/// the values into `C` registers (head_dim = 16 C). Why: row by row over the cache in place,
+/// each score was a dot product with its own horizontal sum and each value update loaded and
+/// stored the output; prefill attention took 13% of OPT-125m's batch-16 prefill on the Zen 4.
+///
+/// # Safety
+/// AVX-512 F/BW/VL and FMA available; `head_dim == 16 * C`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+unsafe fn rows_avx512<K: KvElem, const C: usize>(
+    a: &Attn<K>,
+    first: usize,
+    out: &mut [f32],
+    p: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (nh, hd) = (a.num_heads, a.head_dim);
+    debug_assert_eq!(hd, 16 * C);
+    let d = nh * hd;
+    let n_rows = out.len() / d;
+    if n_rows == 0 {
+        return;
+    }
+    // Keys the group's last row may see.
+    let keys = a.kv_len - a.q_len + first + n_rows;
+    WIDE_KV.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        if buf.len() < 2 * keys * hd {
+            buf.resize(2 * keys * hd, 0.0);
+        }
+        let (kf, vf) = buf.split_at_mut(keys * hd);
+        for h in 0..nh {
+            for j in 0..keys {
+                let at = j * d + h * hd;
+                for c in 0..C {
+                    // SAFETY: row j's head h spans at..at + hd inside the cache (j < kv_len)
+                    // and j * hd + hd <= keys * hd inside each buffer.
+                    unsafe {
+                        _mm512_storeu_ps(
+                            kf.as_mut_ptr().add(j * hd + 16 * c),
+                            K::load16(a.k.as_ptr().add(at + 16 * c)),
+                        );
+                        _mm512_storeu_ps(
+                            vf.as_mut_ptr().add(j * hd + 16 * c),
+                            K::load16(a.v.as_ptr().add(at + 16 * c)),
+                        );
+                    }
+                }
+            }
+            for r in 0..n_rows {
+                let i = first + r;
+                let n = a.kv_len - a.q_len + i + 1; // keys this row may see
+                let q = &a.q[i * d + h * hd..i * d + (h + 1) * hd];
+                let o = &mut out[r * d + h * hd..r * d + (h + 1) * hd];
+                // SAFETY: the caller's features; kf and vf hold n <= keys rows of hd floats.
+                unsafe {
+                    row_avx512::<C>(
+                        q,
+                        &kf[..n * hd],
+                        &vf[..n * hd],
+                        &a.key_valid[..n],
+                        a.scale,
+                        &mut p[..n],
+                        o,
+                    )
+                };
+            }
+        }
+    });
+}
+
+/// One query row of one head over `n` widened key and value rows (see `rows_avx512`).
+///
+/// # Safety
+/// AVX-512 F/BW/VL and FMA available; q and o hold 16 C floats, kf and vf n rows of 16 C.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+unsafe fn row_avx512<const C: usize>(
+    q: &[f32],
+    kf: &[f32],
+    vf: &[f32],
+    valid: &[bool],
+    scale: f32,
+    p: &mut [f32],
+    o: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let n = p.len();
+    let hd = 16 * C;
+    // SAFETY (every load and store below): offsets stay inside q, o (hd floats) and inside
+    // kf, vf (n rows of hd floats), as the loop bounds show.
+    let qv: [__m512; C] =
+        std::array::from_fn(|c| unsafe { _mm512_loadu_ps(q.as_ptr().add(16 * c)) });
+    let kp = kf.as_ptr();
+    let mut j = 0;
+    while j + 4 <= n {
+        let mut acc = [_mm512_setzero_ps(); 4];
+        for (c, qc) in qv.iter().enumerate() {
+            for (t, at) in acc.iter_mut().enumerate() {
+                let kv = unsafe { _mm512_loadu_ps(kp.add((j + t) * hd + 16 * c)) };
+                *at = _mm512_fmadd_ps(*qc, kv, *at);
+            }
+        }
+        let four = reduce4(acc[0], acc[1], acc[2], acc[3]);
+        for t in 0..4 {
+            p[j + t] = if valid[j + t] {
+                four[t] * scale
+            } else {
+                f32::NEG_INFINITY
+            };
+        }
+        j += 4;
+    }
+    while j < n {
+        let mut acc = _mm512_setzero_ps();
+        for (c, qc) in qv.iter().enumerate() {
+            acc = _mm512_fmadd_ps(
+                *qc,
+                unsafe { _mm512_loadu_ps(kp.add(j * hd + 16 * c)) },
+                acc,
+            );
+        }
+        p[j] = if valid[j] {
+            _mm512_reduce_add_ps(acc) * scale
+        } else {
+            f32::NEG_INFINITY
+        };
+        j += 1;
+    }
+    let max = p.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
+    if max == f32::NEG_INFINITY {
+        o.fill(0.0); // no valid key
+        return;
+    }
+    for pj in p.iter_mut() {
+        *pj = exp_nonpositive(*pj - max);
+    }
+    let inv = 1.0 / sum(p);
+    let mut acc = [_mm512_setzero_ps(); C];
+    let vp = vf.as_ptr();
+    for (j, &w) in p.iter().enumerate() {
+        if w != 0.0 {
+            let wv = _mm512_set1_ps(w * inv);
+            for (c, ac) in acc.iter_mut().enumerate() {
+                *ac = _mm512_fmadd_ps(wv, unsafe { _mm512_loadu_ps(vp.add(j * hd + 16 * c)) }, *ac);
+            }
+        }
+    }
+    for (c, ac) in acc.iter().enumerate() {
+        unsafe { _mm512_storeu_ps(o.as_mut_ptr().add(16 * c), *ac) };
+    }
+}
+
+/// The sums of the 16 lanes of each of a, b, c and d, taken together: 13 shuffles and adds
+/// for the four instead of about 9 each.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn reduce4(
+    a: std::arch::x86_64::__m512,
+    b: std::arch::x86_64::__m512,
+    c: std::arch::x86_64::__m512,
+    d: std::arch::x86_64::__m512,
+) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    // In each 128-bit block: [a0+a2, b0+b2, a1+a3, b1+b3], and the same for c, d.
+    let ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    let cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    // In each 128-bit block: the block's sums of a, b, c, d.
+    let abcd = _mm512_add_ps(
+        _mm512_shuffle_ps::<0b01_00_01_00>(ab, cd),
+        _mm512_shuffle_ps::<0b11_10_11_10>(ab, cd),
+    );
+    // Blocks 0 + 2 and 1 + 3, then all four, in block 0.
+    let halves = _mm512_add_ps(abcd, _mm512_shuffle_f32x4::<0b01_00_11_10>(abcd, abcd));
+    let all = _mm512_add_ps(
+        halves,
+        _mm512_shuffle_f32x4::<0b10_11_00_01>(halves, halves),
+    );
+    let mut sums = [0.0f32; 4];
+    // SAFETY: `sums` holds exactly the four floats of the low 128 bits.
+    unsafe { _mm_storeu_ps(sums.as_mut_ptr(), _mm512_castps512_ps128(all)) };
+    sums
 }
 
 /// One query row (decode) with its keys cut into [`key_parts`] contiguous ranges, run in

@@ -403,6 +403,32 @@ fn attention_decode_splits_heads_between_threads() {
 }
 
 #[test]
+fn attention_prefill_over_widened_heads() {
+    // Several query rows with 64- and 128-wide heads take the widened path on AVX-512 (every
+    // path is checked against the reference): row counts that are not a multiple of the four
+    // keys scored together, rows inside a longer cache, left padding, holes, early rows with no
+    // valid key, parallel groups (scratch for several rows) and one sequential group.
+    let mut padded = vec![true; 300];
+    padded[..6].fill(false);
+    padded[50..53].fill(false);
+    let late: Vec<bool> = (0..40).map(|j| j >= 9).collect();
+    for (n, &(q_len, kv_len, nh, hd, slots, valid)) in [
+        (37, 37, 3, 64, 4, &padded[..]),
+        (13, 50, 2, 64, 3, &padded[..]),
+        (21, 21, 2, 128, 1, &padded[..]),
+        (40, 40, 2, 64, 2, &late[..]),
+        (2, 2, 1, 64, 1, &padded[..]),
+    ]
+    .iter()
+    .enumerate()
+    {
+        in_pools(&[1, 2], || {
+            check_attention(q_len, kv_len, nh, hd, valid, slots, 90 + n as u64);
+        });
+    }
+}
+
+#[test]
 fn attention_decode_splits_keys_into_parts() {
     // One query row with scratch for the key-split path (`nh * kv_len` scores plus the
     // partials, as the executor sizes it): 2, 3 and 4 parts, a last part shorter than the
