@@ -3,8 +3,14 @@
 //! The cache rows are [kv_len, num_heads * head_dim], so one head's keys are `head_dim`
 //! contiguous floats every row: each score is a short contiguous dot product and the weighted
 //! sum of values is a contiguous multiply-add per key, which vectorises without copying or
-//! transposing the cache. Bodies are written once in plain Rust and compiled twice, for AVX-512
-//! and for the baseline target, and the wrapper picks one at run time.
+//! transposing the cache. Bodies are written once in plain Rust and compiled for AVX-512, AVX2
+//! and the baseline target, and the wrapper picks one at run time.
+//!
+//! Three schedules: a decode row over a cache of 64 keys or more splits its keys into parts
+//! that run in parallel and are merged (`split_keys`); several rows (prefill) run in parallel
+//! groups of rows, on AVX-512 over one head's keys and values widened to f32 once per group
+//! (`rows_avx512`); what is left (short caches, little scratch) runs row by row, a decode row's
+//! heads split between threads.
 
 use super::linear::{Isa, WeightElem as KvElem};
 use super::KvRows;
