@@ -158,8 +158,8 @@ pub fn layer_norm(x: &[f32], width: usize, gamma: &[f32], beta: &[f32], eps: f32
         "layer_norm: gamma/beta must have width elements"
     );
     let norm_row = |(xr, yr): (&[f32], &mut [f32])| {
-        let mean = xr.iter().sum::<f32>() / width as f32;
-        let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / width as f32;
+        let mean = lane_sum(xr, |v| v) / width as f32;
+        let var = lane_sum(xr, |v| (v - mean) * (v - mean)) / width as f32;
         let inv = 1.0 / (var + eps).sqrt();
         for (((yv, xv), g), b) in yr.iter_mut().zip(xr).zip(gamma).zip(beta) {
             *yv = (xv - mean) * inv * g + b;
@@ -172,6 +172,26 @@ pub fn layer_norm(x: &[f32], width: usize, gamma: &[f32], beta: &[f32], eps: f32
     } else {
         x.chunks(width).zip(y.chunks_mut(width)).for_each(norm_row);
     }
+}
+
+/// The sum of f(v) over x in 16 independent partial sums, added pairwise at the end: a plain
+/// `sum` is one chain of dependent additions that the compiler may not reorder, which made the
+/// layer norms of a prefill latency bound (3% of OPT-125m's batch-16 prefill on the Zen 4).
+#[inline(always)]
+fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for (l, v) in lanes.iter_mut().zip(c) {
+            *l += f(*v);
+        }
+    }
+    for width in [8, 4, 2, 1] {
+        for l in 0..width {
+            lanes[l] += lanes[l + width];
+        }
+    }
+    lanes[0] + chunks.remainder().iter().map(|v| f(*v)).sum::<f32>()
 }
 
 /// max(x, 0) in place: OPT's FFN activation, applied to the up-projection's output buffer.
