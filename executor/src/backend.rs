@@ -116,12 +116,8 @@ impl Backend for CpuBackend {
     }
 }
 
-/// The number of `f32` the attention kernel may use as scratch, for a cache of `max_len` rows.
-///
-/// The kernel contract asks for at least `kv_len` values per worker thread; sizing by the larger of
-/// the thread count and the head count also covers a kernel that parallelises over heads, and
-/// the partials let a decode row split its keys into parts that run in parallel.
+/// The number of `f32` the attention kernel may use as scratch, for a cache of `max_len` rows:
+/// what its fastest schedules need (`primitives::kernels::attention_scratch_len`).
 pub fn attention_scratch_len(max_len: usize, num_heads: usize, head_dim: usize) -> usize {
-    max_len * rayon::current_num_threads().max(num_heads).max(1)
-        + primitives::kernels::attention_partials_len(num_heads, head_dim)
+    primitives::kernels::attention_scratch_len(max_len, num_heads, head_dim)
 }

@@ -97,12 +97,9 @@ fn main() {
     let q: Vec<f32> = (0..d).map(|i| ((i % 7) as f32 - 3.0) * 0.1).collect();
     let valid = vec![true; kv_len];
     let mut out = vec![0.0f32; d];
-    // As the executor sizes it (`executor::backend::attention_scratch_len`).
-    let mut scratch = vec![
-        0.0f32;
-        kv_len * rayon::current_num_threads().max(heads)
-            + primitives::kernels::attention_partials_len(heads, head_dim)
-    ];
+    // As the executor sizes it.
+    let mut scratch =
+        vec![0.0f32; primitives::kernels::attention_scratch_len(kv_len, heads, head_dim)];
     println!(
         "{model} {dtype}: {layers} layers x {batch} sequences x {kv_len} keys, {:.1} MB of KV per step, {} threads",
         bytes as f64 / 1e6,

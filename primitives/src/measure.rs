@@ -255,7 +255,9 @@ impl AttentionSet {
         let d = self.heads * self.head_dim;
         let valid = vec![true; self.kv_len];
         let mut out = vec![0.0f32; self.q_len * d];
-        let mut scratch = vec![0.0f32; self.kv_len * rayon::current_num_threads().max(self.heads)];
+        // Sized as the executor sizes it, so the kernel takes the executor's schedule.
+        let mut scratch =
+            vec![0.0f32; kernels::attention_scratch_len(self.kv_len, self.heads, self.head_dim)];
         let flops = 4.0 * (self.seqs * self.q_len * self.kv_len * d) as f64;
         let scale = 1.0 / (self.head_dim as f32).sqrt();
         // Enough rounds that a pass takes tens of milliseconds: a single round of a few

@@ -216,6 +216,16 @@ pub fn attention_partials_len(num_heads: usize, head_dim: usize) -> usize {
     attention::partials_len(num_heads, head_dim)
 }
 
+/// The scratch (f32 count) with which [`attention`] takes its fastest path for any query
+/// length over a cache of up to `max_len` keys: the scores of the larger of the thread count
+/// and the head count of rows (parallel prefill rows, or every head of a decode row), plus the
+/// partials of a decode row split by keys. The executor sizes its workspace with this, and
+/// `planner profile` times attention with it, so both run the same schedule.
+pub fn attention_scratch_len(max_len: usize, num_heads: usize, head_dim: usize) -> usize {
+    max_len * rayon::current_num_threads().max(num_heads).max(1)
+        + attention_partials_len(num_heads, head_dim)
+}
+
 /// Causal multi-head attention for one sequence.
 ///
 /// q: [q_len, nh*hd]; k, v: the cache rows [kv_len, nh*hd] (row stride nh*hd) in the cache's
