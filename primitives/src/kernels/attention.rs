@@ -815,14 +815,7 @@ fn exp_nonpositive(x: f32) -> f32 {
 /// Sum with 16 independent partial sums, folded as a tree.
 #[inline(always)]
 fn sum(x: &[f32]) -> f32 {
-    let mut lanes = [0.0f32; 16];
-    let mut chunks = x.chunks_exact(16);
-    for c in &mut chunks {
-        for l in 0..16 {
-            lanes[l] += c[l];
-        }
-    }
-    fold16(lanes) + chunks.remainder().iter().sum::<f32>()
+    super::lane_sum(x, |v| v)
 }
 
 /// Dot product with 16 independent partial sums (one vector register under AVX-512), folded
@@ -837,22 +830,11 @@ fn dot<K: KvElem>(a: &[f32], b: &[K]) -> f32 {
             lanes[l] += x[l] * y[l].widen();
         }
     }
-    let mut s = fold16(lanes);
+    let mut s = super::fold16(lanes);
     for (x, y) in ac.remainder().iter().zip(bc.remainder()) {
         s += x * y.widen();
     }
     s
-}
-
-/// Adds 16 lanes pairwise (8 + 4 + 2 + 1 additions on a short dependency chain).
-#[inline(always)]
-fn fold16(mut lanes: [f32; 16]) -> f32 {
-    for width in [8, 4, 2, 1] {
-        for l in 0..width {
-            lanes[l] += lanes[l + width];
-        }
-    }
-    lanes[0]
 }
 
 #[cfg(test)]

@@ -178,7 +178,7 @@ pub fn layer_norm(x: &[f32], width: usize, gamma: &[f32], beta: &[f32], eps: f32
 /// `sum` is one chain of dependent additions that the compiler may not reorder, which made the
 /// layer norms of a prefill latency bound (3% of OPT-125m's batch-16 prefill on the Zen 4).
 #[inline(always)]
-fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+pub(crate) fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut lanes = [0.0f32; 16];
     let mut chunks = x.chunks_exact(16);
     for c in &mut chunks {
@@ -186,12 +186,18 @@ fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
             *l += f(*v);
         }
     }
+    fold16(lanes) + chunks.remainder().iter().map(|v| f(*v)).sum::<f32>()
+}
+
+/// Adds 16 lanes pairwise (8 + 4 + 2 + 1 additions on a short dependency chain).
+#[inline(always)]
+pub(crate) fn fold16(mut lanes: [f32; 16]) -> f32 {
     for width in [8, 4, 2, 1] {
         for l in 0..width {
             lanes[l] += lanes[l + width];
         }
     }
-    lanes[0] + chunks.remainder().iter().map(|v| f(*v)).sum::<f32>()
+    lanes[0]
 }
 
 /// max(x, 0) in place: OPT's FFN activation, applied to the up-projection's output buffer.
