@@ -68,7 +68,7 @@ pub(crate) fn attention_on(a: &AttnRows, out: &mut [f32], scratch: &mut [f32], i
 }
 
 /// Most parts a single query row's keys are cut into (see [`split_keys`]).
-pub(crate) const KEY_PARTS: usize = 4;
+const KEY_PARTS: usize = 4;
 /// Fewest keys per part: below this the partial outputs and their merge cost more than the
 /// streaming they buy.
 const MIN_PART_KEYS: usize = 32;
@@ -294,15 +294,11 @@ unsafe fn row_avx512<const C: usize>(
         };
         j += 1;
     }
-    let max = p.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
-    if max == f32::NEG_INFINITY {
+    let Some((_, total)) = exp_from_max(p) else {
         o.fill(0.0); // no valid key
         return;
-    }
-    for pj in p.iter_mut() {
-        *pj = exp_nonpositive(*pj - max);
-    }
-    let inv = 1.0 / sum(p);
+    };
+    let inv = 1.0 / total;
     let mut acc = [_mm512_setzero_ps(); C];
     let vp = vf.as_ptr();
     for (j, &w) in p.iter().enumerate() {
@@ -474,16 +470,8 @@ fn part_body<O: HeadOps, K: KvElem>(
         }
     }
     for (sh, sth) in s.chunks_exact_mut(n).zip(st.chunks_exact_mut(2)) {
-        let max = sh.iter().fold(f32::NEG_INFINITY, |m, x| m.max(*x));
-        if max == f32::NEG_INFINITY {
-            sh.fill(0.0);
-            sth.copy_from_slice(&[f32::NEG_INFINITY, 0.0]);
-            continue;
-        }
-        for x in sh.iter_mut() {
-            *x = exp_nonpositive(*x - max);
-        }
-        sth.copy_from_slice(&[max, sum(sh)]);
+        let (max, total) = exp_from_max(sh).unwrap_or((f32::NEG_INFINITY, 0.0));
+        sth.copy_from_slice(&[max, total]);
     }
     o.fill(0.0);
     for (c, j) in keys.enumerate() {
@@ -752,17 +740,11 @@ fn heads_body<O: HeadOps, K: KvElem>(
         }
         // Softmax per head; a head with no valid key gets weights 0 (output zeros).
         for ph in p.chunks_exact_mut(keys) {
-            let max = ph.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
-            if max == f32::NEG_INFINITY {
-                ph.fill(0.0);
-                continue;
-            }
-            for pj in ph.iter_mut() {
-                *pj = exp_nonpositive(*pj - max);
-            }
-            let inv = 1.0 / sum(ph);
-            for pj in ph.iter_mut() {
-                *pj *= inv;
+            if let Some((_, total)) = exp_from_max(ph) {
+                let inv = 1.0 / total;
+                for pj in ph.iter_mut() {
+                    *pj *= inv;
+                }
             }
         }
         oc.fill(0.0);
@@ -782,6 +764,22 @@ fn heads_body<O: HeadOps, K: KvElem>(
             }
         }
     }
+}
+
+/// Replaces scores by e^(score - max) and returns (max, sum of those), the unnormalised
+/// softmax every schedule takes; `None`, with the scores set to 0, when every score is -inf
+/// (no valid key). The exponential maps masked keys (-inf) to exactly 0.
+#[inline(always)]
+fn exp_from_max(p: &mut [f32]) -> Option<(f32, f32)> {
+    let max = p.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
+    if max == f32::NEG_INFINITY {
+        p.fill(0.0);
+        return None;
+    }
+    for x in p.iter_mut() {
+        *x = exp_nonpositive(*x - max);
+    }
+    Some((max, sum(p)))
 }
 
 /// e^x for x <= 0 (and -inf, giving 0), about 2e-7 relative error, in plain arithmetic so that
