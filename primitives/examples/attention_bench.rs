@@ -1,7 +1,9 @@
 //! Times decode attention as a batched decode step runs it: one query row per sequence against
-//! that sequence's KV cache, for every layer and every sequence of the batch, each cache on its
-//! own 2 MiB pages so that nothing stays in cache between calls (a step of OPT-1.3B at batch 16
-//! and 145 keys reads 456 MB of bf16 keys and values).
+//! that sequence's KV cache, for every layer and every sequence of the batch, each cache in its
+//! own buffer (`KvBuf`, the executor's cache type; on the heap when under 2 MiB, where the
+//! executor keeps a layer's sequences in one huge-page buffer). A step of OPT-1.3B at batch 16
+//! and 145 keys reads 456 MB of bf16 keys and values, far more than the last-level cache, so
+//! nothing stays cached between calls.
 //!
 //! The DRAM reference is measured in the same run over the same bytes, as in `kernel_bench`:
 //! before every repetition the caches are read once by `kernels::stream_read`; `of_dram` is the
@@ -11,62 +13,33 @@
 //! `cargo run --release --example attention_bench -- [model] [dtype] [kv_len] [batch] [reps]`
 //! e.g. `attention_bench opt-1.3b bf16 145 16 7` (the defaults).
 
-use half::{bf16, f16};
-use primitives::kernels::{attention, stream_read, HugePageBuf, KvRows};
+use primitives::kernels::{attention, attention_scratch_len, stream_read, KvBuf, KvDtype};
 use std::time::Instant;
 
-/// One sequence's keys or values in the benchmarked dtype, `[max_len, heads * head_dim]`.
-enum Cache {
-    F32(HugePageBuf<f32>),
-    F16(HugePageBuf<f16>),
-    Bf16(HugePageBuf<bf16>),
-}
-
-impl Cache {
-    fn random(dtype: &str, n: usize, seed: u64) -> Cache {
-        // Deterministic values in [-1, 1): the kernel's speed does not depend on them.
-        let value = |i: usize| {
+/// One sequence's keys or values, `[kv_len, heads * head_dim]`, in the executor's own cache
+/// type, filled with deterministic values in [-1, 1) (the speed does not depend on them).
+fn random_cache(dtype: KvDtype, n: usize, seed: u64) -> KvBuf {
+    let values: Vec<f32> = (0..n)
+        .map(|i| {
             let h = (i as u64 ^ seed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
             ((h >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0
-        };
-        fn fill<T: Copy + Send + Sync>(
-            n: usize,
-            zero: T,
-            f: impl Fn(usize) -> T,
-        ) -> HugePageBuf<T> {
-            let mut v = HugePageBuf::filled(n, zero);
-            v.iter_mut().enumerate().for_each(|(i, x)| *x = f(i));
-            v
-        }
-        match dtype {
-            "f32" => Cache::F32(fill(n, 0.0, value)),
-            "f16" => Cache::F16(fill(n, f16::ZERO, |i| f16::from_f32(value(i)))),
-            "bf16" => Cache::Bf16(fill(n, bf16::ZERO, |i| bf16::from_f32(value(i)))),
-            other => panic!("dtype must be f32, f16 or bf16, not {other}"),
-        }
-    }
-
-    fn rows(&self) -> KvRows<'_> {
-        match self {
-            Cache::F32(c) => KvRows::F32(c),
-            Cache::F16(c) => KvRows::F16(c),
-            Cache::Bf16(c) => KvRows::Bf16(c),
-        }
-    }
-
-    fn as_bytes(&self) -> &[u8] {
-        match self {
-            Cache::F32(c) => bytemuck::cast_slice(c),
-            Cache::F16(c) => bytemuck::cast_slice(c),
-            Cache::Bf16(c) => bytemuck::cast_slice(c),
-        }
-    }
+        })
+        .collect();
+    let mut cache = KvBuf::zeroed(dtype, n);
+    cache.rows_mut(0..n).write(0, &values);
+    cache
 }
 
 fn main() {
     let mut args = std::env::args().skip(1);
     let model = args.next().unwrap_or_else(|| "opt-1.3b".into());
-    let dtype = args.next().unwrap_or_else(|| "bf16".into());
+    let dtype_name = args.next().unwrap_or_else(|| "bf16".into());
+    let dtype = match dtype_name.as_str() {
+        "f32" => KvDtype::F32,
+        "f16" => KvDtype::F16,
+        "bf16" => KvDtype::Bf16,
+        other => panic!("dtype must be f32, f16 or bf16, not {other}"),
+    };
     let kv_len: usize = args.next().map_or(145, |a| a.parse().expect("kv_len"));
     let batch: usize = args.next().map_or(16, |a| a.parse().expect("batch"));
     let reps: usize = args.next().map_or(7, |a| a.parse().expect("reps"));
@@ -81,27 +54,26 @@ fn main() {
     let head_dim = 64;
     let d = heads * head_dim;
     // Exactly kv_len rows per cache, so the streaming reference reads the bytes attention reads.
-    let caches: Vec<(Cache, Cache)> = (0..layers * batch)
+    let caches: Vec<(KvBuf, KvBuf)> = (0..layers * batch)
         .map(|i| {
             let seed = 2 * i as u64;
             (
-                Cache::random(&dtype, kv_len * d, seed),
-                Cache::random(&dtype, kv_len * d, seed + 1),
+                random_cache(dtype, kv_len * d, seed),
+                random_cache(dtype, kv_len * d, seed + 1),
             )
         })
         .collect();
     let bytes: usize = caches
         .iter()
-        .map(|(k, v)| k.as_bytes().len() + v.as_bytes().len())
+        .map(|(k, v)| (k.bytes() + v.bytes()) as usize)
         .sum();
     let q: Vec<f32> = (0..d).map(|i| ((i % 7) as f32 - 3.0) * 0.1).collect();
     let valid = vec![true; kv_len];
     let mut out = vec![0.0f32; d];
     // As the executor sizes it.
-    let mut scratch =
-        vec![0.0f32; primitives::kernels::attention_scratch_len(kv_len, heads, head_dim)];
+    let mut scratch = vec![0.0f32; attention_scratch_len(kv_len, heads, head_dim)];
     println!(
-        "{model} {dtype}: {layers} layers x {batch} sequences x {kv_len} keys, {:.1} MB of KV per step, {} threads",
+        "{model} {dtype_name}: {layers} layers x {batch} sequences x {kv_len} keys, {:.1} MB of KV per step, {} threads",
         bytes as f64 / 1e6,
         rayon::current_num_threads()
     );
@@ -113,7 +85,7 @@ fn main() {
         let start = Instant::now();
         let mut check = 0.0;
         for (k, v) in &caches {
-            check += stream_read(k.as_bytes()) + stream_read(v.as_bytes());
+            check += stream_read(k.all().as_bytes()) + stream_read(v.all().as_bytes());
         }
         std::hint::black_box(check);
         dram.push(bytes as f64 / start.elapsed().as_secs_f64() / 1e9);
@@ -125,8 +97,8 @@ fn main() {
                 attention(
                     &q,
                     1,
-                    k.rows(),
-                    v.rows(),
+                    k.all(),
+                    v.all(),
                     kv_len,
                     &valid,
                     heads,
