@@ -185,9 +185,9 @@ def torch_median_report(paths):
 
 
 def cmd_report(args):
-    def numbers(key, what):
-        """The DRAM read figures measured `what` ("before" or "after") each executor run, in run order."""
-        path = os.path.join(args.results, f"{key}.dram-{what}.txt")
+    def dram_figures(key, when):
+        """The DRAM read figures measured `when` ("before" or "after") each executor run, in run order."""
+        path = os.path.join(args.results, f"{key}.dram-{when}.txt")
         if not os.path.exists(path):
             return []
         return [float(line.split()[-1]) for line in open(path) if line.startswith("dram_read_gb_s")]
@@ -270,7 +270,7 @@ def cmd_report(args):
         steps = e["decode_steps"] or (t["new_tokens"] - 1)
         per_token = e["decode_s"] / steps
         bw = e["weight_bytes_per_step"] / per_token / 1e9
-        before, after = numbers(key, "before"), numbers(key, "after")
+        before, after = dram_figures(key, "before"), dram_figures(key, "after")
         steady, every = [], []
         for n in sorted(exe_runs):
             run = json.load(open(exe_runs[n]))

@@ -116,8 +116,6 @@ impl Backend for CpuBackend {
     }
 }
 
-/// The number of `f32` the attention kernel may use as scratch, for a cache of `max_len` rows:
-/// what its fastest schedules need (`primitives::kernels::attention_scratch_len`).
-pub fn attention_scratch_len(max_len: usize, num_heads: usize, head_dim: usize) -> usize {
-    primitives::kernels::attention_scratch_len(max_len, num_heads, head_dim)
-}
+/// The scratch a backend's attention takes for a cache of `max_len` rows: the CPU kernel's own
+/// sizing, so the workspace, the simulated device and `planner profile` all give it the same.
+pub use primitives::kernels::attention_scratch_len;
