@@ -10,8 +10,13 @@
 //! median over repetitions of the attention's KV GB/s over the streaming GB/s of the same
 //! repetition.
 //!
-//! `cargo run --release --example attention_bench -- [model] [dtype] [kv_len] [batch] [reps]`
-//! e.g. `attention_bench opt-1.3b bf16 145 16 7` (the defaults).
+//! With a sixth argument `prefill` every call is a whole prompt instead: `kv_len` query rows
+//! against their own `kv_len` keys, causal, as a prefill runs it; `GFLOP/s` counts the
+//! multiply-adds of q·k and of the weighted values over the keys each row sees.
+//!
+//! `cargo run --release --example attention_bench -- [model] [dtype] [kv_len] [batch] [reps]
+//! [prefill]`, e.g. `attention_bench opt-1.3b bf16 145 16 7` (the defaults) or
+//! `attention_bench opt-125m bf16 128 16 7 prefill`.
 
 use primitives::kernels::{attention, attention_scratch_len, stream_read, KvBuf, KvDtype};
 use std::time::Instant;
@@ -43,6 +48,8 @@ fn main() {
     let kv_len: usize = args.next().map_or(145, |a| a.parse().expect("kv_len"));
     let batch: usize = args.next().map_or(16, |a| a.parse().expect("batch"));
     let reps: usize = args.next().map_or(7, |a| a.parse().expect("reps"));
+    let prefill = args.next().as_deref() == Some("prefill");
+    let q_len = if prefill { kv_len } else { 1 };
     let (layers, heads) = match model.as_str() {
         "opt-125m" => (12, 12),
         "opt-350m" => (24, 16),
@@ -67,9 +74,14 @@ fn main() {
         .iter()
         .map(|(k, v)| (k.bytes() + v.bytes()) as usize)
         .sum();
-    let q: Vec<f32> = (0..d).map(|i| ((i % 7) as f32 - 3.0) * 0.1).collect();
+    let q: Vec<f32> = (0..q_len * d)
+        .map(|i| ((i % 7) as f32 - 3.0) * 0.1)
+        .collect();
     let valid = vec![true; kv_len];
-    let mut out = vec![0.0f32; d];
+    let mut out = vec![0.0f32; q_len * d];
+    // Multiply-adds of q·k and p·v over the keys each query row sees, per call.
+    let seen: usize = (0..q_len).map(|i| kv_len - q_len + i + 1).sum();
+    let flops_per_call = 4.0 * (seen * d) as f64;
     // As the executor sizes it.
     let mut scratch = vec![0.0f32; attention_scratch_len(kv_len, heads, head_dim)];
     println!(
@@ -77,7 +89,7 @@ fn main() {
         bytes as f64 / 1e6,
         rayon::current_num_threads()
     );
-    println!("step_ms_median  step_ms_min  kv_GB/s  dram_GB/s  of_dram  us_per_call");
+    println!("step_ms_median  step_ms_min  kv_GB/s  dram_GB/s  of_dram  us_per_call  GFLOP/s");
     let mut times = Vec::new();
     let mut dram = Vec::new();
     let mut of_dram = Vec::new();
@@ -96,7 +108,7 @@ fn main() {
             for (k, v) in &caches {
                 attention(
                     &q,
-                    1,
+                    q_len,
                     k.all(),
                     v.all(),
                     kv_len,
@@ -118,12 +130,13 @@ fn main() {
     }
     let med = times[reps / 2];
     println!(
-        "{:14.2}  {:11.2}  {:7.2}  {:9.2}  {:7.3}  {:11.1}",
+        "{:14.2}  {:11.2}  {:7.2}  {:9.2}  {:7.3}  {:11.1}  {:7.1}",
         med * 1e3,
         times[0] * 1e3,
         bytes as f64 / med / 1e9,
         dram[reps / 2],
         of_dram[reps / 2],
         med * 1e6 / caches.len() as f64,
+        flops_per_call * caches.len() as f64 / med / 1e9,
     );
 }

@@ -111,6 +111,18 @@ fn attention_impl<K: KvElem>(a: &Attn<K>, out: &mut [f32], scratch: &mut [f32], 
     {
         split_keys(a, out, scratch, isa);
     } else if slots >= 2 && a.q_len >= 2 && work >= 1 << 16 {
+        #[cfg(target_arch = "x86_64")]
+        if tiled_rows(isa, a.head_dim) && a.num_heads >= 2 * threads {
+            // A task per head: every head is the same work, and its keys and values are
+            // widened once for all the rows.
+            let rows = OutRows(out.as_mut_ptr());
+            (0..a.num_heads).into_par_iter().for_each(|h| {
+                // SAFETY: `tiled_rows` checked the features and head size; each task writes
+                // only its own head's columns of the q_len rows of `out`.
+                unsafe { rows_tiled(a, 0, a.q_len, rows, h..h + 1) }
+            });
+            return;
+        }
         // Several groups per thread, so work stealing evens out causal rows (later rows see
         // more keys).
         let groups = slots.min(a.q_len).min(4 * threads);
@@ -140,13 +152,10 @@ fn attention_impl<K: KvElem>(a: &Attn<K>, out: &mut [f32], scratch: &mut [f32], 
 /// cache widened to f32 once for all the rows (`rows_avx512`), else row by row.
 fn run_rows<K: KvElem>(a: &Attn<K>, first: usize, out: &mut [f32], p: &mut [f32], isa: Isa) {
     #[cfg(target_arch = "x86_64")]
-    if matches!(isa, Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx) {
-        // SAFETY: `Isa::detect` only reports an instruction set the CPU has.
-        match a.head_dim {
-            64 => return unsafe { rows_avx512::<K, 4>(a, first, out, p) },
-            128 => return unsafe { rows_avx512::<K, 8>(a, first, out, p) },
-            _ => {}
-        }
+    if tiled_rows(isa, a.head_dim) {
+        let n_rows = out.len() / (a.num_heads * a.head_dim);
+        // SAFETY: `tiled_rows` checked; `out` holds the n_rows rows and nothing else writes it.
+        return unsafe { rows_tiled(a, first, n_rows, OutRows(out.as_mut_ptr()), 0..a.num_heads) };
     }
     let d = a.num_heads * a.head_dim;
     for (r, orow) in out.chunks_mut(d).enumerate() {
@@ -156,194 +165,290 @@ fn run_rows<K: KvElem>(a: &Attn<K>, first: usize, out: &mut [f32], p: &mut [f32]
 
 #[cfg(target_arch = "x86_64")]
 thread_local! {
-    /// One head's keys and values widened to f32 (`rows_avx512`), kept per thread and grown to
-    /// the longest prompt seen: at most 2 x 2048 keys x 128 floats = 2 MiB.
+    /// `rows_avx512`'s working copy of one head: its keys widened to f32 and transposed
+    /// (`[head_dim, keys]`), its values widened (`[keys, head_dim]`) and one tile's scores
+    /// (`[TILE_ROWS, keys]`), kept per thread and grown to the longest prompt seen: at most
+    /// (2 x 128 + 8) x 2048 floats, about 2.1 MiB.
     static WIDE_KV: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Several query rows (prefill): for each head, its keys and values up to the last row's
-/// position are widened to f32 once into a per-thread buffer ([keys, head_dim], contiguous),
-/// then every row scores four keys at a time (four independent FMA chains with the key rows
-/// as memory operands, their horizontal sums taken together), takes the softmax, and sums
-/// the values into `C` registers (head_dim = 16 C). Why: row by row over the cache in place,
-/// each score was a dot product with its own horizontal sum and each value update loaded and
-/// stored the output; prefill attention took 13% of OPT-125m's batch-16 prefill on the Zen 4.
+/// Query rows per tile of `rows_avx512`: 8 rows x 32 keys of scores are 16 accumulators, and
+/// each pair of key vectors loaded serves 16 FMAs.
+#[cfg(target_arch = "x86_64")]
+const TILE_ROWS: usize = 8;
+
+/// Whether `rows_avx512` serves heads of `head_dim` on `isa`.
+#[cfg(target_arch = "x86_64")]
+fn tiled_rows(isa: Isa, head_dim: usize) -> bool {
+    matches!(isa, Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx) && matches!(head_dim, 64 | 128)
+}
+
+/// Output rows that several tasks write at once, each its own heads' columns.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct OutRows(*mut f32);
+// SAFETY: tasks write disjoint (row, head) blocks, and the borrow of the rows outlives them.
+#[cfg(target_arch = "x86_64")]
+unsafe impl Send for OutRows {}
+#[cfg(target_arch = "x86_64")]
+unsafe impl Sync for OutRows {}
+
+/// `rows_avx512` for 64- or 128-wide heads.
 ///
 /// # Safety
-/// AVX-512 F/BW/VL and FMA available; `head_dim == 16 * C`.
+/// As `rows_avx512`; `tiled_rows(isa, a.head_dim)` holds for the detected `isa`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn rows_tiled<K: KvElem>(
+    a: &Attn<K>,
+    first: usize,
+    n_rows: usize,
+    out: OutRows,
+    heads: Range<usize>,
+) {
+    // SAFETY: the caller's contract.
+    match a.head_dim {
+        64 => unsafe { rows_avx512::<K, 4>(a, first, n_rows, out, heads) },
+        _ => unsafe { rows_avx512::<K, 8>(a, first, n_rows, out, heads) },
+    }
+}
+
+/// Several query rows (prefill), as small matrix products. For each head, its keys up to the
+/// last row are widened to f32 and transposed 16 x 16 at a time into `[head_dim, keys]`, its
+/// values widened into `[keys, head_dim]`; then tiles of 8 rows take their scores as outer
+/// products (a broadcast query element times 32 keys of one transposed row, 16 accumulators,
+/// no horizontal sums), their softmax row by row, and their outputs as outer products again
+/// (a broadcast weight times a value row, `16 / C` rows x `C` vectors at a time). Why: row by
+/// row, each score was a dot product with its own horizontal sum and each value row was
+/// loaded once per query row; prefill attention took 9% of OPT-125m's batch-16 prefill on the
+/// 2-core Zen 4 that way (94 of 1030 ms).
+///
+/// Writes rows `first..first + n_rows` of heads `heads`, row `first` at `out.0` and rows
+/// `num_heads * head_dim` floats apart.
+///
+/// # Safety
+/// AVX-512 F/BW/VL and FMA available; `head_dim == 16 * C`, C <= 8; `out.0` valid for the
+/// rows, and no other thread touches those rows' columns of `heads` meanwhile.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
 unsafe fn rows_avx512<K: KvElem, const C: usize>(
     a: &Attn<K>,
     first: usize,
-    out: &mut [f32],
-    p: &mut [f32],
+    n_rows: usize,
+    out: OutRows,
+    heads: Range<usize>,
 ) {
-    use std::arch::x86_64::*;
-    let (nh, hd) = (a.num_heads, a.head_dim);
+    let hd = a.head_dim;
     debug_assert_eq!(hd, 16 * C);
-    let d = nh * hd;
-    let n_rows = out.len() / d;
     if n_rows == 0 {
         return;
     }
-    // Keys the group's last row may see.
-    let keys = a.kv_len - a.q_len + first + n_rows;
+    // Row i sees keys 0..=offset + i; the last row sees `keys`.
+    let offset = a.kv_len - a.q_len;
+    let keys = offset + first + n_rows;
+    // Transposed rows padded to whole 32-key blocks (zeros past `keys`).
+    let stride = keys.next_multiple_of(32);
     WIDE_KV.with(|buf| {
         let mut buf = buf.borrow_mut();
-        if buf.len() < 2 * keys * hd {
-            buf.resize(2 * keys * hd, 0.0);
+        let need = 2 * hd * stride + TILE_ROWS * stride;
+        if buf.len() < need {
+            buf.resize(need, 0.0);
         }
-        let (kf, vf) = buf.split_at_mut(keys * hd);
-        for h in 0..nh {
-            for j in 0..keys {
-                let at = j * d + h * hd;
-                for c in 0..C {
-                    // SAFETY: row j's head h spans at..at + hd inside the cache (j < kv_len)
-                    // and j * hd + hd <= keys * hd inside each buffer.
-                    unsafe {
-                        _mm512_storeu_ps(
-                            kf.as_mut_ptr().add(j * hd + 16 * c),
-                            K::load16(a.k.as_ptr().add(at + 16 * c)),
-                        );
-                        _mm512_storeu_ps(
-                            vf.as_mut_ptr().add(j * hd + 16 * c),
-                            K::load16(a.v.as_ptr().add(at + 16 * c)),
-                        );
-                    }
-                }
-            }
-            for r in 0..n_rows {
-                let i = first + r;
-                let n = a.kv_len - a.q_len + i + 1; // keys this row may see
-                let q = &a.q[i * d + h * hd..i * d + (h + 1) * hd];
-                let o = &mut out[r * d + h * hd..r * d + (h + 1) * hd];
-                // SAFETY: the caller's features; kf and vf hold n <= keys rows of hd floats.
-                unsafe {
-                    row_avx512::<C>(
-                        q,
-                        &kf[..n * hd],
-                        &vf[..n * hd],
-                        &a.key_valid[..n],
-                        a.scale,
-                        &mut p[..n],
-                        o,
-                    )
+        let (kt, rest) = buf.split_at_mut(hd * stride);
+        let (vf, sc) = rest.split_at_mut(stride * hd);
+        for h in heads {
+            // SAFETY: the caller's features; the buffers hold what the helper writes.
+            unsafe { widen_head::<K, C>(a, h, keys, stride, kt, vf) };
+            let mut r0 = 0;
+            while r0 < n_rows {
+                let rows = (n_rows - r0).min(TILE_ROWS);
+                let tile = RowTile {
+                    first: first + r0,
+                    rows,
+                    offset,
+                    head: h,
+                    stride,
                 };
+                let d = a.num_heads * hd;
+                // SAFETY: as above; the tile's rows are among the caller's.
+                unsafe { row_tile::<K, C>(a, &tile, kt, vf, sc, out.0.wrapping_add(r0 * d)) };
+                r0 += rows;
             }
         }
     });
 }
 
-/// One query row of one head over `n` widened key and value rows (see `rows_avx512`).
+/// Where a tile of `rows_avx512` sits: query rows `first..first + rows` of head `head`, row i
+/// seeing keys `0..=offset + i`, the transposed keys and the scores `stride` floats a row.
+#[cfg(target_arch = "x86_64")]
+struct RowTile {
+    first: usize,
+    rows: usize,
+    offset: usize,
+    head: usize,
+    stride: usize,
+}
+
+/// Widens head `h`'s first `keys` keys into `kt` (`[hd, stride]`, transposed 16 x 16 in
+/// registers, zeros from `keys` to `stride`) and its values into `vf` (`[keys, hd]`).
 ///
 /// # Safety
-/// AVX-512 F/BW/VL and FMA available; q and o hold 16 C floats, kf and vf n rows of 16 C.
+/// AVX-512 F/BW/VL available; `hd == 16 * C`; `keys <= kv_len`; `kt` holds `hd * stride` and
+/// `vf` `keys * hd` floats; `stride` a multiple of 16 and at least `keys`.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
-unsafe fn row_avx512<const C: usize>(
-    q: &[f32],
-    kf: &[f32],
-    vf: &[f32],
-    valid: &[bool],
-    scale: f32,
-    p: &mut [f32],
-    o: &mut [f32],
+unsafe fn widen_head<K: KvElem, const C: usize>(
+    a: &Attn<K>,
+    h: usize,
+    keys: usize,
+    stride: usize,
+    kt: &mut [f32],
+    vf: &mut [f32],
 ) {
     use std::arch::x86_64::*;
-    let n = p.len();
     let hd = 16 * C;
-    // SAFETY (every load and store below): offsets stay inside q, o (hd floats) and inside
-    // kf, vf (n rows of hd floats), as the loop bounds show.
-    let qv: [__m512; C] =
-        std::array::from_fn(|c| unsafe { _mm512_loadu_ps(q.as_ptr().add(16 * c)) });
-    let kp = kf.as_ptr();
-    let mut j = 0;
-    while j + 4 <= n {
-        let mut acc = [_mm512_setzero_ps(); 4];
-        for (c, qc) in qv.iter().enumerate() {
-            for (t, at) in acc.iter_mut().enumerate() {
-                let kv = unsafe { _mm512_loadu_ps(kp.add((j + t) * hd + 16 * c)) };
-                *at = _mm512_fmadd_ps(*qc, kv, *at);
-            }
-        }
-        let four = reduce4(acc[0], acc[1], acc[2], acc[3]);
-        for t in 0..4 {
-            p[j + t] = if valid[j + t] {
-                four[t] * scale
-            } else {
-                f32::NEG_INFINITY
+    let d = a.num_heads * hd;
+    // SAFETY (every load and store below): key rows j < keys <= kv_len of the cache, head h's
+    // 16 C floats of each; kt rows of `stride` floats, vf rows of hd floats, as sized above.
+    for j in 0..keys {
+        for c in 0..C {
+            unsafe {
+                _mm512_storeu_ps(
+                    vf.as_mut_ptr().add(j * hd + 16 * c),
+                    K::load16(a.v.as_ptr().add(j * d + h * hd + 16 * c)),
+                )
             };
         }
-        j += 4;
     }
-    while j < n {
-        let mut acc = _mm512_setzero_ps();
-        for (c, qc) in qv.iter().enumerate() {
-            acc = _mm512_fmadd_ps(
-                *qc,
-                unsafe { _mm512_loadu_ps(kp.add(j * hd + 16 * c)) },
-                acc,
-            );
-        }
-        p[j] = if valid[j] {
-            _mm512_reduce_add_ps(acc) * scale
-        } else {
-            f32::NEG_INFINITY
-        };
-        j += 1;
-    }
-    let Some((_, total)) = exp_from_max(p) else {
-        o.fill(0.0); // no valid key
-        return;
-    };
-    let inv = 1.0 / total;
-    let mut acc = [_mm512_setzero_ps(); C];
-    let vp = vf.as_ptr();
-    for (j, &w) in p.iter().enumerate() {
-        if w != 0.0 {
-            let wv = _mm512_set1_ps(w * inv);
-            for (c, ac) in acc.iter_mut().enumerate() {
-                *ac = _mm512_fmadd_ps(wv, unsafe { _mm512_loadu_ps(vp.add(j * hd + 16 * c)) }, *ac);
+    for jb in (0..stride).step_by(16) {
+        for c in 0..C {
+            let mut m = [_mm512_setzero_si512(); 16];
+            for (l, row) in m.iter_mut().enumerate() {
+                let j = jb + l;
+                if j < keys {
+                    *row = _mm512_castps_si512(unsafe {
+                        K::load16(a.k.as_ptr().add(j * d + h * hd + 16 * c))
+                    });
+                }
+            }
+            super::linear::avx512::transpose16(&mut m);
+            for (l, col) in m.iter().enumerate() {
+                unsafe {
+                    _mm512_storeu_ps(
+                        kt.as_mut_ptr().add((16 * c + l) * stride + jb),
+                        _mm512_castsi512_ps(*col),
+                    )
+                };
             }
         }
-    }
-    for (c, ac) in acc.iter().enumerate() {
-        unsafe { _mm512_storeu_ps(o.as_mut_ptr().add(16 * c), *ac) };
     }
 }
 
-/// The sums of the 16 lanes of each of a, b, c and d, taken together: 13 shuffles and adds
-/// for the four instead of about 9 each.
+/// One tile of `rows_avx512`: scores, softmax and weighted values of up to `TILE_ROWS` query
+/// rows of one head, written from `out` (the tile's first row; rows `num_heads * head_dim`
+/// floats apart).
+///
+/// # Safety
+/// As `widen_head`, with `kt` and `vf` filled for at least the tile's last row's keys, `sc`
+/// holding `TILE_ROWS * stride` floats, and the tile's rows of the head writable at `out` by
+/// this thread alone.
 #[cfg(target_arch = "x86_64")]
 #[inline]
-#[target_feature(enable = "avx512f")]
-fn reduce4(
-    a: std::arch::x86_64::__m512,
-    b: std::arch::x86_64::__m512,
-    c: std::arch::x86_64::__m512,
-    d: std::arch::x86_64::__m512,
-) -> [f32; 4] {
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+unsafe fn row_tile<K: KvElem, const C: usize>(
+    a: &Attn<K>,
+    t: &RowTile,
+    kt: &[f32],
+    vf: &[f32],
+    sc: &mut [f32],
+    out: *mut f32,
+) {
     use std::arch::x86_64::*;
-    // In each 128-bit block: [a0+a2, b0+b2, a1+a3, b1+b3], and the same for c, d.
-    let ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-    let cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-    // In each 128-bit block: the block's sums of a, b, c, d.
-    let abcd = _mm512_add_ps(
-        _mm512_shuffle_ps::<0b01_00_01_00>(ab, cd),
-        _mm512_shuffle_ps::<0b11_10_11_10>(ab, cd),
-    );
-    // Blocks 0 + 2 and 1 + 3, then all four, in block 0.
-    let halves = _mm512_add_ps(abcd, _mm512_shuffle_f32x4::<0b01_00_11_10>(abcd, abcd));
-    let all = _mm512_add_ps(
-        halves,
-        _mm512_shuffle_f32x4::<0b10_11_00_01>(halves, halves),
-    );
-    let mut sums = [0.0f32; 4];
-    // SAFETY: `sums` holds exactly the four floats of the low 128 bits.
-    unsafe { _mm_storeu_ps(sums.as_mut_ptr(), _mm512_castps512_ps128(all)) };
-    sums
+    let hd = 16 * C;
+    let d = a.num_heads * hd;
+    let stride = t.stride;
+    // Keys the tile's last row sees, and that rounded up to whole 32-key blocks.
+    let n_last = t.offset + t.first + t.rows;
+    let n_blocks = n_last.next_multiple_of(32);
+    // The tile's query rows of this head, contiguous; rows past the tile repeat its last row
+    // (their results are dropped) so that every tile is full width.
+    let mut qt = [0.0f32; TILE_ROWS * 128];
+    for r in 0..TILE_ROWS {
+        let i = t.first + r.min(t.rows - 1);
+        let src = &a.q[i * d + t.head * hd..i * d + (t.head + 1) * hd];
+        qt[r * hd..(r + 1) * hd].copy_from_slice(src);
+    }
+    // Scores: 8 rows x 32 keys per step of the head dimension.
+    let (qp, kp, sp) = (qt.as_ptr(), kt.as_ptr(), sc.as_mut_ptr());
+    let scale = _mm512_set1_ps(a.scale);
+    for jb in (0..n_blocks).step_by(32) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; TILE_ROWS];
+        for x in 0..hd {
+            // SAFETY: transposed row x has `stride >= n_blocks` floats; qt holds 8 rows of hd.
+            let (k0, k1) = unsafe {
+                (
+                    _mm512_loadu_ps(kp.add(x * stride + jb)),
+                    _mm512_loadu_ps(kp.add(x * stride + jb + 16)),
+                )
+            };
+            for (r, ar) in acc.iter_mut().enumerate() {
+                let qv = _mm512_set1_ps(unsafe { *qp.add(r * hd + x) });
+                ar[0] = _mm512_fmadd_ps(qv, k0, ar[0]);
+                ar[1] = _mm512_fmadd_ps(qv, k1, ar[1]);
+            }
+        }
+        for (r, ar) in acc.iter().enumerate() {
+            // SAFETY: score rows of `stride >= n_blocks` floats, TILE_ROWS of them.
+            unsafe {
+                _mm512_storeu_ps(sp.add(r * stride + jb), _mm512_mul_ps(ar[0], scale));
+                _mm512_storeu_ps(sp.add(r * stride + jb + 16), _mm512_mul_ps(ar[1], scale));
+            }
+        }
+    }
+    // Softmax row by row over the keys each row sees (masked keys -inf, later keys weight 0).
+    let mut inv = [0.0f32; TILE_ROWS];
+    for (r, inv_r) in inv.iter_mut().enumerate().take(t.rows) {
+        let n = t.offset + t.first + r + 1;
+        let row = &mut sc[r * stride..r * stride + n_blocks];
+        for (p, &valid) in row[..n].iter_mut().zip(&a.key_valid[..n]) {
+            if !valid {
+                *p = f32::NEG_INFINITY;
+            }
+        }
+        row[n..].fill(0.0);
+        *inv_r = exp_from_max(&mut row[..n]).map_or(0.0, |(_, total)| 1.0 / total);
+    }
+    // Outputs: 16 / C rows x C vectors of accumulators per value row.
+    let group = 16 / C;
+    let vp = vf.as_ptr();
+    let mut r0 = 0;
+    while r0 < t.rows {
+        let mut acc = [[_mm512_setzero_ps(); C]; 4];
+        for j in 0..n_last {
+            // SAFETY: value rows j < n_last <= keys, hd floats each.
+            let v: [__m512; C] =
+                std::array::from_fn(|c| unsafe { _mm512_loadu_ps(vp.add(j * hd + 16 * c)) });
+            for (g, ag) in acc.iter_mut().enumerate().take(group) {
+                // Rows past the tile read row r0's weights; their sums are dropped.
+                let r = if r0 + g < t.rows { r0 + g } else { r0 };
+                let w = _mm512_set1_ps(unsafe { *sp.add(r * stride + j) });
+                for c in 0..C {
+                    ag[c] = _mm512_fmadd_ps(w, v[c], ag[c]);
+                }
+            }
+        }
+        for (g, ag) in acc.iter().enumerate().take(group.min(t.rows - r0)) {
+            let r = r0 + g;
+            let f = _mm512_set1_ps(inv[r]);
+            for (c, v) in ag.iter().enumerate() {
+                // SAFETY: row r of the tile, hd floats at its head: this thread's (contract).
+                unsafe {
+                    _mm512_storeu_ps(out.add(r * d + t.head * hd + 16 * c), _mm512_mul_ps(*v, f))
+                };
+            }
+        }
+        r0 += group;
+    }
 }
 
 /// One query row (decode) with its keys cut into [`key_parts`] contiguous ranges, run in
@@ -771,7 +876,7 @@ fn heads_body<O: HeadOps, K: KvElem>(
 /// (no valid key). The exponential maps masked keys (-inf) to exactly 0.
 #[inline(always)]
 fn exp_from_max(p: &mut [f32]) -> Option<(f32, f32)> {
-    let max = p.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
+    let max = lane_max(p);
     if max == f32::NEG_INFINITY {
         p.fill(0.0);
         return None;
@@ -780,6 +885,26 @@ fn exp_from_max(p: &mut [f32]) -> Option<(f32, f32)> {
         *x = exp_nonpositive(*x - max);
     }
     Some((max, sum(p)))
+}
+
+/// The largest of `x` (-inf when empty) in 16 independent lanes: `f32::max` in one chain is a
+/// scalar compare per element that does not vectorise (its NaN rule), which made the maximum
+/// about a tenth of prefill attention. Scores are never NaN, and the maximum of a set is the
+/// same whatever the order.
+#[inline(always)]
+fn lane_max(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for (l, v) in lanes.iter_mut().zip(c) {
+            *l = if *v > *l { *v } else { *l };
+        }
+    }
+    let tail = chunks.remainder().iter();
+    lanes
+        .into_iter()
+        .chain(tail.copied())
+        .fold(f32::NEG_INFINITY, |m, v| if v > m { v } else { m })
 }
 
 /// e^x for x <= 0 (and -inf, giving 0), about 2e-7 relative error, in plain arithmetic so that

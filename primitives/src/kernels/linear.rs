@@ -884,7 +884,7 @@ mod prefetch {
 mod amx;
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(crate) mod avx512 {
     //! The AVX-512 microkernels. Callers must check the CPU features (see `Isa::detect`).
 
     use super::prefetch::{Ahead, NextChunk};
@@ -1404,7 +1404,7 @@ mod avx512 {
     /// the row index with the same bit of the lane index.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    fn transpose16(m: &mut [__m512i; 16]) {
+    pub(crate) fn transpose16(m: &mut [__m512i; 16]) {
         for s in 0..4 {
             let bit = 1usize << s;
             let mut lo_idx = [0i32; 16];

@@ -404,10 +404,12 @@ fn attention_decode_splits_heads_between_threads() {
 
 #[test]
 fn attention_prefill_over_widened_heads() {
-    // Several query rows with 64- and 128-wide heads take the widened path on AVX-512 (every
-    // path is checked against the reference): row counts that are not a multiple of the four
-    // keys scored together, rows inside a longer cache, left padding, holes, early rows with no
-    // valid key, parallel groups (scratch for several rows) and one sequential group.
+    // Several query rows with 64- and 128-wide heads take the tiled path on AVX-512 (every
+    // path is checked against the reference): row counts that are not a multiple of the 8-row
+    // tiles, key counts that are not a multiple of the 32-key blocks, rows inside a longer
+    // cache, left padding, holes, early rows with no valid key, a task per head (at least two
+    // heads per thread), parallel groups of rows (scratch for several rows) and one sequential
+    // group.
     let mut padded = vec![true; 300];
     padded[..6].fill(false);
     padded[50..53].fill(false);
@@ -418,6 +420,8 @@ fn attention_prefill_over_widened_heads() {
         (21, 21, 2, 128, 1, &padded[..]),
         (40, 40, 2, 64, 2, &late[..]),
         (2, 2, 1, 64, 1, &padded[..]),
+        (33, 40, 5, 64, 3, &padded[..]),
+        (17, 17, 4, 128, 2, &late[..]),
     ]
     .iter()
     .enumerate()
