@@ -399,17 +399,7 @@ impl Sampler {
 }
 
 /// Index of the largest value, the first on ties; NaN never wins.
-pub fn argmax(values: &[f32]) -> u32 {
-    let mut best = 0;
-    let mut best_value = f32::NEG_INFINITY;
-    for (i, &v) in values.iter().enumerate() {
-        if v > best_value {
-            best = i;
-            best_value = v;
-        }
-    }
-    best as u32
-}
+pub use crate::kernels::argmax;
 
 #[cfg(test)]
 mod tests {

@@ -200,6 +200,89 @@ pub(crate) fn fold16(mut lanes: [f32; 16]) -> f32 {
     lanes[0]
 }
 
+/// Index of the largest value, the first on ties; NaN never wins (0 when nothing is larger
+/// than -inf). Greedy decoding takes it over the whole vocabulary for every sequence and step:
+/// a loop with a branch per value took 0.7 ms of each 18 ms OPT-125m batch-16 step on the
+/// 2-core Zen 4. Here sixteen lanes each keep their best value and its index (a compare and
+/// two blends per vector, on AVX-512 where the CPU has it), then the lanes are merged, the
+/// smaller index winning ties.
+pub fn argmax(values: &[f32]) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    if linear::Isa::detect() >= linear::Isa::Avx512 {
+        // SAFETY: the CPU has AVX-512 F/BW/VL.
+        return unsafe { argmax_avx512(values) };
+    }
+    argmax_lanes(values)
+}
+
+/// [`argmax`] on AVX-512: a greater-than mask per 16 values and two masked moves.
+///
+/// # Safety
+/// AVX-512 F/BW/VL available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn argmax_avx512(values: &[f32]) -> u32 {
+    use std::arch::x86_64::*;
+    let mut best_value = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut best = _mm512_setzero_si512();
+    let mut index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let step = _mm512_set1_epi32(16);
+    let mut chunks = values.chunks_exact(16);
+    for chunk in &mut chunks {
+        // SAFETY: a chunk is 16 floats.
+        let v = unsafe { _mm512_loadu_ps(chunk.as_ptr()) };
+        // Ordered compare: false for NaN, so NaN never wins.
+        let take = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, best_value);
+        best_value = _mm512_mask_mov_ps(best_value, take, v);
+        best = _mm512_mask_mov_epi32(best, take, index);
+        index = _mm512_add_epi32(index, step);
+    }
+    let (mut lane_value, mut lane_index) = ([0.0f32; 16], [0u32; 16]);
+    // SAFETY: 16 floats and 16 u32 of room.
+    unsafe {
+        _mm512_storeu_ps(lane_value.as_mut_ptr(), best_value);
+        _mm512_storeu_si512(lane_index.as_mut_ptr() as *mut __m512i, best);
+    }
+    merge_lanes(&lane_value, &lane_index, values, chunks.remainder())
+}
+
+/// [`argmax`]'s portable body: the same sixteen lanes in plain Rust.
+fn argmax_lanes(values: &[f32]) -> u32 {
+    const LANES: usize = 16;
+    let mut best_value = [f32::NEG_INFINITY; LANES];
+    let mut best = [0u32; LANES];
+    let mut chunks = values.chunks_exact(LANES);
+    for (c, chunk) in (&mut chunks).enumerate() {
+        let base = (c * LANES) as u32;
+        for l in 0..LANES {
+            let take = chunk[l] > best_value[l];
+            best_value[l] = if take { chunk[l] } else { best_value[l] };
+            best[l] = if take { base + l as u32 } else { best[l] };
+        }
+    }
+    merge_lanes(&best_value, &best, values, chunks.remainder())
+}
+
+/// The lanes' winner (the smaller index on ties), then the values past the last whole 16.
+fn merge_lanes(best_value: &[f32; 16], best: &[u32; 16], values: &[f32], tail: &[f32]) -> u32 {
+    let mut winner = 0u32;
+    let mut winner_value = f32::NEG_INFINITY;
+    for (&v, &i) in best_value.iter().zip(best) {
+        if v > winner_value || (v == winner_value && v > f32::NEG_INFINITY && i < winner) {
+            winner = i;
+            winner_value = v;
+        }
+    }
+    let tail_start = values.len() - tail.len();
+    for (i, &v) in tail.iter().enumerate() {
+        if v > winner_value {
+            winner = (tail_start + i) as u32;
+            winner_value = v;
+        }
+    }
+    winner
+}
+
 /// max(x, 0) in place: OPT's FFN activation, applied to the up-projection's output buffer.
 pub fn relu_inplace(x: &mut [f32]) {
     for v in x {

@@ -585,3 +585,48 @@ fn zeroed_huge_page_buffers_read_zero_mapped_or_not() {
     assert!(!small.is_huge_page_aligned());
     assert_eq!(&*small, &[0u16; 9]);
 }
+
+#[test]
+fn argmax_is_the_first_largest_across_lanes_and_tail() {
+    // Against a one-value loop, on lengths around the 16 lanes, with the largest value often
+    // tied (in different lanes and in the tail), and NaNs and infinities mixed in; through the
+    // detected instruction set and the portable body.
+    let plain = |v: &[f32]| {
+        let (mut best, mut best_value) = (0, f32::NEG_INFINITY);
+        for (i, &x) in v.iter().enumerate() {
+            if x > best_value {
+                (best, best_value) = (i as u32, x);
+            }
+        }
+        best
+    };
+    assert_eq!(super::argmax(&[1.0, 3.0, 3.0, -1.0]), 1);
+    assert_eq!(super::argmax(&[]), 0);
+    assert_eq!(super::argmax(&[f32::NAN; 40]), 0);
+    assert_eq!(super::argmax(&[f32::NEG_INFINITY; 40]), 0);
+    let mut rng = Rng(17);
+    for len in [1, 2, 15, 16, 17, 31, 32, 33, 100, 50_272] {
+        for trial in 0..20 {
+            let values: Vec<f32> = rng
+                .vec(len)
+                .into_iter()
+                .map(|x| {
+                    let r = ((x + 1.0) * 25.0) as u32;
+                    match r {
+                        0 => f32::NAN,
+                        1 => f32::NEG_INFINITY,
+                        // Few distinct values, so that the largest is often tied.
+                        r => (r % (3 + trial)) as f32 - 1.0,
+                    }
+                })
+                .collect();
+            let want = plain(&values);
+            assert_eq!(super::argmax(&values), want, "len {len} trial {trial}");
+            assert_eq!(
+                super::argmax_lanes(&values),
+                want,
+                "portable, len {len} trial {trial}"
+            );
+        }
+    }
+}
