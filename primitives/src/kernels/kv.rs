@@ -39,10 +39,27 @@ impl KvDtype {
     pub fn round_in_place(self, x: &mut [f32]) {
         match self {
             KvDtype::F32 => {}
-            KvDtype::F16 => x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32()),
-            KvDtype::Bf16 => x.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32()),
+            KvDtype::F16 => super::elementwise(x, |c| {
+                c.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32())
+            }),
+            KvDtype::Bf16 => super::elementwise(x, |c| c.iter_mut().for_each(round_bf16)),
         }
     }
+}
+
+/// Rounds `v` to the nearest bf16 value, ties to even, NaN kept (quieted), exactly as
+/// `half::bf16::from_f32(v).to_f32()`, but on the bits with a select, so that a loop of it
+/// vectorises (the `half` call is a branchy scalar routine).
+#[inline(always)]
+fn round_bf16(v: &mut f32) {
+    let bits = v.to_bits();
+    let rounded = bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) & 0xFFFF_0000;
+    let nan = (bits & 0x7FFF_FFFF) > 0x7F80_0000;
+    *v = f32::from_bits(if nan {
+        (bits | 0x0040_0000) & 0xFFFF_0000
+    } else {
+        rounded
+    });
 }
 
 /// KV rows read in place, in their stored type.

@@ -630,3 +630,83 @@ fn argmax_is_the_first_largest_across_lanes_and_tail() {
         }
     }
 }
+
+#[test]
+fn kv_rounding_is_the_half_crates_bit_for_bit() {
+    // Round to nearest even on the bits must give exactly `half`'s conversion: ties both
+    // ways, values that round up into the next binade or to infinity, subnormals, zeros,
+    // infinities and NaNs (quieted, payload kept in the top bits), on a slice long enough to
+    // be split between threads.
+    let mut values: Vec<f32> = [
+        0.0,
+        -0.0,
+        1.0,
+        f32::from_bits(0x3F80_8000), // tie, even below: stays
+        f32::from_bits(0x3F81_8000), // tie, odd below: rounds up
+        f32::from_bits(0x3F80_8001),
+        f32::from_bits(0x3FFF_FFFF), // rounds into the next binade
+        f32::MAX,                    // rounds to infinity
+        f32::MIN_POSITIVE,
+        f32::from_bits(0x0000_8001), // subnormal
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        f32::from_bits(0x7F80_0001), // signalling NaN, low payload
+        f32::from_bits(0xFFC1_2345),
+    ]
+    .to_vec();
+    let mut rng = Rng(23);
+    values.extend(rng.vec(1 << 19).into_iter().map(|x| x * 1e3));
+    values.extend((0..1000u32).map(|i| f32::from_bits(i.wrapping_mul(0x9E37_79B9))));
+    for (dtype, want) in [
+        (
+            KvDtype::Bf16,
+            values
+                .iter()
+                .map(|v| half::bf16::from_f32(*v).to_f32())
+                .collect::<Vec<f32>>(),
+        ),
+        (
+            KvDtype::F16,
+            values
+                .iter()
+                .map(|v| half::f16::from_f32(*v).to_f32())
+                .collect(),
+        ),
+    ] {
+        let mut got = values.clone();
+        dtype.round_in_place(&mut got);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(
+                g.to_bits(),
+                w.to_bits(),
+                "{dtype:?} {:#010x}: got {:#010x}, want {:#010x} (at {i})",
+                values[i].to_bits(),
+                g.to_bits(),
+                w.to_bits()
+            );
+        }
+    }
+}
+
+#[test]
+fn elementwise_passes_match_plain_loops() {
+    // Short (one thread) and long (split between threads) slices, NaN into relu.
+    for len in [5, 1 << 19] {
+        let x: Vec<f32> = Rng(len as u64).vec(len);
+        let mut r = x.clone();
+        r[0] = f32::NAN;
+        super::relu_inplace(&mut r);
+        assert_eq!(r[0], 0.0);
+        assert!(r[1..].iter().zip(&x[1..]).all(|(g, v)| *g == v.max(0.0)));
+        let mut s = x.clone();
+        super::scale_inplace(&mut s, 0.125);
+        assert!(s.iter().zip(&x).all(|(g, v)| *g == v * 0.125));
+        let mut a = x.clone();
+        super::add_inplace(&mut a, &s);
+        assert!(a
+            .iter()
+            .zip(x.iter().zip(&s))
+            .all(|(g, (v, w))| *g == v + w));
+    }
+}
