@@ -676,6 +676,15 @@ fn kv_rounding_is_the_half_crates_bit_for_bit() {
     ] {
         let mut got = values.clone();
         dtype.round_in_place(&mut got);
+        // Writing unrounded values into a cache of the type narrows them the same way.
+        let mut cache = KvBuf::zeroed(dtype, values.len());
+        cache.rows_mut(0..values.len()).write(0, &values);
+        let mut stored = vec![0.0f32; values.len()];
+        cache.all().widen_into(&mut stored);
+        assert!(
+            stored.iter().zip(&want).all(|(s, w)| s.to_bits() == w.to_bits()),
+            "{dtype:?}: the cache's narrowing differs from half's"
+        );
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert_eq!(
                 g.to_bits(),
