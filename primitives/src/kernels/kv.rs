@@ -12,6 +12,7 @@
 
 use super::HugePageBuf;
 use half::{bf16, f16};
+use rayon::prelude::*;
 use std::ops::Range;
 
 /// Element type of KV-cache rows.
@@ -183,17 +184,26 @@ impl<'a> KvRowsMut<'a> {
     /// Stores `src` from element `at` on, narrowing to the stored type (exact for values that
     /// went through [`KvDtype::round_in_place`]).
     pub fn write(&mut self, at: usize, src: &[f32]) {
+        /// Narrows `src` into `dst` with `f`, on every thread for a prefill's rows (a
+        /// sequence's 128 rows of OPT-125m are 98 k values; one thread wrote them while the
+        /// other waited), on the calling thread for a decode step's one row.
+        fn narrow<T: Send>(dst: &mut [T], src: &[f32], f: impl Fn(f32) -> T + Sync) {
+            let each = |(d, s): (&mut [T], &[f32])| {
+                d.iter_mut().zip(s).for_each(|(d, s)| *d = f(*s));
+            };
+            if src.len() >= 1 << 16 {
+                dst.par_chunks_mut(super::ELEMENTWISE_CHUNK)
+                    .zip(src.par_chunks(super::ELEMENTWISE_CHUNK))
+                    .for_each(each);
+            } else {
+                each((dst, src));
+            }
+        }
         let n = src.len();
         match self {
             KvRowsMut::F32(v) => v[at..at + n].copy_from_slice(src),
-            KvRowsMut::F16(v) => v[at..at + n]
-                .iter_mut()
-                .zip(src)
-                .for_each(|(d, s)| *d = f16::from_f32(*s)),
-            KvRowsMut::Bf16(v) => v[at..at + n]
-                .iter_mut()
-                .zip(src)
-                .for_each(|(d, s)| *d = bf16::from_f32(*s)),
+            KvRowsMut::F16(v) => narrow(&mut v[at..at + n], src, f16::from_f32),
+            KvRowsMut::Bf16(v) => narrow(&mut v[at..at + n], src, bf16::from_f32),
         }
     }
 

@@ -682,7 +682,10 @@ fn kv_rounding_is_the_half_crates_bit_for_bit() {
         let mut stored = vec![0.0f32; values.len()];
         cache.all().widen_into(&mut stored);
         assert!(
-            stored.iter().zip(&want).all(|(s, w)| s.to_bits() == w.to_bits()),
+            stored
+                .iter()
+                .zip(&want)
+                .all(|(s, w)| s.to_bits() == w.to_bits()),
             "{dtype:?}: the cache's narrowing differs from half's"
         );
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
