@@ -9,6 +9,10 @@
 //! On the 2-core Zen 4 of docs/benchmarks.md: 468 GFLOP/s bf16 and 228 GFLOP/s f32 on two
 //! threads, one instruction per cycle per core at 3.66 GHz.
 
+/// An instruction's name, its flops per instruction, and the loop that runs it.
+#[cfg(target_arch = "x86_64")]
+type Chains = (&'static str, u64, fn(u64));
+
 #[cfg(target_arch = "x86_64")]
 fn main() {
     use std::time::Instant;
@@ -22,7 +26,7 @@ fn main() {
         return;
     }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let kinds: &[(&str, u64, fn(u64))] = &[
+    let kinds: &[Chains] = &[
         ("vdpbf16ps zmm (bf16 -> f32)", 64, bf16_chains),
         ("vfmadd231ps zmm (f32)", 32, fma_chains),
     ];
