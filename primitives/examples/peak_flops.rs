@@ -58,58 +58,41 @@ fn main() {
     println!("peak_flops measures x86-64 AVX-512 instructions only");
 }
 
-/// Twelve independent `vdpbf16ps` per iteration.
+/// Defines `$name(iterations)`: twelve independent `$instr zmmN, zmm30, zmm31` per iteration.
+/// The caller checks that the CPU has the instruction.
 #[cfg(target_arch = "x86_64")]
-fn bf16_chains(iterations: u64) {
-    for _ in 0..iterations {
-        // SAFETY: only called where AVX512-BF16 was detected; registers only, all declared.
-        unsafe {
-            std::arch::asm!(
-                "vdpbf16ps zmm0, zmm30, zmm31",
-                "vdpbf16ps zmm1, zmm30, zmm31",
-                "vdpbf16ps zmm2, zmm30, zmm31",
-                "vdpbf16ps zmm3, zmm30, zmm31",
-                "vdpbf16ps zmm4, zmm30, zmm31",
-                "vdpbf16ps zmm5, zmm30, zmm31",
-                "vdpbf16ps zmm6, zmm30, zmm31",
-                "vdpbf16ps zmm7, zmm30, zmm31",
-                "vdpbf16ps zmm8, zmm30, zmm31",
-                "vdpbf16ps zmm9, zmm30, zmm31",
-                "vdpbf16ps zmm10, zmm30, zmm31",
-                "vdpbf16ps zmm11, zmm30, zmm31",
-                out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _,
-                out("zmm4") _, out("zmm5") _, out("zmm6") _, out("zmm7") _,
-                out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
-                options(nomem, nostack),
-            );
+macro_rules! chains {
+    ($name:ident, $instr:literal) => {
+        fn $name(iterations: u64) {
+            for _ in 0..iterations {
+                // SAFETY: only called where the instruction was detected; registers only, every
+                // one written declared.
+                unsafe {
+                    std::arch::asm!(
+                        concat!($instr, " zmm0, zmm30, zmm31"),
+                        concat!($instr, " zmm1, zmm30, zmm31"),
+                        concat!($instr, " zmm2, zmm30, zmm31"),
+                        concat!($instr, " zmm3, zmm30, zmm31"),
+                        concat!($instr, " zmm4, zmm30, zmm31"),
+                        concat!($instr, " zmm5, zmm30, zmm31"),
+                        concat!($instr, " zmm6, zmm30, zmm31"),
+                        concat!($instr, " zmm7, zmm30, zmm31"),
+                        concat!($instr, " zmm8, zmm30, zmm31"),
+                        concat!($instr, " zmm9, zmm30, zmm31"),
+                        concat!($instr, " zmm10, zmm30, zmm31"),
+                        concat!($instr, " zmm11, zmm30, zmm31"),
+                        out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _,
+                        out("zmm4") _, out("zmm5") _, out("zmm6") _, out("zmm7") _,
+                        out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
+                        options(nomem, nostack),
+                    );
+                }
+            }
         }
-    }
+    };
 }
 
-/// Twelve independent `vfmadd231ps` per iteration.
 #[cfg(target_arch = "x86_64")]
-fn fma_chains(iterations: u64) {
-    for _ in 0..iterations {
-        // SAFETY: only called where AVX-512 F was detected; registers only, all declared.
-        unsafe {
-            std::arch::asm!(
-                "vfmadd231ps zmm0, zmm30, zmm31",
-                "vfmadd231ps zmm1, zmm30, zmm31",
-                "vfmadd231ps zmm2, zmm30, zmm31",
-                "vfmadd231ps zmm3, zmm30, zmm31",
-                "vfmadd231ps zmm4, zmm30, zmm31",
-                "vfmadd231ps zmm5, zmm30, zmm31",
-                "vfmadd231ps zmm6, zmm30, zmm31",
-                "vfmadd231ps zmm7, zmm30, zmm31",
-                "vfmadd231ps zmm8, zmm30, zmm31",
-                "vfmadd231ps zmm9, zmm30, zmm31",
-                "vfmadd231ps zmm10, zmm30, zmm31",
-                "vfmadd231ps zmm11, zmm30, zmm31",
-                out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _,
-                out("zmm4") _, out("zmm5") _, out("zmm6") _, out("zmm7") _,
-                out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
-                options(nomem, nostack),
-            );
-        }
-    }
-}
+chains!(bf16_chains, "vdpbf16ps");
+#[cfg(target_arch = "x86_64")]
+chains!(fma_chains, "vfmadd231ps");
