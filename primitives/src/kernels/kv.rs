@@ -12,7 +12,6 @@
 
 use super::HugePageBuf;
 use half::{bf16, f16};
-use rayon::prelude::*;
 use std::ops::Range;
 
 /// Element type of KV-cache rows.
@@ -188,16 +187,9 @@ impl<'a> KvRowsMut<'a> {
         /// sequence's 128 rows of OPT-125m are 98 k values; one thread wrote them while the
         /// other waited), on the calling thread for a decode step's one row.
         fn narrow<T: Send>(dst: &mut [T], src: &[f32], f: impl Fn(f32) -> T + Sync) {
-            let each = |(d, s): (&mut [T], &[f32])| {
-                d.iter_mut().zip(s).for_each(|(d, s)| *d = f(*s));
-            };
-            if src.len() >= 1 << 16 {
-                dst.par_chunks_mut(super::ELEMENTWISE_CHUNK)
-                    .zip(src.par_chunks(super::ELEMENTWISE_CHUNK))
-                    .for_each(each);
-            } else {
-                each((dst, src));
-            }
+            super::zip_chunks(dst, src, 1 << 16, |d, s| {
+                d.iter_mut().zip(s).for_each(|(d, s)| *d = f(*s))
+            });
         }
         let n = src.len();
         match self {

@@ -303,6 +303,23 @@ fn elementwise(x: &mut [f32], f: impl Fn(&mut [f32]) + Sync) {
     }
 }
 
+/// Runs `f` over matching chunks of `dst` and `src` (the same length), on every thread when
+/// they are at least `parallel_from` long: the two-operand form of [`elementwise`].
+fn zip_chunks<T: Send>(
+    dst: &mut [T],
+    src: &[f32],
+    parallel_from: usize,
+    f: impl Fn(&mut [T], &[f32]) + Sync,
+) {
+    if src.len() >= parallel_from {
+        dst.par_chunks_mut(ELEMENTWISE_CHUNK)
+            .zip(src.par_chunks(ELEMENTWISE_CHUNK))
+            .for_each(|(d, s)| f(d, s));
+    } else {
+        f(dst, src);
+    }
+}
+
 /// max(x, 0) in place (NaN becomes 0, as `f32::max` gives): OPT's FFN activation, applied to
 /// the up-projection's output buffer. Written as a compare and select, which vectorises
 /// (`f32::max` in a loop did not).
@@ -322,18 +339,9 @@ pub fn scale_inplace(x: &mut [f32], factor: f32) {
 /// acc += x, elementwise: the residual connections.
 pub fn add_inplace(acc: &mut [f32], x: &[f32]) {
     assert_eq!(acc.len(), x.len(), "add_inplace: lengths differ");
-    let add = |(a, b): (&mut [f32], &[f32])| {
-        for (a, b) in a.iter_mut().zip(b) {
-            *a += b;
-        }
-    };
-    if acc.len() >= ELEMENTWISE_PARALLEL {
-        acc.par_chunks_mut(ELEMENTWISE_CHUNK)
-            .zip(x.par_chunks(ELEMENTWISE_CHUNK))
-            .for_each(add);
-    } else {
-        add((acc, x));
-    }
+    zip_chunks(acc, x, ELEMENTWISE_PARALLEL, |a, b| {
+        a.iter_mut().zip(b).for_each(|(a, b)| *a += b)
+    });
 }
 
 /// Floats of attention scratch beyond `num_heads` scores per key that a single query row needs
