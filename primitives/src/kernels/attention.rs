@@ -17,6 +17,38 @@ use super::KvRows;
 use rayon::prelude::*;
 use std::ops::Range;
 
+/// Defines `$run(a, args.., isa)`, which runs `$body::<O, K>` compiled for `isa`: AVX-512 (F/BW/VL
+/// with FMA), AVX2 (with FMA and F16C) or plain Rust. The bodies are written once against
+/// [`HeadOps`]; this writes the `target_feature` wrappers and the match that picks one.
+macro_rules! dispatched {
+    ($run:ident, $body:ident, ($($arg:ident: $ty:ty),*)) => {
+        fn $run<K: KvElem>(a: &Attn<K>, $($arg: $ty,)* isa: Isa) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+                unsafe fn on_avx512<K: KvElem>(a: &Attn<K>, $($arg: $ty),*) {
+                    $body::<avx512::Fma, K>(a, $($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma,f16c")]
+                unsafe fn on_avx2<K: KvElem>(a: &Attn<K>, $($arg: $ty),*) {
+                    $body::<avx2::Fma, K>(a, $($arg),*)
+                }
+                match isa {
+                    // SAFETY: `Isa::detect` only reports an instruction set the CPU has.
+                    Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => {
+                        return unsafe { on_avx512(a, $($arg),*) }
+                    }
+                    // SAFETY: as above.
+                    Isa::Avx2 => return unsafe { on_avx2(a, $($arg),*) },
+                    Isa::Portable => {}
+                }
+            }
+            let _ = isa;
+            $body::<Plain, K>(a, $($arg),*);
+        }
+    };
+}
+
 /// Geometry and operands shared by every query row.
 /// `K` is the cache's element type (f32, f16 or bf16), widened to f32 in registers.
 struct Attn<'a, K> {
@@ -500,51 +532,8 @@ fn split_keys<K: KvElem>(a: &Attn<K>, out: &mut [f32], scratch: &mut [f32], isa:
     }
 }
 
-fn run_part<K: KvElem>(
-    a: &Attn<K>,
-    keys: Range<usize>,
-    s: &mut [f32],
-    o: &mut [f32],
-    st: &mut [f32],
-    isa: Isa,
-) {
-    #[cfg(target_arch = "x86_64")]
-    match isa {
-        // SAFETY: `Isa::detect` only reports an instruction set the CPU has.
-        Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => {
-            return unsafe { part_avx512(a, keys, s, o, st) }
-        }
-        // SAFETY: as above.
-        Isa::Avx2 => return unsafe { part_avx2(a, keys, s, o, st) },
-        Isa::Portable => {}
-    }
-    let _ = isa;
-    part_body::<Plain, K>(a, keys, s, o, st);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
-unsafe fn part_avx512<K: KvElem>(
-    a: &Attn<K>,
-    keys: Range<usize>,
-    s: &mut [f32],
-    o: &mut [f32],
-    st: &mut [f32],
-) {
-    part_body::<avx512::Fma, K>(a, keys, s, o, st)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn part_avx2<K: KvElem>(
-    a: &Attn<K>,
-    keys: Range<usize>,
-    s: &mut [f32],
-    o: &mut [f32],
-    st: &mut [f32],
-) {
-    part_body::<avx2::Fma, K>(a, keys, s, o, st)
-}
+// `run_part`: `part_body` on the best instruction set `isa` allows.
+dispatched!(run_part, part_body, (keys: Range<usize>, s: &mut [f32], o: &mut [f32], st: &mut [f32]));
 
 /// One part of [`split_keys`]: the single query row against keys `keys`, every head. Scores
 /// go to `s` (`[num_heads, keys.len()]`), then become e^(score - part maximum); the unnormalised
@@ -595,45 +584,8 @@ fn part_body<O: HeadOps, K: KvElem>(
     }
 }
 
-fn run_heads<K: KvElem>(
-    a: &Attn<K>,
-    i: usize,
-    h0: usize,
-    out: &mut [f32],
-    p: &mut [f32],
-    isa: Isa,
-) {
-    #[cfg(target_arch = "x86_64")]
-    match isa {
-        // SAFETY: `Isa::detect` only reports an instruction set the CPU has.
-        Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => {
-            return unsafe { heads_avx512(a, i, h0, out, p) }
-        }
-        // SAFETY: as above.
-        Isa::Avx2 => return unsafe { heads_avx2(a, i, h0, out, p) },
-        Isa::Portable => {}
-    }
-    let _ = isa;
-    heads_body::<Plain, K>(a, i, h0, out, p);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
-unsafe fn heads_avx512<K: KvElem>(
-    a: &Attn<K>,
-    i: usize,
-    h0: usize,
-    out: &mut [f32],
-    p: &mut [f32],
-) {
-    heads_body::<avx512::Fma, K>(a, i, h0, out, p)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn heads_avx2<K: KvElem>(a: &Attn<K>, i: usize, h0: usize, out: &mut [f32], p: &mut [f32]) {
-    heads_body::<avx2::Fma, K>(a, i, h0, out, p)
-}
+// `run_heads`: `heads_body` on the best instruction set `isa` allows.
+dispatched!(run_heads, heads_body, (i: usize, h0: usize, out: &mut [f32], p: &mut [f32]));
 
 /// The per-head vector operations: a score and a weighted value update over `head_dim` floats.
 trait HeadOps {
