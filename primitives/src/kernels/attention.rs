@@ -569,23 +569,35 @@ fn part_body<O: HeadOps, K: KvElem>(
     }
     o.fill(0.0);
     for (c, j) in keys.enumerate() {
-        let vrow = &a.v[j * d..(j + 1) * d];
-        for (h, (oh, vh)) in o
-            .chunks_exact_mut(hd)
-            .zip(vrow.chunks_exact(hd))
-            .enumerate()
-        {
-            let w = s[h * n + c];
-            if w != 0.0 {
-                // SAFETY: as for `O::dot`.
-                unsafe { O::axpy(w, vh, oh) };
-            }
-        }
+        add_weighted_row::<O, K>(o, &a.v[j * d..(j + 1) * d], hd, |h| s[h * n + c]);
     }
 }
 
 // `run_heads`: `heads_body` on the best instruction set `isa` allows.
 dispatched!(run_heads, heads_body, (i: usize, h0: usize, out: &mut [f32], p: &mut [f32]));
+
+/// Adds one cache row's values, head by head (`hd` wide), into `out` with head `h`'s weight
+/// `weight(h)`, skipping zero weights (masked or underflowed keys): the value step of the
+/// key-split and head-split schedules.
+#[inline(always)]
+fn add_weighted_row<O: HeadOps, K: KvElem>(
+    out: &mut [f32],
+    vrow: &[K],
+    hd: usize,
+    weight: impl Fn(usize) -> f32,
+) {
+    for (h, (oh, vh)) in out
+        .chunks_exact_mut(hd)
+        .zip(vrow.chunks_exact(hd))
+        .enumerate()
+    {
+        let w = weight(h);
+        if w != 0.0 {
+            // SAFETY: callers pick `O` for the CPU features they checked.
+            unsafe { O::axpy(w, vh, oh) };
+        }
+    }
+}
 
 /// The per-head vector operations: a score and a weighted value update over `head_dim` floats.
 trait HeadOps {
@@ -808,17 +820,7 @@ fn heads_body<O: HeadOps, K: KvElem>(
         // Weighted values, key-major as well.
         for j in 0..keys {
             let vrow = &a.v[j * d + hc * hd..j * d + (hc + n) * hd];
-            for (h, (oh, vh)) in oc
-                .chunks_exact_mut(hd)
-                .zip(vrow.chunks_exact(hd))
-                .enumerate()
-            {
-                let wgt = p[h * keys + j];
-                if wgt != 0.0 {
-                    // SAFETY: as for `O::dot`.
-                    unsafe { O::axpy(wgt, vh, oh) };
-                }
-            }
+            add_weighted_row::<O, K>(oc, vrow, hd, |h| p[h * keys + j]);
         }
     }
 }
