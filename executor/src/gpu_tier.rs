@@ -245,6 +245,7 @@ fn widest(model: &OptModel) -> usize {
 
 fn dtype_of(d: &WeightData) -> ElementType {
     match d {
+        WeightData::Bf16Panels(_) => unreachable!("panels are packed only for runs without a GPU"),
         WeightData::F32(_) => ElementType::F32,
         WeightData::F16(_) => ElementType::F16,
         WeightData::Bf16(_) => ElementType::Bf16,
@@ -254,6 +255,7 @@ fn dtype_of(d: &WeightData) -> ElementType {
 /// Bytes of elements `a..b` of a weight slice.
 fn element_bytes<'a>(d: &WeightData<'a>, a: usize, b: usize) -> &'a [u8] {
     match *d {
+        WeightData::Bf16Panels(_) => unreachable!("panels are packed only for runs without a GPU"),
         WeightData::F32(s) => bytemuck::cast_slice(&s[a..b]),
         WeightData::F16(s) => bytemuck::cast_slice(&s[a..b]),
         WeightData::Bf16(s) => bytemuck::cast_slice(&s[a..b]),
@@ -264,6 +266,7 @@ fn element_bytes<'a>(d: &WeightData<'a>, a: usize, b: usize) -> &'a [u8] {
 fn first_rows<'a>(m: &Matrix<'a>, rows: usize) -> Matrix<'a> {
     let n = rows * m.in_features;
     let data = match m.data {
+        WeightData::Bf16Panels(_) => unreachable!("panels are packed only for runs without a GPU"),
         WeightData::F32(s) => WeightData::F32(&s[..n]),
         WeightData::F16(s) => WeightData::F16(&s[..n]),
         WeightData::Bf16(s) => WeightData::Bf16(&s[..n]),
@@ -488,6 +491,9 @@ impl<'d> GpuTier<'d> {
         let id = model.layer_weight_ids(l)[i];
         let data = model.store().data(id);
         let n = match &data {
+            WeightData::Bf16Panels(_) => {
+                unreachable!("panels are packed only for runs without a GPU")
+            }
             WeightData::F32(s) => s.len(),
             WeightData::F16(s) => s.len(),
             WeightData::Bf16(s) => s.len(),

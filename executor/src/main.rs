@@ -364,6 +364,9 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
     if policy.as_ref().is_some_and(|p| p.compression.weights) {
         run::compress_weights(&mut loaded)?;
     }
+    if device.is_none() {
+        run::pack_for_cpu(&mut loaded, !cli.quiet);
+    }
     if let Some(p) = &policy {
         if p.model.name != loaded.name {
             eprintln!(

@@ -154,6 +154,28 @@ fn progress_bar(total: u64, message: &str, show: bool) -> ProgressBar {
     bar
 }
 
+/// Packs the bf16 matrices held in memory into the CPU kernels' panels when this CPU prefers
+/// them ([`crate::kernels::prefers_panels`]), for runs whose products all run on the CPU (no
+/// device, no 4-bit copies): batched decode and prefill products then skip the horizontal sums
+/// and the per-call repacking. Returns the bytes packed (0 when nothing was).
+pub fn pack_for_cpu(loaded: &mut Loaded, show_progress: bool) -> u64 {
+    if !crate::kernels::prefers_panels()
+        || loaded.dtype != ElementType::Bf16
+        || loaded.weights.compressed.is_some()
+    {
+        return 0;
+    }
+    let started = Instant::now();
+    let total = loaded.model.store().total_bytes() - loaded.weights.disk_bytes;
+    let bar = progress_bar(total, "packing weights for the CPU kernels", show_progress);
+    let packed = loaded
+        .model
+        .pack_panels(&loaded.weights.on_disk, &|n| bar.inc(n));
+    bar.finish_and_clear();
+    loaded.load_s += started.elapsed().as_secs_f64();
+    packed
+}
+
 /// Opens or generates the weights, checks them against the config, and loads the tokenizer.
 /// `show_progress` draws a progress bar on stderr (indicatif hides it when stderr is no terminal).
 pub fn load(source: &ModelSource, show_progress: bool) -> Result<Loaded> {

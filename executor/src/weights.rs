@@ -117,6 +117,23 @@ pub trait WeightStore: Send + Sync {
         let _ = id;
         None
     }
+    /// Repacks the bf16 matrices `ids` into the CPU kernels' panels
+    /// ([`crate::kernels::pack_panels`]) in memory, in place of the store's copy, so that `data`
+    /// serves `WeightData::Bf16Panels` for them from then on; other tensors are left as they are.
+    /// `progress` receives the bytes packed. Only for runs whose products all run on the CPU:
+    /// the GPU kernels and the direct-I/O disk reads take the nn.Linear layout.
+    fn pack_panels(&mut self, ids: &[TensorId], progress: &(dyn Fn(u64) + Sync));
+}
+
+/// `owned` as panels ([`crate::kernels::pack_panels_in_place`]) when it is a bf16 matrix of
+/// this shape, else unchanged; for [`WeightStore::pack_panels`].
+fn into_panels(owned: OwnedWeights, shape: &[usize]) -> OwnedWeights {
+    match (owned, shape) {
+        (OwnedWeights::Bf16(w), &[n_out, n_in]) => {
+            OwnedWeights::Bf16Panels(crate::kernels::pack_panels_in_place(w, n_out, n_in))
+        }
+        (other, _) => other,
+    }
 }
 
 /// A zeroed buffer of `bytes` bytes of `dtype`'s element type, on whole huge pages as the decode
@@ -525,6 +542,25 @@ impl WeightStore for SafetensorsStore {
         self.release_skipped(&|id| self.resident[id.0].get().is_none() && keep(id));
     }
 
+    fn pack_panels(&mut self, ids: &[TensorId], progress: &(dyn Fn(u64) + Sync)) {
+        for &id in ids {
+            // The resident copy `preload_only` made is packed in its own memory; a tensor only
+            // in the map (or copied for alignment) gets a new buffer.
+            let owned = match self.resident[id.0].take() {
+                Some(owned) => owned,
+                None => match self.data(id) {
+                    WeightData::Bf16(w) => {
+                        OwnedWeights::Bf16(crate::kernels::HugePageBuf::from_slice(w))
+                    }
+                    _ => continue,
+                },
+            };
+            let owned = into_panels(owned, &self.metas[id.0].shape);
+            progress(owned.as_bytes().len() as u64);
+            self.resident[id.0] = std::sync::OnceLock::from(owned);
+        }
+    }
+
     fn preload(&self, progress: &(dyn Fn(u64) + Sync)) {
         self.preload_only(&|_| true, progress)
     }
@@ -714,6 +750,15 @@ impl WeightStore for RandomStore {
             .map(|m| (m.shape.iter().product::<usize>() * m.dtype.size()) as u64)
             .sum()
     }
+    fn pack_panels(&mut self, ids: &[TensorId], progress: &(dyn Fn(u64) + Sync)) {
+        for &id in ids {
+            let owned =
+                std::mem::replace(&mut self.data[id.0], OwnedWeights::F32(Vec::new().into()));
+            let owned = into_panels(owned, &self.metas[id.0].shape);
+            progress(owned.as_bytes().len() as u64);
+            self.data[id.0] = owned;
+        }
+    }
 }
 
 /// Widens a 1-D tensor (a bias or a LayerNorm parameter) to f32.
@@ -722,6 +767,7 @@ pub fn to_f32_vec(data: &WeightData<'_>) -> Vec<f32> {
         WeightData::F32(v) => v.to_vec(),
         WeightData::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
         WeightData::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
+        WeightData::Bf16Panels(_) => unreachable!("only matrices are packed into panels"),
     }
 }
 
@@ -739,6 +785,11 @@ pub fn add_row(data: &WeightData<'_>, row: usize, width: usize, out: &mut [f32])
             .iter_mut()
             .zip(&v[range])
             .for_each(|(o, x)| *o += x.to_f32()),
+        // The tied LM head, packed for the CPU kernels, is also the embedding table.
+        WeightData::Bf16Panels(v) => out
+            .iter_mut()
+            .enumerate()
+            .for_each(|(k, o)| *o += crate::kernels::panel_element(v, width, row, k).to_f32()),
     }
 }
 

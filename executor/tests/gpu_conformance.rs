@@ -337,6 +337,7 @@ fn embedding_gather_matches_the_table() {
                     Owned::F32(d) => d[*id as usize * width + c],
                     Owned::F16(d) => d[*id as usize * width + c].to_f32(),
                     Owned::Bf16(d) => d[*id as usize * width + c].to_f32(),
+                    Owned::Bf16Panels(_) => unreachable!("the tests make nn.Linear layouts"),
                 };
                 assert_eq!(out[t * width + c], want, "dtype {kind} token {t} col {c}");
             }
@@ -517,6 +518,7 @@ fn dtype_of(w: &Owned) -> ElementType {
         Owned::F32(_) => ElementType::F32,
         Owned::F16(_) => ElementType::F16,
         Owned::Bf16(_) => ElementType::Bf16,
+        Owned::Bf16Panels(_) => unreachable!("the tests make nn.Linear layouts"),
     }
 }
 
@@ -569,6 +571,7 @@ fn split_linear_on(
             Owned::F32(d) => d.clone(),
             Owned::F16(d) => d.iter().map(|v| v.to_f32()).collect(),
             Owned::Bf16(d) => d.iter().map(|v| v.to_f32()).collect(),
+            Owned::Bf16Panels(_) => unreachable!("the tests make nn.Linear layouts"),
         };
         all[pad * inp..(pad + split) * inp].to_vec()
     });

@@ -214,6 +214,7 @@ impl CudaBackend {
             WeightData::F32(d) => d.len(),
             WeightData::F16(d) => d.len(),
             WeightData::Bf16(d) => d.len(),
+            WeightData::Bf16Panels(_) => return Err(panels_refused()),
         };
         check(x.len() == tokens * n_in, || {
             format!(
@@ -275,6 +276,7 @@ impl CudaBackend {
             self.upload("the bias", sb, &mut s.bias)?;
         }
         match &w.data {
+            WeightData::Bf16Panels(_) => unreachable!("refused by the length check above"),
             WeightData::F32(d) => {
                 sw.copy_from_slice(d);
                 self.upload("W", sw, &mut s.w)?;
@@ -319,6 +321,7 @@ impl CudaBackend {
         };
         let w_elems = n_in * n_out;
         match &w.data {
+            WeightData::Bf16Panels(_) => unreachable!("refused by the length check above"),
             WeightData::F32(_) | WeightData::F16(_) => {
                 if let WeightData::F16(_) = &w.data {
                     s.w.ensure(&self.gpu.compute, w_elems)?;
@@ -659,6 +662,7 @@ impl CudaBackend {
             WeightData::F32(d) => (d.len(), 0i32),
             WeightData::F16(d) => (d.len(), 1),
             WeightData::Bf16(d) => (d.len(), 2),
+            WeightData::Bf16Panels(_) => return Err(panels_refused()),
         };
         check(t_len == vocab * width, || {
             format!("embedding: table must be [vocab={vocab}, width={width}], has {t_len}")
@@ -683,6 +687,7 @@ impl CudaBackend {
         staged_ids.copy_from_slice(ids);
         self.upload("token ids", staged_ids, &mut s.ids)?;
         match &table.data {
+            WeightData::Bf16Panels(_) => unreachable!("refused by the length check above"),
             WeightData::F32(d) => {
                 let st = s.up_f32.ensure(&self.gpu.ctx, d.len())?;
                 st.copy_from_slice(d);
@@ -727,6 +732,15 @@ impl CudaBackend {
         drop(b);
         self.download(&s.computed, &s.y, &mut s.down_f32, out)
     }
+}
+
+/// The error for weights packed into the CPU kernels' panels: the device kernels take the
+/// nn.Linear layout (the executor packs only for runs without a device).
+fn panels_refused() -> CudaError {
+    CudaError::Shape(
+        "weights packed into CPU panels cannot go to the GPU, which takes the nn.Linear layout"
+            .into(),
+    )
 }
 
 fn check(ok: bool, message: impl FnOnce() -> String) -> Result<(), CudaError> {

@@ -525,6 +525,50 @@ pub struct LayerMatrices<'a> {
 pub const LAYER_MATRICES: [&str; 6] = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"];
 
 impl OptModel {
+    /// Repacks the matrices the CPU multiplies into the kernels' panels (see
+    /// [`crate::kernels::pack_panels`]): every layer matrix not marked in `on_disk` (those are
+    /// read from the file with direct I/O in nn.Linear layout), the LM head (also the tied
+    /// embedding table, which reads rows back from the panels) and opt-350m's projections. Only
+    /// bf16 matrices are packed. Returns the bytes packed; `progress` receives them as they are.
+    pub fn pack_panels(&mut self, on_disk: &[[bool; 6]], progress: &(dyn Fn(u64) + Sync)) -> u64 {
+        let panel_bytes = |m: &OptModel| -> u64 {
+            m.matrix_ids(&[])
+                .iter()
+                .map(|&id| match m.store.data(id) {
+                    WeightData::Bf16Panels(p) => p.len() as u64 * 4,
+                    _ => 0,
+                })
+                .sum()
+        };
+        let before = panel_bytes(self);
+        let ids = self.matrix_ids(on_disk);
+        self.store.pack_panels(&ids, progress);
+        panel_bytes(self) - before
+    }
+
+    /// Every matrix a linear product reads (layer matrices except those marked in `on_disk`, the
+    /// LM head, the projections), each once, in store order.
+    fn matrix_ids(&self, on_disk: &[[bool; 6]]) -> Vec<TensorId> {
+        let mut ids: Vec<TensorId> = (0..self.layers.len())
+            .flat_map(|l| {
+                let disk = on_disk.get(l).copied().unwrap_or([false; 6]);
+                self.layer_weight_ids(l)
+                    .into_iter()
+                    .zip(disk)
+                    .filter(|(_, d)| !d)
+                    .map(|(id, _)| id)
+            })
+            .collect();
+        ids.extend(
+            [Some(self.lm_head), self.project_in, self.project_out]
+                .into_iter()
+                .flatten(),
+        );
+        ids.sort_by_key(|id| id.index());
+        ids.dedup();
+        ids
+    }
+
     /// Tensor ids of layer `l`'s matrices: q, k, v, out, fc1, fc2 (biases and norms are held in
     /// CPU memory as f32 by the model and are not part of any tier's placement).
     pub fn layer_weight_ids(&self, l: usize) -> [TensorId; 6] {

@@ -273,15 +273,15 @@ pub(crate) fn linear_on(
         tokens * n_out,
         "linear: y must be [tokens, out_features]"
     );
-    let stored = match &w.data {
-        WeightData::F32(d) => d.len(),
-        WeightData::F16(d) => d.len(),
-        WeightData::Bf16(d) => d.len(),
+    let (stored, expected) = match &w.data {
+        WeightData::F32(d) => (d.len(), n_out * n_in),
+        WeightData::F16(d) => (d.len(), n_out * n_in),
+        WeightData::Bf16(d) => (d.len(), n_out * n_in),
+        WeightData::Bf16Panels(d) => (d.len(), panels::panels_len(n_out, n_in)),
     };
     assert_eq!(
-        stored,
-        n_out * n_in,
-        "linear: weight data must be out_features * in_features"
+        stored, expected,
+        "linear: weight data must be out_features * in_features (panels: panels_len)"
     );
     if let Some(b) = bias {
         assert_eq!(
@@ -304,6 +304,9 @@ pub(crate) fn linear_on(
     }
     let y = OutPtr(y.as_mut_ptr());
     match (&w.data, isa) {
+        (WeightData::Bf16Panels(panels), _) => {
+            panels::linear_panels(isa, x, tokens, panels, (n_out, n_in), bias, y);
+        }
         (WeightData::Bf16(wd), Isa::Avx512Bf16 | Isa::Amx) => {
             // Rows padded with zeros to a multiple of 32, so the kernel's tail reads whole vectors,
             // plus 32 more: rows 4 KiB apart would all map to the same L1 sets, and the
@@ -346,6 +349,7 @@ pub(crate) fn linear_on(
                     WeightData::Bf16(wd) => run_packed_avx2(&p, wd),
                     WeightData::F16(wd) => run_packed_avx2(&p, wd),
                     WeightData::F32(wd) => run_packed_avx2(&p, wd),
+                    WeightData::Bf16Panels(_) => unreachable!("panels take their own path"),
                 }
             });
         }
@@ -882,6 +886,8 @@ mod prefetch {
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
+
+pub(crate) mod panels;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512 {
@@ -1450,6 +1456,60 @@ pub(crate) mod avx512 {
         k1: usize,
     ) {
         let pairs = (k1 - k0).next_multiple_of(32) / 2;
+        // SAFETY: the caller's contract; group g's 32 rows are `pairs` lines of 32 u32.
+        unsafe {
+            outer_tiles(p, rows, k0, pairs, |g| {
+                let w0 = packed[g * pairs * 32..(g + 1) * pairs * 32].as_ptr();
+                (w0, w0.wrapping_add(16), 32)
+            })
+        }
+    }
+
+    /// As `outer_bf16`, reading W from its panels (`panels::pack_panels`) in place.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL and BF16 available; `panels` packed from the problem's W; rows.start a
+    /// multiple of 32 and k0 even, both inside the problem; input rows zero padded to a multiple
+    /// of 32.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) unsafe fn outer_panels(
+        p: &Problem<u16>,
+        panels: &[u32],
+        rows: Range<usize>,
+        k0: usize,
+        k1: usize,
+    ) {
+        use super::panels::PANEL_ROWS;
+        let panel_len = p.n_in.div_ceil(2) * PANEL_ROWS;
+        let first = rows.start / PANEL_ROWS;
+        let last = (rows.end - 1) / PANEL_ROWS;
+        let line = |panel: usize| panels[panel * panel_len + k0 / 2 * PANEL_ROWS..].as_ptr();
+        // SAFETY: the caller's contract; each panel holds every pair of k, so the slice's pairs
+        // are inside it. A group of 16 rows or fewer reads its one panel twice (the second half
+        // of the tile is not stored).
+        unsafe {
+            outer_tiles(p, rows, k0, (k1 - k0).div_ceil(2), |g| {
+                let a = first + 2 * g;
+                (line(a), line((a + 1).min(last)), PANEL_ROWS)
+            })
+        }
+    }
+
+    /// The tiles of `outer_bf16` and `outer_panels`: every token, in tiles of up to 12, over
+    /// each group of 32 rows, whose two 16-row halves `locate(group)` gives as (first line of
+    /// the low half, of the high half, u32 from one pair's line to the next).
+    ///
+    /// # Safety
+    /// As `outer_tile` for every group of `rows`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn outer_tiles(
+        p: &Problem<u16>,
+        rows: Range<usize>,
+        k0: usize,
+        pairs: usize,
+        locate: impl Fn(usize) -> (*const u32, *const u32, usize),
+    ) {
         let groups = rows.len().div_ceil(32);
         let mut t0 = 0;
         while t0 < p.tokens {
@@ -1457,24 +1517,24 @@ pub(crate) mod avx512 {
             // Even tiles: 16 tokens run as 8 + 8 rather than 12 + 4.
             let nt = left.div_ceil(left.div_ceil(12));
             for g in 0..groups {
-                let w = &packed[g * pairs * 32..(g + 1) * pairs * 32];
+                let (w0, w1, step) = locate(g);
                 let r0 = rows.start + g * 32;
                 let nr = (rows.end - r0).min(32);
                 // SAFETY: tile inside the problem (nt, nr clipped), buffers as required above.
                 unsafe {
                     match nt {
-                        12 => outer_tile::<12>(p, w, pairs, r0, nr, t0, k0),
-                        11 => outer_tile::<11>(p, w, pairs, r0, nr, t0, k0),
-                        10 => outer_tile::<10>(p, w, pairs, r0, nr, t0, k0),
-                        9 => outer_tile::<9>(p, w, pairs, r0, nr, t0, k0),
-                        8 => outer_tile::<8>(p, w, pairs, r0, nr, t0, k0),
-                        7 => outer_tile::<7>(p, w, pairs, r0, nr, t0, k0),
-                        6 => outer_tile::<6>(p, w, pairs, r0, nr, t0, k0),
-                        5 => outer_tile::<5>(p, w, pairs, r0, nr, t0, k0),
-                        4 => outer_tile::<4>(p, w, pairs, r0, nr, t0, k0),
-                        3 => outer_tile::<3>(p, w, pairs, r0, nr, t0, k0),
-                        2 => outer_tile::<2>(p, w, pairs, r0, nr, t0, k0),
-                        _ => outer_tile::<1>(p, w, pairs, r0, nr, t0, k0),
+                        12 => outer_tile::<12>(p, w0, w1, step, pairs, r0, nr, t0, k0),
+                        11 => outer_tile::<11>(p, w0, w1, step, pairs, r0, nr, t0, k0),
+                        10 => outer_tile::<10>(p, w0, w1, step, pairs, r0, nr, t0, k0),
+                        9 => outer_tile::<9>(p, w0, w1, step, pairs, r0, nr, t0, k0),
+                        8 => outer_tile::<8>(p, w0, w1, step, pairs, r0, nr, t0, k0),
+                        7 => outer_tile::<7>(p, w0, w1, step, pairs, r0, nr, t0, k0),
+                        6 => outer_tile::<6>(p, w0, w1, step, pairs, r0, nr, t0, k0),
+                        5 => outer_tile::<5>(p, w0, w1, step, pairs, r0, nr, t0, k0),
+                        4 => outer_tile::<4>(p, w0, w1, step, pairs, r0, nr, t0, k0),
+                        3 => outer_tile::<3>(p, w0, w1, step, pairs, r0, nr, t0, k0),
+                        2 => outer_tile::<2>(p, w0, w1, step, pairs, r0, nr, t0, k0),
+                        _ => outer_tile::<1>(p, w0, w1, step, pairs, r0, nr, t0, k0),
                     }
                 }
             }
@@ -1482,16 +1542,21 @@ pub(crate) mod avx512 {
         }
     }
 
-    /// One 32-row x T-token tile over a packed k-slice of `pairs` pairs.
+    /// One 32-row x T-token tile over a packed k-slice of `pairs` pairs: rows r0..r0+16 from
+    /// `w0`, the next 16 from `w1`, both advancing `step` u32 per pair (32 in a repacked slice,
+    /// where the two halves interleave; 16 in two panels).
     ///
     /// # Safety
-    /// As `outer_bf16`; `w` holds `pairs * 32` packed u32; t0 + T <= tokens; nr <= 32 rows
-    /// from r0 are inside the problem.
+    /// As `outer_bf16`; `pairs` lines of 16 u32, `step` apart, readable from `w0` and `w1`;
+    /// t0 + T <= tokens; nr <= 32 rows from r0 are inside the problem.
+    #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     unsafe fn outer_tile<const T: usize>(
         p: &Problem<u16>,
-        w: &[u32],
+        w0: *const u32,
+        w1: *const u32,
+        step: usize,
         pairs: usize,
         r0: usize,
         nr: usize,
@@ -1504,24 +1569,23 @@ pub(crate) mod avx512 {
             // The input rows start at multiples of 32 elements, so pairs are 4-byte aligned.
             *ptr = p.x[(t0 + t) * p.x_stride + k0..].as_ptr() as *const u32;
         }
-        let wp = w.as_ptr();
         for q in 0..pairs {
-            // SAFETY: q < pairs, so 32 packed u32 at q * 32 and one input pair per token
-            // (k0 + 2q < the padded row length) are readable. The transmutes reinterpret
-            // 64 plain bytes.
+            // SAFETY: q < pairs, so 16 u32 at w0 + q * step and w1 + q * step and one input
+            // pair per token (k0 + 2q < the padded row length) are readable. The transmutes
+            // reinterpret 64 plain bytes.
             unsafe {
-                let w0: __m512bh = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
-                    wp.add(q * 32) as *const __m512i,
+                let lo: __m512bh = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                    w0.add(q * step) as *const __m512i,
                 ));
-                let w1: __m512bh = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
-                    wp.add(q * 32 + 16) as *const __m512i,
+                let hi: __m512bh = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                    w1.add(q * step) as *const __m512i,
                 ));
                 for t in 0..T {
                     let xb: __m512bh = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
                         *xp[t].add(q) as i32,
                     ));
-                    acc[t][0] = _mm512_dpbf16_ps(acc[t][0], w0, xb);
-                    acc[t][1] = _mm512_dpbf16_ps(acc[t][1], w1, xb);
+                    acc[t][0] = _mm512_dpbf16_ps(acc[t][0], lo, xb);
+                    acc[t][1] = _mm512_dpbf16_ps(acc[t][1], hi, xb);
                 }
             }
         }

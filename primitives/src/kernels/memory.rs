@@ -122,6 +122,30 @@ impl<T: Copy + Send + Sync> HugePageBuf<T> {
         buf
     }
 
+    /// The same memory as elements of `U` (for repacking in place), when it is a mapping of
+    /// this buffer's own and holds a whole number of `U`s; else the buffer back.
+    pub(crate) fn try_cast<U: bytemuck::Pod>(self) -> Result<HugePageBuf<U>, HugePageBuf<T>>
+    where
+        T: bytemuck::Pod,
+    {
+        let bytes = self.len * std::mem::size_of::<T>();
+        let (size, align) = (std::mem::size_of::<U>(), std::mem::align_of::<U>());
+        match self.mapped {
+            Some(mapped) if size > 0 && bytes.is_multiple_of(size) && align <= 4096 => {
+                let cast = HugePageBuf {
+                    ptr: self.ptr.cast::<U>(),
+                    len: bytes / size,
+                    mapped: Some(mapped),
+                    heap: Vec::new(),
+                };
+                // The mapping now belongs to `cast`.
+                std::mem::forget(self);
+                Ok(cast)
+            }
+            _ => Err(self),
+        }
+    }
+
     /// Whether the elements are in a mapping of this buffer's own, aligned to a huge page
     /// (false for small buffers and where the system offers no such mapping).
     pub fn is_huge_page_aligned(&self) -> bool {

@@ -12,6 +12,9 @@ mod linear;
 pub(crate) mod memory;
 
 pub use kv::{KvBuf, KvDtype, KvRows, KvRowsMut};
+pub use linear::panels::{
+    pack_panels, pack_panels_in_place, panel_element, panels_len, PANEL_ROWS,
+};
 pub use memory::{advise_huge_pages, stream_read, HugePageBuf, HUGE_PAGE_BYTES};
 
 /// The vector instruction set the kernels run on here (`amx`, `avx512bf16`, `avx512`, `avx2`
@@ -25,6 +28,14 @@ pub fn instruction_set() -> &'static str {
         linear::Isa::Avx512Bf16 => "avx512bf16",
         linear::Isa::Amx => "amx",
     }
+}
+
+/// Whether bf16 matrices should be packed into panels ([`pack_panels`]) for this CPU: on
+/// AVX512-BF16 without AMX, where the panel kernels replace the dot-product tiles and the
+/// per-call repacking. AMX CPUs keep nn.Linear layout (their tile path repacks from it, and the
+/// panel kernels are unmeasured there); AVX2 and portable CPUs have no bf16 products.
+pub fn prefers_panels() -> bool {
+    linear::Isa::detect() == linear::Isa::Avx512Bf16
 }
 
 /// The CPU family of an AMD processor (0x19 for Zen 3 and Zen 4, 0x1A for Zen 5), None on other
@@ -63,6 +74,9 @@ pub enum WeightData<'a> {
     F16(&'a [half::f16]),
     /// bfloat16, widened to f32 on the fly.
     Bf16(&'a [half::bf16]),
+    /// bfloat16 packed by [`pack_panels`] into the operand layout of the AVX512-BF16 kernels
+    /// (16-row panels, pairs of k per u32); [`panel_element`] reads one element back.
+    Bf16Panels(&'a [u32]),
 }
 
 /// Weight elements owned in the dtype they are stored in: tensors copied out of a checkpoint,
@@ -72,6 +86,8 @@ pub enum OwnedWeights {
     F32(HugePageBuf<f32>),
     F16(HugePageBuf<half::f16>),
     Bf16(HugePageBuf<half::bf16>),
+    /// See [`WeightData::Bf16Panels`].
+    Bf16Panels(HugePageBuf<u32>),
 }
 
 impl OwnedWeights {
@@ -81,6 +97,7 @@ impl OwnedWeights {
             OwnedWeights::F32(v) => WeightData::F32(v),
             OwnedWeights::F16(v) => WeightData::F16(v),
             OwnedWeights::Bf16(v) => WeightData::Bf16(v),
+            OwnedWeights::Bf16Panels(v) => WeightData::Bf16Panels(v),
         }
     }
 
@@ -99,6 +116,7 @@ impl OwnedWeights {
             OwnedWeights::F32(v) => bytemuck::cast_slice(v),
             OwnedWeights::F16(v) => bytemuck::cast_slice(v),
             OwnedWeights::Bf16(v) => bytemuck::cast_slice(v),
+            OwnedWeights::Bf16Panels(v) => bytemuck::cast_slice(v),
         }
     }
 
@@ -108,6 +126,7 @@ impl OwnedWeights {
             OwnedWeights::F32(v) => bytemuck::cast_slice_mut(v),
             OwnedWeights::F16(v) => bytemuck::cast_slice_mut(v),
             OwnedWeights::Bf16(v) => bytemuck::cast_slice_mut(v),
+            OwnedWeights::Bf16Panels(v) => bytemuck::cast_slice_mut(v),
         }
     }
 }

@@ -21,8 +21,8 @@ impl Rng {
 
 use super::OwnedWeights as Owned;
 
-/// Owned weights in one dtype (0 = f32, 1 = f16, 2 = bf16) and their exact values, for the
-/// reference.
+/// Owned weights in one dtype (0 = f32, 1 = f16, 2 = bf16; `check_linear`'s 3, bf16 panels,
+/// starts from 2) and their exact values, for the reference.
 impl Owned {
     fn new(kind: usize, w: &[f32]) -> Owned {
         match kind {
@@ -36,6 +36,7 @@ impl Owned {
             Owned::F32(d) => d.iter().map(|v| *v as f64).collect(),
             Owned::F16(d) => d.iter().map(|v| v.to_f64()).collect(),
             Owned::Bf16(d) => d.iter().map(|v| v.to_f64()).collect(),
+            Owned::Bf16Panels(_) => unreachable!("the reference reads the unpacked bf16 matrix"),
         }
     }
 }
@@ -78,11 +79,16 @@ fn check_linear(
 ) {
     let mut rng = Rng(seed);
     let x = rng.vec(tokens * n_in);
-    let w = Owned::new(kind, &rng.vec(n_out * n_in));
+    let w = Owned::new(kind.min(2), &rng.vec(n_out * n_in));
     let bias = rng.vec(n_out);
     let bias = with_bias.then_some(&bias[..]);
     let mut y = vec![f32::NAN; tokens * n_out];
-    linear_on(isa, &x, tokens, &w.matrix(n_out, n_in), bias, &mut y);
+    let panels = match (&w, kind) {
+        (Owned::Bf16(b), 3) => Some(Owned::Bf16Panels(pack_panels(b, n_out, n_in))),
+        _ => None,
+    };
+    let m = panels.as_ref().unwrap_or(&w).matrix(n_out, n_in);
+    linear_on(isa, &x, tokens, &m, bias, &mut y);
     let want = reference_linear(&x, tokens, &w, n_out, bias);
     // f32 accumulation of n_in products of magnitude <= 1: error grows like sqrt(n_in) ulps.
     let tol = 1e-5 * (n_in as f64).sqrt().max(1.0) * 4.0;
@@ -122,11 +128,12 @@ fn linear_matches_reference_on_every_path_dtype_and_odd_shape() {
     check_linear_shapes(&shapes, 0, 7);
 }
 
-/// `check_linear` on every instruction set and dtype for each (tokens, n_in, n_out); every
+/// `check_linear` on every instruction set and dtype (and bf16 panels) for each (tokens, n_in,
+/// n_out); every
 /// other shape (starting with shape `bias_from`) has a bias; seeds count up from `seed`.
 fn check_linear_shapes(shapes: &[(usize, usize, usize)], bias_from: usize, seed: u64) {
     for isa in Isa::available() {
-        for kind in 0..3 {
+        for kind in 0..4 {
             for (n, &(tokens, n_in, n_out)) in shapes.iter().enumerate() {
                 let bias = n % 2 == bias_from;
                 check_linear(isa, kind, tokens, n_in, n_out, bias, seed + n as u64);
@@ -177,6 +184,75 @@ fn linear_few_token_wide_tiles_tails_and_prefetch_to_the_matrix_end() {
         (1, 300, 77),
     ];
     in_pools(&[1, 2, 3], || check_linear_shapes(&shapes, 1, 40));
+}
+
+#[test]
+fn panels_hold_every_element_and_every_token_count_runs_to_the_matrix_end() {
+    // Packing: element (r, k) reads back, zero padding past odd n_in and partial panels.
+    let mut rng = Rng(11);
+    for (n_out, n_in) in [(1, 1), (16, 2), (17, 3), (33, 64), (40, 101)] {
+        let w: Vec<bf16> = rng
+            .vec(n_out * n_in)
+            .iter()
+            .map(|v| bf16::from_f32(*v))
+            .collect();
+        let packed = pack_panels(&w, n_out, n_in);
+        assert_eq!(packed.len(), panels_len(n_out, n_in));
+        for r in 0..n_out {
+            for k in 0..n_in {
+                assert_eq!(
+                    panel_element(&packed, n_in, r, k),
+                    w[r * n_in + k],
+                    "({r}, {k})"
+                );
+            }
+        }
+    }
+    // In place: a mapped buffer (over 2 MiB) is reused, a heap one, a partial last panel and an
+    // odd n_in are packed into new memory; all equal `pack_panels`.
+    for (n_out, n_in) in [(1024, 1030), (64, 48), (40, 100), (32, 101)] {
+        let w: Vec<bf16> = rng
+            .vec(n_out * n_in)
+            .iter()
+            .map(|v| bf16::from_f32(*v))
+            .collect();
+        let buf = HugePageBuf::from_slice(&w);
+        let mapped = buf.is_huge_page_aligned();
+        let at = buf.as_ptr() as usize;
+        let packed = pack_panels_in_place(buf, n_out, n_in);
+        assert_eq!(
+            &packed[..],
+            &pack_panels(&w, n_out, n_in)[..],
+            "{n_out} x {n_in}"
+        );
+        let reused = packed.as_ptr() as usize == at;
+        assert_eq!(
+            reused,
+            mapped && n_out % 16 == 0 && n_in % 2 == 0,
+            "{n_out} x {n_in}"
+        );
+    }
+    // Products: every decode pass width (1-24 tokens, split evenly above), the compute-bound
+    // path from 25, panel tails (n_out % 16) and odd n_in, in pools that move the task
+    // boundaries, with prefetch clamped at the last panel's last line.
+    let shapes = [
+        (1, 40, 15),
+        (2, 97, 31),
+        (3, 64, 16),
+        (5, 33, 47),
+        (8, 300, 20),
+        (16, 768, 67),
+        (24, 129, 33),
+        (25, 65, 17),
+        (49, 2100, 40),
+    ];
+    in_pools(&[1, 2, 3], || {
+        for isa in Isa::available() {
+            for (n, &(tokens, n_in, n_out)) in shapes.iter().enumerate() {
+                check_linear(isa, 3, tokens, n_in, n_out, n % 2 == 0, 60 + n as u64);
+            }
+        }
+    });
 }
 
 #[test]

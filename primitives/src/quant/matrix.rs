@@ -26,20 +26,32 @@ pub struct QuantizedMatrix {
     mins: Vec<f16>,
 }
 
-/// Reads element `i` of weights in any stored dtype as f32.
-fn get(w: &WeightData, i: usize) -> f32 {
-    match w {
+/// Reads element `i` (row-major) of a matrix in any stored dtype and layout as f32.
+fn get(m: &Matrix, i: usize) -> f32 {
+    match m.data {
         WeightData::F32(d) => d[i],
         WeightData::F16(d) => d[i].to_f32(),
         WeightData::Bf16(d) => d[i].to_f32(),
+        WeightData::Bf16Panels(d) => {
+            crate::kernels::panel_element(d, m.in_features, i / m.in_features, i % m.in_features)
+                .to_f32()
+        }
     }
 }
 
-fn len_of(w: &WeightData) -> usize {
-    match w {
+/// Elements the matrix holds, in row-major terms (panels that fit the shape hold all of them).
+fn len_of(m: &Matrix) -> usize {
+    match m.data {
         WeightData::F32(d) => d.len(),
         WeightData::F16(d) => d.len(),
         WeightData::Bf16(d) => d.len(),
+        WeightData::Bf16Panels(d) => {
+            if d.len() == crate::kernels::panels_len(m.out_features, m.in_features) {
+                m.out_features * m.in_features
+            } else {
+                d.len()
+            }
+        }
     }
 }
 
@@ -62,10 +74,10 @@ impl QuantizedMatrix {
     pub fn from_matrix(m: &Matrix) -> Result<QuantizedMatrix, QuantError> {
         let (out, inp) = (m.out_features, m.in_features);
         let what = || format!("{out}x{inp} weight matrix");
-        if len_of(&m.data) != out * inp {
+        if len_of(m) != out * inp {
             return Err(QuantError::Shape {
                 what: what(),
-                found: len_of(&m.data),
+                found: len_of(m),
                 expected: out * inp,
             });
         }
@@ -79,7 +91,7 @@ impl QuantizedMatrix {
         let bad = |index: usize| QuantError::Unrepresentable {
             what: what(),
             index,
-            value: get(&m.data, index),
+            value: get(m, index),
         };
         // Full row blocks, in parallel: block b owns codes[b*in*32..], scales[b*in..].
         let (codes_full, codes_tail) = codes.split_at_mut(full * inp * GROUP_BYTES);
@@ -94,7 +106,7 @@ impl QuantizedMatrix {
                 .try_for_each(|(b, ((cb, sb), mb))| {
                     // Widen the 64 rows once, row-major, then gather each column's 64 values.
                     let rows: Vec<f32> = (0..GROUP * inp)
-                        .map(|k| get(&m.data, b * GROUP * inp + k))
+                        .map(|k| get(m, b * GROUP * inp + k))
                         .collect();
                     let mut vals = [0f32; GROUP];
                     for c in 0..inp {
@@ -118,7 +130,7 @@ impl QuantizedMatrix {
             let cnt = (n - g * GROUP).min(GROUP);
             for (p, v) in vals[..cnt].iter_mut().enumerate() {
                 let f = g * GROUP + p;
-                *v = get(&m.data, base + (f % tail) * inp + f / tail);
+                *v = get(m, base + (f % tail) * inp + f / tail);
             }
             let (s, mn) = quantize_group(
                 &vals[..cnt],
