@@ -14,10 +14,14 @@
 //!
 //! `cargo run --release --example kernel_bench -- [model] [dtype] [tokens,...] [layers] [reps]`
 //! e.g. `kernel_bench opt-1.3b bf16 1,16 24 7`; layers defaults to the model's, reps to 5;
-//! a sixth argument `nohead` leaves the LM head out.
+//! after them, `nohead` leaves the LM head out and `panels` packs bf16 weights into the panels
+//! the executor uses on AVX512-BF16 CPUs without AMX (`kernels::pack_panels`; the default is
+//! nn.Linear layout), e.g. `kernel_bench opt-125m bf16 16 12 7 panels`.
 
 use half::{bf16, f16};
-use primitives::kernels::{linear, stream_read, HugePageBuf, Matrix, WeightData};
+use primitives::kernels::{
+    linear, pack_panels_in_place, stream_read, HugePageBuf, Matrix, WeightData,
+};
 use rayon::prelude::*;
 use std::time::Instant;
 
@@ -26,6 +30,7 @@ enum Weights {
     F32(HugePageBuf<f32>),
     F16(HugePageBuf<f16>),
     Bf16(HugePageBuf<bf16>),
+    Panels(HugePageBuf<u32>),
 }
 
 impl Weights {
@@ -58,6 +63,7 @@ impl Weights {
             Weights::F32(d) => WeightData::F32(d),
             Weights::F16(d) => WeightData::F16(d),
             Weights::Bf16(d) => WeightData::Bf16(d),
+            Weights::Panels(d) => WeightData::Bf16Panels(d),
         };
         Matrix {
             data,
@@ -71,6 +77,7 @@ impl Weights {
             Weights::F32(d) => bytemuck::cast_slice(d),
             Weights::F16(d) => bytemuck::cast_slice(d),
             Weights::Bf16(d) => bytemuck::cast_slice(d),
+            Weights::Panels(d) => bytemuck::cast_slice(d),
         }
     }
 
@@ -101,8 +108,18 @@ fn main() {
         .next()
         .map_or(all_layers, |a| a.parse().expect("layers"));
     let reps: usize = args.next().map_or(5, |a| a.parse().expect("reps"));
-    // "nohead" leaves the LM head out, to time the layers' products alone.
-    let with_head = args.next().as_deref() != Some("nohead");
+    // "nohead" leaves the LM head out, to time the layers' products alone; "panels" packs.
+    let flags: Vec<String> = args.collect();
+    let with_head = !flags.iter().any(|f| f == "nohead");
+    let panels = flags.iter().any(|f| f == "panels");
+    if panels && dtype != "bf16" {
+        panic!("panels hold bf16 weights only");
+    }
+    // Into panels, in the weights' own memory, as the executor packs them.
+    let layout = |w: Weights, (o, n): (usize, usize)| match w {
+        Weights::Bf16(b) if panels => Weights::Panels(pack_panels_in_place(b, o, n)),
+        other => other,
+    };
     let (ffn, vocab) = (4 * h, 50272);
     // (out, in) of each product in one layer.
     let shapes = [(h, h), (h, h), (h, h), (h, h), (ffn, h), (h, ffn)];
@@ -111,17 +128,20 @@ fn main() {
             shapes
                 .iter()
                 .enumerate()
-                .map(|(i, &(o, n))| Weights::random(&dtype, o * n, (l * 8 + i) as u64))
+                .map(|(i, &(o, n))| {
+                    layout(Weights::random(&dtype, o * n, (l * 8 + i) as u64), (o, n))
+                })
                 .collect()
         })
         .collect();
-    let head = Weights::random(&dtype, vocab * h, 1 << 20);
+    let head = layout(Weights::random(&dtype, vocab * h, 1 << 20), (vocab, h));
     let bias = vec![0.01f32; ffn.max(vocab)];
     let layer_bytes: usize = stack.iter().flatten().map(Weights::bytes).sum();
     let bytes = layer_bytes + if with_head { head.bytes() } else { 0 };
     let macs_per_token = layers * (4 * h * h + 2 * h * ffn) + vocab * h;
     println!(
-        "{model} {dtype}, {layers} layers{}: {:.1} MB of weights, {} threads",
+        "{model} {dtype}{}, {layers} layers{}: {:.1} MB of weights, {} threads",
+        if panels { " in panels" } else { "" },
         if with_head { " + LM head" } else { "" },
         bytes as f64 / 1e6,
         rayon::current_num_threads()
