@@ -23,16 +23,14 @@ use rayon::prelude::*;
 /// Rows per panel: the 16 f32 lanes of one `vdpbf16ps` accumulator.
 pub const PANEL_ROWS: usize = 16;
 
-/// Fewest tokens for which the batched-decode kernel prefetches W into L2. On the 2-core Zen 4
-/// (OPT-1.3B, 24 layers + head, five interleaved repetitions each), 64 KiB ahead took 1, 2 and 4
-/// tokens from 0.93-0.96 / 1.00 / 0.98x the dot-product path to 1.01-1.10 / 1.05 / 1.05x, and 8
-/// and 12 tokens from 0.92 / 1.13x to 0.79 / 0.77x (16 tokens OPT-125m: 1.09-1.19x to 0.81-0.86x):
-/// a few token streams leave the core idle enough for the hardware prefetchers to keep up.
+/// Fewest tokens for which the batched-decode kernel prefetches W into L2, `prefetch::distance`
+/// ahead (64 KiB unless `STRATA_PREFETCH_BYTES` says otherwise). On the 2-core Zen 4 (OPT-1.3B,
+/// 24 layers + head, five interleaved repetitions each), prefetching took 1, 2 and 4 tokens from
+/// 0.93-0.96 / 1.00 / 0.98x the dot-product path to 1.01-1.10 / 1.05 / 1.05x, and 8 and 12 tokens
+/// from 0.92 / 1.13x to 0.79 / 0.77x (16 tokens OPT-125m: 1.09-1.19x to 0.81-0.86x): a few token
+/// streams leave the core idle enough for the hardware prefetchers to keep up. At 16 tokens 16
+/// to 256 KiB ahead measured within noise of each other.
 const PREFETCH_MIN_TOKENS: usize = 5;
-
-/// How far ahead of the tile the batched-decode kernel prefetches (bytes): 16 KiB to 256 KiB
-/// measured within noise of each other at 16 tokens, none 1.3-1.4x slower.
-const PREFETCH_BYTES: usize = 64 << 10;
 
 /// Most tokens one pass over a panel takes (accumulators: 24 of the 32 vector registers).
 const MAX_PASS_TOKENS: usize = 24;
@@ -60,14 +58,7 @@ pub fn pack_panels(w: &[bf16], n_out: usize, n_in: usize) -> HugePageBuf<u32> {
         .enumerate()
         .for_each(|(p, panel)| {
             let rows = p * PANEL_ROWS..((p + 1) * PANEL_ROWS).min(n_out);
-            #[cfg(target_arch = "x86_64")]
-            if isa >= Isa::Avx512 {
-                // SAFETY: AVX-512 F/BW/VL checked; rows inside W, panel one panel long.
-                unsafe { avx512::pack_panel(w, n_in, rows, panel) };
-                return;
-            }
-            let _ = isa;
-            pack_panel(w, n_in, rows, panel);
+            pack_panel_on(isa, w, n_in, rows, panel);
         });
     out
 }
@@ -96,17 +87,30 @@ pub fn pack_panels_in_place(w: HugePageBuf<bf16>, n_out: usize, n_in: usize) -> 
         |rows: &mut Vec<bf16>, panel| {
             rows.clear();
             rows.extend_from_slice(bytemuck::cast_slice(panel));
-            #[cfg(target_arch = "x86_64")]
-            if isa >= Isa::Avx512 {
-                // SAFETY: AVX-512 F/BW/VL checked; 16 rows of n_in in `rows`; one panel.
-                unsafe { avx512::pack_panel(rows, n_in, 0..PANEL_ROWS, panel) };
-                return;
-            }
-            let _ = isa;
-            pack_panel(rows, n_in, 0..PANEL_ROWS, panel);
+            pack_panel_on(isa, rows, n_in, 0..PANEL_ROWS, panel);
         },
     );
     out
+}
+
+/// One panel of `pack_panels` (rows `rows`, at most 16, of W `[.., n_in]`; `panel` one panel
+/// long), transposed in registers on AVX-512.
+fn pack_panel_on(
+    isa: Isa,
+    w: &[bf16],
+    n_in: usize,
+    rows: std::ops::Range<usize>,
+    panel: &mut [u32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx512 {
+        // SAFETY: AVX-512 F/BW/VL checked; the rest is this function's contract, which
+        // `avx512::pack_panel` asserts.
+        unsafe { avx512::pack_panel(w, n_in, rows, panel) };
+        return;
+    }
+    let _ = isa;
+    pack_panel(w, n_in, rows, panel);
 }
 
 /// One panel of `pack_panels` with plain loops (`avx512::pack_panel` transposes in registers).
@@ -183,7 +187,7 @@ fn run_decode(p: &Problem<u16>, panels: &[u32]) {
     let threads = rayon::current_num_threads().max(1);
     let per_task = n_panels.div_ceil(threads);
     let prefetch = if p.tokens >= PREFETCH_MIN_TOKENS {
-        super::prefetch::distance(p.tokens).min(PREFETCH_BYTES)
+        super::prefetch::distance(p.tokens)
     } else {
         0
     };
@@ -238,6 +242,7 @@ mod avx512 {
     ) {
         let pairs = n_in.div_ceil(2);
         assert!(rows.len() <= PANEL_ROWS && panel.len() == pairs * PANEL_ROWS);
+        assert!(rows.end * n_in <= w.len(), "pack_panel: rows outside W");
         let mut k = 0;
         while k < n_in {
             let n = (n_in - k).min(32);
