@@ -1,6 +1,6 @@
 //! bf16 matrices packed into the CPU kernels' panels (`run::pack_for_cpu`) give the tokens of
-//! the run in nn.Linear layout, and logits within f32 summation order: random weights through
-//! `generate`, and a bf16 checkpoint with half the layer matrices on disk (those stay in
+//! the run in nn.Linear layout, and logits within f32 summation order: random weights of both
+//! OPT variants through `generate`, and a bf16 checkpoint with half the layer matrices on disk (those stay in
 //! nn.Linear layout, read with direct I/O) through the block schedule.
 
 mod common;
@@ -32,22 +32,26 @@ fn skip_without_panels(packed: u64) -> bool {
 
 #[test]
 fn packed_random_weights_run_as_the_unpacked_ones() {
-    let config = OptConfig::from_file(&fixture("opt-tiny-preln").join("config.json")).unwrap();
-    let source = ModelSource::Random {
-        config,
-        dtype: ElementType::Bf16,
-        seed: 3,
-    };
-    let prompts = common::block_prompts();
-    let plain = run::load(&source, false).unwrap();
-    let want = generate(&plain.model, &CpuBackend, &prompts, &common::greedy(6)).unwrap();
-    let mut packed = run::load(&source, false).unwrap();
-    if skip_without_panels(run::pack_for_cpu(&mut packed, false)) {
-        return;
+    // Pre-LN, and post-LN with project_in / project_out (packed too) around a narrower tied
+    // embedding.
+    for name in ["opt-tiny-preln", "opt-tiny-postln"] {
+        let config = OptConfig::from_file(&fixture(name).join("config.json")).unwrap();
+        let source = ModelSource::Random {
+            config,
+            dtype: ElementType::Bf16,
+            seed: 3,
+        };
+        let prompts = common::block_prompts();
+        let plain = run::load(&source, false).unwrap();
+        let want = generate(&plain.model, &CpuBackend, &prompts, &common::greedy(6)).unwrap();
+        let mut packed = run::load(&source, false).unwrap();
+        if skip_without_panels(run::pack_for_cpu(&mut packed, false)) {
+            return;
+        }
+        let got = generate(&packed.model, &CpuBackend, &prompts, &common::greedy(6)).unwrap();
+        let diff = common::assert_same_run_within(name, &got, &want, TOLERANCE);
+        eprintln!("{name}: largest prefill logit difference {diff}");
     }
-    let got = generate(&packed.model, &CpuBackend, &prompts, &common::greedy(6)).unwrap();
-    let diff = common::assert_same_run_within("random bf16", &got, &want, TOLERANCE);
-    eprintln!("largest prefill logit difference: {diff}");
 }
 
 /// The pre-LN fixture with every tensor rounded to bf16.
