@@ -120,19 +120,24 @@ pub trait WeightStore: Send + Sync {
     /// Repacks the bf16 matrices `ids` into the CPU kernels' panels
     /// ([`crate::kernels::pack_panels`]) in memory, in place of the store's copy, so that `data`
     /// serves `WeightData::Bf16Panels` for them from then on; other tensors are left as they are.
-    /// `progress` receives the bytes packed. Only for runs whose products all run on the CPU:
-    /// the GPU kernels and the direct-I/O disk reads take the nn.Linear layout.
-    fn pack_panels(&mut self, ids: &[TensorId], progress: &(dyn Fn(u64) + Sync));
+    /// Returns the bytes packed; `progress` receives them tensor by tensor. Only for runs whose
+    /// products all run on the CPU: the GPU kernels and the direct-I/O disk reads take the
+    /// nn.Linear layout.
+    fn pack_panels(&mut self, ids: &[TensorId], progress: &(dyn Fn(u64) + Sync)) -> u64;
 }
 
 /// `owned` as panels ([`crate::kernels::pack_panels_in_place`]) when it is a bf16 matrix of
-/// this shape, else unchanged; for [`WeightStore::pack_panels`].
-fn into_panels(owned: OwnedWeights, shape: &[usize]) -> OwnedWeights {
+/// this shape, else unchanged; with the bytes packed (0 for unchanged), for
+/// [`WeightStore::pack_panels`].
+fn into_panels(owned: OwnedWeights, shape: &[usize]) -> (OwnedWeights, u64) {
     match (owned, shape) {
         (OwnedWeights::Bf16(w), &[n_out, n_in]) => {
-            OwnedWeights::Bf16Panels(crate::kernels::pack_panels_in_place(w, n_out, n_in))
+            let panels =
+                OwnedWeights::Bf16Panels(crate::kernels::pack_panels_in_place(w, n_out, n_in));
+            let bytes = panels.as_bytes().len() as u64;
+            (panels, bytes)
         }
-        (other, _) => other,
+        (other, _) => (other, 0),
     }
 }
 
@@ -542,7 +547,8 @@ impl WeightStore for SafetensorsStore {
         self.release_skipped(&|id| self.resident[id.0].get().is_none() && keep(id));
     }
 
-    fn pack_panels(&mut self, ids: &[TensorId], progress: &(dyn Fn(u64) + Sync)) {
+    fn pack_panels(&mut self, ids: &[TensorId], progress: &(dyn Fn(u64) + Sync)) -> u64 {
+        let mut packed = 0;
         for &id in ids {
             // The resident copy `preload_only` made is packed in its own memory; a tensor only
             // in the map (or copied for alignment) gets a new buffer.
@@ -555,10 +561,12 @@ impl WeightStore for SafetensorsStore {
                     _ => continue,
                 },
             };
-            let owned = into_panels(owned, &self.metas[id.0].shape);
-            progress(owned.as_bytes().len() as u64);
+            let (owned, bytes) = into_panels(owned, &self.metas[id.0].shape);
+            progress(bytes);
+            packed += bytes;
             self.resident[id.0] = std::sync::OnceLock::from(owned);
         }
+        packed
     }
 
     fn preload(&self, progress: &(dyn Fn(u64) + Sync)) {
@@ -750,14 +758,17 @@ impl WeightStore for RandomStore {
             .map(|m| (m.shape.iter().product::<usize>() * m.dtype.size()) as u64)
             .sum()
     }
-    fn pack_panels(&mut self, ids: &[TensorId], progress: &(dyn Fn(u64) + Sync)) {
+    fn pack_panels(&mut self, ids: &[TensorId], progress: &(dyn Fn(u64) + Sync)) -> u64 {
+        let mut packed = 0;
         for &id in ids {
             let owned =
                 std::mem::replace(&mut self.data[id.0], OwnedWeights::F32(Vec::new().into()));
-            let owned = into_panels(owned, &self.metas[id.0].shape);
-            progress(owned.as_bytes().len() as u64);
+            let (owned, bytes) = into_panels(owned, &self.metas[id.0].shape);
+            progress(bytes);
+            packed += bytes;
             self.data[id.0] = owned;
         }
+        packed
     }
 }
 

@@ -539,19 +539,8 @@ impl OptModel {
     /// embedding table, which reads rows back from the panels) and opt-350m's projections. Only
     /// bf16 matrices are packed. Returns the bytes packed; `progress` receives them as they are.
     pub fn pack_panels(&mut self, on_disk: &[[bool; 6]], progress: &(dyn Fn(u64) + Sync)) -> u64 {
-        let panel_bytes = |m: &OptModel| -> u64 {
-            m.matrix_ids(&[])
-                .iter()
-                .map(|&id| match m.store.data(id) {
-                    WeightData::Bf16Panels(p) => p.len() as u64 * 4,
-                    _ => 0,
-                })
-                .sum()
-        };
-        let before = panel_bytes(self);
         let ids = self.matrix_ids(on_disk);
-        self.store.pack_panels(&ids, progress);
-        panel_bytes(self) - before
+        self.store.pack_panels(&ids, progress)
     }
 
     /// Every matrix a linear product reads (layer matrices except those marked in `on_disk`, the

@@ -194,12 +194,20 @@ fn with_buffer<T: Default + Clone, R>(
     r
 }
 
+/// Elements from one bf16 input row to the next in the rounded copy the AVX512-BF16 and AMX
+/// kernels read: zero padded to a multiple of 32, so the kernels' tails read whole vectors, plus
+/// 32 more, because rows 4 KiB apart would all map to the same L1 sets and the kernels read 6 or
+/// 12 rows at once.
+fn bf16_row_stride(n_in: usize) -> usize {
+    n_in.div_ceil(32) * 32 + 32
+}
+
 /// Bytes of the converted input `linear` keeps on its calling thread after a product of `tokens`
 /// rows of `n_in` (the larger of the paths' layouts: bf16 rows padded for AVX512-BF16 and AMX,
 /// plus AMX's pair-interleaved copy of up to 32 tokens; f32 rows in groups of 6 tokens for
 /// AVX2), so that the memory plan can count it.
 pub(crate) fn input_scratch_bytes(tokens: usize, n_in: usize) -> usize {
-    let bf16_rows = tokens * (n_in.div_ceil(32) * 32 + 32) * 2;
+    let bf16_rows = tokens * bf16_row_stride(n_in) * 2;
     // `amx::in_place` packs up to 32 tokens once more (the buffer keeps the largest size seen).
     let amx_group = if tokens >= AMX_MIN_TOKENS {
         32 * n_in * 2
@@ -314,10 +322,7 @@ pub(crate) fn linear_on(
             panels::linear_panels(isa, x, tokens, panels, (n_out, n_in), bias, y);
         }
         (WeightData::Bf16(wd), Isa::Avx512Bf16 | Isa::Amx) => {
-            // Rows padded with zeros to a multiple of 32, so the kernel's tail reads whole vectors,
-            // plus 32 more: rows 4 KiB apart would all map to the same L1 sets, and the
-            // kernels read 6 or 12 rows at once.
-            let stride = n_in.div_ceil(32) * 32 + 32;
+            let stride = bf16_row_stride(n_in);
             with_buffer(&INPUT_BF16, tokens * stride, |buf| {
                 round_rows_to_bf16(isa, x, n_in, buf, stride);
                 let p = Problem::new(buf, stride, tokens, n_in, n_out, bias, y);

@@ -15,7 +15,10 @@
 //! The layout is the same size as nn.Linear's when `n_out` is a multiple of 16 and `n_in` even
 //! (every OPT matrix); otherwise the last panel and pair are zero padded.
 
-use super::{round_rows_to_bf16, with_buffer, Isa, OutPtr, Problem, INPUT_BF16, PACK_MIN_TOKENS};
+use super::{
+    bf16_row_stride, round_rows_to_bf16, with_buffer, Isa, OutPtr, Problem, INPUT_BF16,
+    PACK_MIN_TOKENS,
+};
 use crate::kernels::HugePageBuf;
 use half::bf16;
 use rayon::prelude::*;
@@ -143,8 +146,7 @@ pub(super) fn linear_panels(
     bias: Option<&[f32]>,
     y: OutPtr,
 ) {
-    // As in the other bf16 paths: rows zero padded to a multiple of 32 plus 32 (L1 sets).
-    let stride = n_in.div_ceil(32) * 32 + 32;
+    let stride = bf16_row_stride(n_in);
     with_buffer(&INPUT_BF16, tokens * stride, |buf| {
         round_rows_to_bf16(isa, x, n_in, buf, stride);
         let p = Problem::new(buf, stride, tokens, n_in, n_out, bias, y);
